@@ -1,0 +1,261 @@
+"""Backend registry, ``auto`` selection, ``use()`` and ``explain()``.
+
+Each backend is a record (name -> module:class) loaded lazily on first use; a backend that fails to
+load is *unavailable* and :func:`why_unavailable` returns the real error. ``auto`` walks a per-device
+priority list (like xFormers' dispatcher): the first backend that is available, supports the call and
+does not prefer dense work wins; the reference (masked dense) is the last resort. Falling back
+because a faster backend is unavailable or unsupported warns once per reason; choosing dense because
+it is faster for the shape is not a fallback and is reported by :func:`explain` only.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+from ..masks import Pattern, parse_pattern
+from .base import Backend, ConvParams, OpQuery
+
+__all__ = ["available", "why_unavailable", "use", "get", "explain", "resolve", "names", "default",
+           "Backend", "ConvParams", "OpQuery", "SparsefastWarning", "make_query", "check_requested", "PRIORITY"]
+
+
+class SparsefastWarning(UserWarning):
+    """Warnings sparsefast emits (backend fallbacks, skipped layers)."""
+
+
+_REGISTRY: dict[str, str] = {
+    "reference": "sparsefast.backends.reference:ReferenceBackend",
+    "triton": "sparsefast.backends.triton:TritonBackend",
+    "cuda": "sparsefast.backends.cuda:CudaBackend",
+    "cpu": "sparsefast.backends.cpu:CpuBackend",
+}
+
+#: ``auto`` priority per device type (first usable wins; reference is always appended last).
+#: On CPU the Triton interpreter is a correctness tool, never a speed choice, so it is not listed.
+PRIORITY: dict[str, list[str]] = {
+    "cuda": ["cuda", "triton"],
+    "cpu": ["cpu"],
+}
+
+_instances: dict[str, Backend] = {}
+_errors: dict[str, str] = {}
+_lock = threading.RLock()
+_default: contextvars.ContextVar[str] = contextvars.ContextVar("sparsefast_backend", default="auto")
+_warned: set[str] = set()
+
+
+def names() -> list[str]:
+    """Every backend name sparsefast knows (available here or not)."""
+    return list(_REGISTRY)
+
+
+def _load(name: str) -> Backend | None:
+    with _lock:
+        if name in _instances:
+            return _instances[name]
+        if name in _errors:
+            return None
+        mod_name, cls_name = _REGISTRY[name].split(":")
+        try:
+            inst = getattr(importlib.import_module(mod_name), cls_name)()
+            reason = inst.unavailable_reason()
+        except Exception as e:  # noqa: BLE001 - report the real error, whatever it is
+            inst, reason = None, f"failed to load {mod_name}: {type(e).__name__}: {e}"
+        if reason is not None:
+            _errors[name] = reason
+            return None
+        _instances[name] = inst
+        return inst
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(['auto', *_REGISTRY])}")
+
+
+def why_unavailable(name: str) -> str | None:
+    """``None`` if backend ``name`` is usable on this machine, else the reason."""
+    _check_name(name)
+    return None if _load(name) is not None else _errors[name]
+
+
+def available() -> list[str]:
+    """Backends usable on this machine."""
+    return [n for n in _REGISTRY if _load(n) is not None]
+
+
+def get(name: str) -> Backend:
+    """The backend object ``name``; ``RuntimeError`` with the reason if it is unavailable."""
+    _check_name(name)
+    b = _load(name)
+    if b is None:
+        raise RuntimeError(f"sparsefast backend {name!r} is unavailable: {_errors[name]}")
+    return b
+
+
+def _reset_for_tests() -> None:
+    with _lock:
+        _instances.clear()
+        _errors.clear()
+        _warned.clear()
+
+
+def check_requested(name: str) -> str:
+    """Validate a requested backend name (``"auto"`` or an available backend); return it."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        return name
+    get(name)  # raises if unknown / unavailable
+    return name
+
+
+def default() -> str:
+    """The default backend for layers and ops built now (``"auto"`` unless inside :func:`use`)."""
+    return _default.get()
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[str]:
+    """Context manager: layers built (and functional ops called with ``backend="auto"``) inside use
+    backend ``name``. Raises ``RuntimeError`` at entry if it is unavailable."""
+    check_requested(name)
+    tok = _default.set(name)
+    try:
+        yield name
+    finally:
+        _default.reset(tok)
+
+
+def _warn_once(msg: str) -> None:
+    if msg in _warned:
+        return
+    _warned.add(msg)
+    warnings.warn(msg, SparsefastWarning, stacklevel=4)
+
+
+def _describe(q: OpQuery) -> str:
+    return (f"{q.op} weight {tuple(q.weight_shape)} pattern {q.pattern} "
+            f"{str(q.dtype).replace('torch.', '')} on {q.device.type}")
+
+
+def _consider(q: OpQuery) -> list[tuple[str, str, str | None]]:
+    """For each backend in ``auto`` order: (name, verdict, reason). verdict in
+    {'use', 'unavailable', 'unsupported', 'dense-faster', 'skipped'}."""
+    out: list[tuple[str, str, str | None]] = []
+    chosen = False
+    order = [*PRIORITY.get(q.device.type, []), "reference"]
+    for name in order:
+        if chosen:
+            out.append((name, "skipped", "an earlier backend was chosen"))
+            continue
+        b = _load(name)
+        if b is None:
+            out.append((name, "unavailable", _errors[name]))
+            continue
+        reasons = b.not_supported_reasons(q)
+        if reasons:
+            out.append((name, "unsupported", "; ".join(reasons)))
+            continue
+        dense = b.prefer_dense_reason(q) if name != "reference" else None
+        if dense:
+            out.append((name, "dense-faster", dense))
+            continue
+        out.append((name, "use", None))
+        chosen = True
+    return out
+
+
+def resolve(requested: str, q: OpQuery) -> str:
+    """The backend that runs call ``q`` when ``requested`` was asked for.
+
+    An explicit name must be available and support the call (``RuntimeError`` otherwise).
+    ``"auto"`` picks by priority and warns once when it falls back past a backend that is
+    unavailable or does not support the call."""
+    if requested == "auto":
+        requested = _default.get()
+    if requested != "auto":
+        b = get(requested)
+        reasons = b.not_supported_reasons(q)
+        if reasons:
+            raise RuntimeError(f"sparsefast backend {requested!r} cannot run {_describe(q)}: {'; '.join(reasons)}")
+        return requested
+    verdicts = _consider(q)
+    name = next(n for n, v, _ in verdicts if v == "use")
+    if not torch.compiler.is_compiling():
+        missed = [(n, r) for n, v, r in verdicts if v in ("unavailable", "unsupported")]
+        if missed and name == "reference":
+            why = "; ".join(f"{n}: {r}" for n, r in missed)
+            _warn_once(f"sparsefast: no kernel backend for {_describe(q)} ({why}); "
+                       "using the masked-dense reference (see sparsefast.backends.explain())")
+    return name
+
+
+def _effective_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_floating_point and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+@torch._dynamo.assume_constant_result
+def resolve_static(requested: str, op: str, device_type: str, dtype_name: str, weight_shape: tuple,
+                   pattern: str, conv: tuple | None) -> str:
+    """:func:`resolve` for code being traced by ``torch.compile``: evaluated once at trace time on
+    static metadata (the row count is unknown there, so shape-class choices use the default)."""
+    dtype = _effective_dtype(device_type, getattr(torch, dtype_name.replace("torch.", "")))
+    cp = ConvParams(*conv) if conv is not None else None
+    q = OpQuery(op, torch.device(device_type), dtype, tuple(weight_shape), parse_pattern(pattern), None, None, cp)
+    return resolve(requested, q)
+
+
+def explain(obj, x: torch.Tensor | None = None) -> str:
+    """Explain which backend runs ``obj`` (a SparseLinear/SparseConv2d layer, or an :class:`OpQuery`)
+    and why each other backend does not. ``x`` (optional) is an example input for the row count."""
+    if isinstance(obj, OpQuery):
+        q, requested, title = obj, "auto", _describe(obj)
+    elif hasattr(obj, "_op_query"):
+        q, requested, title = obj._op_query(x), obj.requested_backend, f"{type(obj).__name__} {obj.extra_repr()}"
+    else:
+        raise TypeError(f"explain() takes a sparse layer or an OpQuery, got {type(obj).__name__}")
+    lines = [f"{title}: requested backend {requested!r}"]
+    if requested == "auto":
+        requested = _default.get()
+    if requested != "auto":
+        try:
+            lines.append(f"  -> {resolve(requested, q)} (explicitly requested)")
+        except RuntimeError as e:
+            lines.append(f"  -> error: {e}")
+        return "\n".join(lines)
+    for name, verdict, reason in _consider(q):
+        if verdict == "use":
+            lines.append(f"  -> {name}: chosen")
+        else:
+            lines.append(f"     {name}: {verdict}" + (f" ({reason})" if reason else ""))
+    for name in _REGISTRY:
+        if name not in [*PRIORITY.get(q.device.type, []), "reference"]:
+            r = why_unavailable(name)
+            lines.append(f"     {name}: not used for {q.device.type} tensors by auto"
+                         + (f" (unavailable: {r})" if r else ""))
+    return "\n".join(lines)
+
+
+def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "str | Pattern",
+               conv: ConvParams | None = None, density: float | None = None) -> OpQuery:
+    """Build the :class:`OpQuery` for a call (``x`` may be ``None`` when unknown; ``density`` is the
+    mask density when the caller knows it — layers cache it, so no device sync happens per call)."""
+    pat = parse_pattern(pattern)
+    m_rows = None
+    if x is not None:
+        if op == "linear":
+            m_rows = x.numel() // max(x.shape[-1], 1)
+        else:
+            m_rows = x.shape[0] * x.shape[-2] * x.shape[-1]  # approx. output pixels (stride 1)
+    device = x.device if x is not None else weight.device
+    dtype = _effective_dtype(device.type, x.dtype if x is not None else weight.dtype)
+    return OpQuery(op, device, dtype, tuple(weight.shape), pat, m_rows, density, conv)

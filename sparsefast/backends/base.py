@@ -1,0 +1,141 @@
+"""The backend interface: the small set of primitives every backend provides.
+
+Autograd, bias gradients, the frozen-weight path and double backward live once in
+:mod:`sparsefast.ops`; a backend only computes these primitives (all tensors on one device, one dtype):
+
+=================  ==========================================================================
+``linear_fwd``     ``y = x @ (W*M)ᵀ (+ b)``          x: (B, K), W/M: (N, K), b: (N,) or None -> (B, N)
+``linear_dx``      ``dx = dy @ (W*M)``              dy: (B, N) -> (B, K)
+``linear_dw``      ``dW = (dyᵀ @ x) * M``           -> (N, K), exactly zero where M is False
+``conv_fwd``       ``conv2d(x, W*M) (+ b)``          x: (B, C, H, W) NCHW (any memory format)
+``conv_dx``        input gradient of conv2d          -> ``input_shape``
+``conv_dw``        masked weight gradient            -> weight shape, zero where M is False
+=================  ==========================================================================
+
+``pattern`` is a parsed :class:`sparsefast.masks.Pattern`; ``conv`` is a :class:`ConvParams`.
+Backends that keep a packed format build it with :meth:`Backend.pack` and fetch it through
+:meth:`Backend.packed`, which caches one packing per live (weight, mask) pair and re-packs when
+either is modified in place (tensor version counter) — so a training step re-packs once, inference
+never does.
+
+``not_supported_reasons`` answers, for one call, why this backend cannot run it (empty list: it can);
+``prefer_dense_reason`` lets a kernel backend say that for this shape/density masked-dense work is
+faster, so ``auto`` routes to the reference instead (never slower than dense).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..masks import Pattern
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class OpQuery:
+    """What ``auto`` and ``explain`` ask a backend about: one call's metadata (no data)."""
+
+    op: str                      # "linear" or "conv"
+    device: torch.device
+    dtype: torch.dtype
+    weight_shape: tuple[int, ...]
+    pattern: Pattern
+    m_rows: int | None = None    # GEMM M (batch rows, or B*Ho*Wo for conv); None if unknown
+    density: float | None = None  # mask density if known
+    conv: ConvParams | None = None
+
+
+class Backend:
+    """Base class. Subclasses set ``name``/``devices`` and implement the six primitives."""
+
+    name: ClassVar[str] = "?"
+    #: device types this backend can run on (e.g. ("cuda",), or ("cpu",))
+    devices: ClassVar[tuple[str, ...]] = ()
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    # ---- availability -------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot be used on this machine at all (``None``: it can)."""
+        return None
+
+    def not_supported_reasons(self, q: OpQuery) -> list[str]:
+        """Why this backend cannot run the call described by ``q`` (empty: it can)."""
+        reasons = []
+        if q.device.type not in self.devices:
+            reasons.append(f"{self.name} runs on {'/'.join(self.devices)} tensors, not {q.device.type}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"{self.name} does not support dtype {q.dtype}")
+        return reasons
+
+    def prefer_dense_reason(self, q: OpQuery) -> str | None:
+        """A reason why masked-dense work beats this backend for ``q`` (``None``: use this backend)."""
+        return None
+
+    # ---- packing ------------------------------------------------------------------------------
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> Any:
+        """Build the backend's format from a dense weight and a bool mask (same shape)."""
+        return None
+
+    def packed(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> Any:
+        """:meth:`pack`, cached per live (weight, mask) tensor pair and their version counters."""
+        return self.cached("pack", (weight, mask), lambda: self.pack(weight, mask, pattern), str(pattern))
+
+    def cached(self, tag: str, tensors: tuple[torch.Tensor, ...], build, extra: Any = None) -> Any:
+        """``build()``, cached while every tensor in ``tensors`` is alive and unmodified.
+
+        The key holds weak references to the tensors (so a freed tensor whose memory is reused can
+        never produce a stale hit) plus their version counters (so in-place updates such as an
+        optimizer step or ``set_mask`` invalidate it). Use it for mask-only structures too, e.g.
+        ``self.cached("mask-index", (mask,), lambda: build_index(mask))``."""
+        key = (tag, *map(id, tensors))
+        ver = tuple((t._version, t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors), extra
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                refs, v, p = hit
+                if v == ver and all(r() is t for r, t in zip(refs, tensors)):
+                    return p
+        p = build()
+        with self._lock:
+            if len(self._cache) > 256:  # drop entries whose tensors are gone
+                self._cache = {k: e for k, e in self._cache.items() if all(r() is not None for r in e[0])}
+            self._cache[key] = (tuple(weakref.ref(t) for t in tensors), ver, p)
+        return p
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # ---- primitives ---------------------------------------------------------------------------
+    def linear_fwd(self, x, weight, mask, bias, pattern: Pattern) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear_dx(self, dy, weight, mask, pattern: Pattern) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear_dw(self, dy, x, mask, pattern: Pattern) -> torch.Tensor:
+        raise NotImplementedError
+
+    def conv_fwd(self, x, weight, mask, bias, pattern: Pattern, conv: ConvParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    def conv_dx(self, dy, weight, mask, pattern: Pattern, conv: ConvParams, input_shape: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def conv_dw(self, dy, x, mask, pattern: Pattern, conv: ConvParams, weight_shape: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError

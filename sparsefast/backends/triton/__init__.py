@@ -1,0 +1,91 @@
+"""The ``"triton"`` backend: Triton kernels for N:M (:mod:`.nm`) and unstructured
+(:mod:`.unstructured`) sparsity. This class only checks availability and routes each call to the
+implementation for its pattern; each implementation is itself a :class:`~sparsefast.backends.base.Backend`.
+
+Available where ``triton`` imports and either a CUDA device is present or ``TRITON_INTERPRET=1`` was
+set before import (then the kernels run on CPU tensors through Triton's interpreter — slow, for
+correctness testing only).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..base import Backend, OpQuery
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._impls: dict[str, Backend | None] = {}
+        self._impl_errors: dict[str, str] = {}
+
+    @property
+    def devices(self):  # type: ignore[override]
+        return ("cpu", "cuda") if interpreting() else ("cuda",)
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            return f"triton is not importable ({type(e).__name__}: {e})"
+        if not interpreting() and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)"
+        return None
+
+    def _impl(self, pattern) -> Backend | None:
+        kind = "nm" if pattern.is_nm else "unstructured"
+        if kind not in self._impls:
+            try:
+                mod = importlib.import_module(f"{__name__}.{kind}")
+                self._impls[kind] = mod.Impl()
+            except Exception as e:  # noqa: BLE001
+                self._impls[kind] = None
+                self._impl_errors[kind] = f"triton {kind} kernels failed to load: {type(e).__name__}: {e}"
+        return self._impls[kind]
+
+    def not_supported_reasons(self, q: OpQuery) -> list[str]:
+        impl = self._impl(q.pattern)
+        if impl is None:
+            return [self._impl_errors["nm" if q.pattern.is_nm else "unstructured"]]
+        return super().not_supported_reasons(q) + impl.not_supported_reasons(q)
+
+    def prefer_dense_reason(self, q: OpQuery) -> str | None:
+        impl = self._impl(q.pattern)
+        return impl.prefer_dense_reason(q) if impl is not None else None
+
+    def _get(self, pattern) -> Backend:
+        impl = self._impl(pattern)
+        if impl is None:
+            raise RuntimeError(self._impl_errors["nm" if pattern.is_nm else "unstructured"])
+        return impl
+
+    def pack(self, weight, mask, pattern):
+        return self._get(pattern).pack(weight, mask, pattern)
+
+    def linear_fwd(self, x, weight, mask, bias, pattern):
+        return self._get(pattern).linear_fwd(x, weight, mask, bias, pattern)
+
+    def linear_dx(self, dy, weight, mask, pattern):
+        return self._get(pattern).linear_dx(dy, weight, mask, pattern)
+
+    def linear_dw(self, dy, x, mask, pattern):
+        return self._get(pattern).linear_dw(dy, x, mask, pattern)
+
+    def conv_fwd(self, x, weight, mask, bias, pattern, conv):
+        return self._get(pattern).conv_fwd(x, weight, mask, bias, pattern, conv)
+
+    def conv_dx(self, dy, weight, mask, pattern, conv, input_shape):
+        return self._get(pattern).conv_dx(dy, weight, mask, pattern, conv, input_shape)
+
+    def conv_dw(self, dy, x, mask, pattern, conv, weight_shape):
+        return self._get(pattern).conv_dw(dy, x, mask, pattern, conv, weight_shape)

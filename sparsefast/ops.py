@@ -1,0 +1,325 @@
+"""Custom ops and autograd: the only place that knows about gradients.
+
+Six ``torch.library`` custom ops, one per backend primitive, each with a fake (meta) implementation
+for ``torch.compile`` and an autograd formula written in terms of the others — so first *and* higher
+derivatives run on the chosen backend, and the frozen-weight path (weight not requiring grad)
+computes only the input gradient:
+
+  y  = linear(x, W, M, b)      dx = linear_dx(dy, W, M)       dW = linear_dw(dy, x, M)
+  d(linear_dx)/d dy = linear(g, W, M)     d(linear_dx)/dW = linear_dw(dy, g, M)
+  d(linear_dw)/d dy = linear(x, g, M)     d(linear_dw)/dx = linear_dx(dy, g, M)
+
+and the same for conv2d. Bias is handled here: fused into the forward primitive, its gradient is
+``dy`` summed over rows (and pixels).
+
+Public: :func:`sparse_linear`, :func:`sparse_conv2d`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends as _bk
+from .backends.base import ConvParams
+from .masks import parse_pattern
+
+__all__ = ["sparse_linear", "sparse_conv2d"]
+
+_LIB = "sparsefast"
+
+
+def _cp(stride, padding, dilation, groups) -> ConvParams:
+    return ConvParams(tuple(stride), tuple(padding), tuple(dilation), int(groups))
+
+
+# ------------------------------------------------------------------------------------------------
+# linear
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).linear_fwd(x, weight, mask, bias, parse_pattern(pattern))
+
+
+@_linear.register_fake
+def _(x, weight, mask, bias, backend, pattern):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(f"{_LIB}::linear_dx", mutates_args=())
+def _linear_dx(dy: Tensor, weight: Tensor, mask: Tensor, backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).linear_dx(dy, weight, mask, parse_pattern(pattern))
+
+
+@_linear_dx.register_fake
+def _(dy, weight, mask, backend, pattern):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op(f"{_LIB}::linear_dw", mutates_args=())
+def _linear_dw(dy: Tensor, x: Tensor, mask: Tensor, backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).linear_dw(dy, x, mask, parse_pattern(pattern))
+
+
+@_linear_dw.register_fake
+def _(dy, x, mask, backend, pattern):
+    return dy.new_empty(mask.shape)
+
+
+def _save(ctx, inputs, keys):
+    ctx.save_for_backward(*[inputs[k] for k in keys])
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, mask, bias, backend, pattern = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.backend, ctx.pattern = backend, pattern
+
+
+def _linear_bwd(ctx, dy):
+    x, weight, mask = ctx.saved_tensors
+    nx, nw, _, nb = ctx.needs_input_grad[:4]
+    dx = _linear_dx(dy, weight, mask, ctx.backend, ctx.pattern) if nx else None
+    dw = _linear_dw(dy, x, mask, ctx.backend, ctx.pattern) if nw else None  # frozen weight: no work
+    db = dy.sum(0) if nb else None
+    return dx, dw, None, db, None, None
+
+
+def _linear_dx_setup(ctx, inputs, output):
+    dy, weight, mask, backend, pattern = inputs
+    ctx.save_for_backward(dy, weight, mask)
+    ctx.backend, ctx.pattern = backend, pattern
+
+
+def _linear_dx_bwd(ctx, g):
+    dy, weight, mask = ctx.saved_tensors
+    ndy, nw = ctx.needs_input_grad[:2]
+    gdy = _linear(g, weight, mask, None, ctx.backend, ctx.pattern) if ndy else None
+    gw = _linear_dw(dy, g, mask, ctx.backend, ctx.pattern) if nw else None
+    return gdy, gw, None, None, None
+
+
+def _linear_dw_setup(ctx, inputs, output):
+    dy, x, mask, backend, pattern = inputs
+    ctx.save_for_backward(dy, x, mask)
+    ctx.backend, ctx.pattern = backend, pattern
+
+
+def _linear_dw_bwd(ctx, g):
+    dy, x, mask = ctx.saved_tensors
+    ndy, nx = ctx.needs_input_grad[:2]
+    gdy = _linear(x, g, mask, None, ctx.backend, ctx.pattern) if ndy else None
+    gx = _linear_dx(dy, g, mask, ctx.backend, ctx.pattern) if nx else None
+    return gdy, gx, None, None, None
+
+
+_linear.register_autograd(_linear_bwd, setup_context=_linear_setup)
+_linear_dx.register_autograd(_linear_dx_bwd, setup_context=_linear_dx_setup)
+_linear_dw.register_autograd(_linear_dw_bwd, setup_context=_linear_dw_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv2d
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::conv2d", mutates_args=())
+def _conv(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+          padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).conv_fwd(x, weight, mask, bias, parse_pattern(pattern),
+                                     _cp(stride, padding, dilation, groups))
+
+
+def _conv_out_hw(h, w, weight, stride, padding, dilation):
+    kh, kw = weight.shape[-2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@_conv.register_fake
+def _(x, weight, mask, bias, stride, padding, dilation, groups, backend, pattern):
+    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], weight, stride, padding, dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+
+
+@torch.library.custom_op(f"{_LIB}::conv2d_dx", mutates_args=())
+def _conv_dx(dy: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).conv_dx(dy, weight, mask, parse_pattern(pattern),
+                                    _cp(stride, padding, dilation, groups), input_shape)
+
+
+@_conv_dx.register_fake
+def _(dy, weight, mask, input_shape, stride, padding, dilation, groups, backend, pattern):
+    return dy.new_empty(input_shape)
+
+
+@torch.library.custom_op(f"{_LIB}::conv2d_dw", mutates_args=())
+def _conv_dw(dy: Tensor, x: Tensor, mask: Tensor, stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], groups: int, backend: str, pattern: str) -> Tensor:
+    return _bk.get(backend).conv_dw(dy, x, mask, parse_pattern(pattern),
+                                    _cp(stride, padding, dilation, groups), mask.shape)
+
+
+@_conv_dw.register_fake
+def _(dy, x, mask, stride, padding, dilation, groups, backend, pattern):
+    return dy.new_empty(mask.shape)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, mask, bias, stride, padding, dilation, groups, backend, pattern = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.args = (stride, padding, dilation, groups, backend, pattern)
+
+
+def _conv_bwd(ctx, dy):
+    x, weight, mask = ctx.saved_tensors
+    nx, nw, _, nb = ctx.needs_input_grad[:4]
+    dx = _conv_dx(dy, weight, mask, list(x.shape), *ctx.args) if nx else None
+    dw = _conv_dw(dy, x, mask, *ctx.args) if nw else None  # frozen weight: no work
+    db = dy.sum((0, 2, 3)) if nb else None
+    return dx, dw, None, db, None, None, None, None, None, None
+
+
+def _conv_dx_setup(ctx, inputs, output):
+    dy, weight, mask, input_shape, *args = inputs
+    ctx.save_for_backward(dy, weight, mask)
+    ctx.args = tuple(args)
+
+
+def _conv_dx_bwd(ctx, g):
+    dy, weight, mask = ctx.saved_tensors
+    ndy, nw = ctx.needs_input_grad[:2]
+    stride, padding, dilation, groups, backend, pattern = ctx.args
+    gdy = _conv(g, weight, mask, None, *ctx.args) if ndy else None
+    gw = _conv_dw(dy, g, mask, *ctx.args) if nw else None
+    return gdy, gw, None, None, None, None, None, None, None, None
+
+
+def _conv_dw_setup(ctx, inputs, output):
+    dy, x, mask, *args = inputs
+    ctx.save_for_backward(dy, x, mask)
+    ctx.args = tuple(args)
+
+
+def _conv_dw_bwd(ctx, g):
+    dy, x, mask = ctx.saved_tensors
+    ndy, nx = ctx.needs_input_grad[:2]
+    gdy = _conv(x, g, mask, None, *ctx.args) if ndy else None
+    gx = _conv_dx(dy, g, mask, list(x.shape), *ctx.args) if nx else None
+    return gdy, gx, None, None, None, None, None, None, None
+
+
+_conv.register_autograd(_conv_bwd, setup_context=_conv_setup)
+_conv_dx.register_autograd(_conv_dx_bwd, setup_context=_conv_dx_setup)
+_conv_dw.register_autograd(_conv_dw_bwd, setup_context=_conv_dw_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# public functional API
+# ------------------------------------------------------------------------------------------------
+def _autocast(*ts: Tensor | None, device_type: str) -> tuple:
+    """Apply autocast's dtype (our custom ops are opaque to autocast) — differentiable casts."""
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in ts)
+    return ts
+
+
+def _check_common(name, x, weight, mask, bias):
+    for nm, t in (("x", x), ("weight", weight), ("mask", mask)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {nm} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
+    devs = {t.device for t in (x, weight, mask, bias) if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devs))}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{name}: dtype mismatch: x {x.dtype}, weight {weight.dtype}"
+                        + (f", bias {bias.dtype}" if bias is not None else ""))
+
+
+def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
+                  backend: str = "auto", pattern: str = "unstructured", density: float | None = None) -> Tensor:
+    """``y = x @ (weight * mask)ᵀ + bias`` on a sparse backend, autograd-aware.
+
+    x: ``(*, K)``; weight: ``(N, K)``; mask: bool ``(N, K)``; bias: ``(N,)`` or None -> ``(*, N)``.
+    ``pattern`` declares the mask's pattern (kernels for N:M need it; it is trusted here — layers
+    validate masks when they are set)."""
+    x, weight, bias = _autocast(x, weight, bias, device_type=x.device.type)
+    _check_common("sparse_linear", x, weight, mask, bias)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"sparse_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
+                         f"(x's last dim must be in_features={weight.shape[1] if weight.dim() == 2 else '?'})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"sparse_linear: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    pattern = str(parse_pattern(pattern))
+    if torch.compiler.is_compiling():  # resolved once at trace time (see backends.resolve_static)
+        name = backend if backend != "auto" else _bk.resolve_static(
+            backend, "linear", x.device.type, str(x.dtype), tuple(weight.shape), pattern, None)
+    else:
+        name = _bk.resolve(backend, _bk.make_query("linear", x, weight, pattern, density=density))
+    lead = x.shape[:-1]
+    y = _linear(x.reshape(-1, x.shape[-1]), weight, mask, bias, name, pattern)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _pair(v, what: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"sparse_conv2d: {what} must be an int or a pair of ints, got {v}")
+    return v
+
+
+def sparse_conv2d(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                  dilation=1, groups: int = 1, *, backend: str = "auto", pattern: str = "unstructured",
+                  density: float | None = None) -> Tensor:
+    """``conv2d(x, weight * mask, bias, ...)`` on a sparse backend, autograd-aware.
+
+    x: ``(B, C, H, W)`` (or unbatched ``(C, H, W)``); weight: ``(O, C/groups, kh, kw)``; mask bool of
+    the weight's shape. ``padding`` is an int, a pair, or ``"same"``/``"valid"``."""
+    x, weight, bias = _autocast(x, weight, bias, device_type=x.device.type)
+    _check_common("sparse_conv2d", x, weight, mask, bias)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if weight.dim() != 4 or x.dim() != 4:
+        raise ValueError(f"sparse_conv2d: expected x (B, C, H, W) and weight (O, C/g, kh, kw), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"sparse_conv2d: x has {x.shape[1]} channels but weight {tuple(weight.shape)} "
+                         f"with groups={groups} expects {weight.shape[1] * groups}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            pads = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:])]
+            if any(p % 2 for p in pads) or stride != [1, 1]:
+                # asymmetric 'same': pad explicitly, then run a 'valid' conv
+                x = torch.nn.functional.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+                padding = [0, 0]
+            else:
+                padding = [p // 2 for p in pads]
+        else:
+            raise ValueError(f"sparse_conv2d: padding must be int, pair, 'same' or 'valid', got {padding!r}")
+    padding = _pair(padding, "padding")
+    pattern = str(parse_pattern(pattern))
+    cp = _cp(stride, padding, dilation, groups)
+    if torch.compiler.is_compiling():  # resolved once at trace time (see backends.resolve_static)
+        name = backend if backend != "auto" else _bk.resolve_static(
+            backend, "conv", x.device.type, str(x.dtype), tuple(weight.shape), pattern,
+            (cp.stride, cp.padding, cp.dilation, cp.groups))
+    else:
+        name = _bk.resolve(backend, _bk.make_query("conv", x, weight, pattern, cp, density=density))
+    y = _conv(x, weight, mask, bias, stride, padding, dilation, int(groups), name, pattern)
+    return y.squeeze(0) if unbatched else y
