@@ -156,13 +156,14 @@ def _block_patterns(n: int, m: int) -> torch.Tensor | None:
 
 
 def transposable_nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """Mask where every row and every column of each ``m x m`` block keeps exactly ``n`` weights, so
+    """Mask where every row and every column of each ``m x m`` block keeps at most ``n`` weights, so
     both W and Wᵀ are N:M. ``scores`` is 2-D ``(R, C)`` with ``R % m == C % m == 0``.
 
     Exact (maximum kept |score| per block, by enumeration) where the number of admissible block
-    patterns is small (2:4 has 90, 1:4 and 3:4 have 24, 1:8 has 40320); otherwise a greedy choice
-    (largest first, respecting row/column budgets, then filling any budget left) which is
-    admissible but not always optimal.
+    patterns is small (2:4 has 90, 1:4 and 3:4 have 24); otherwise (e.g. 2:8, 4:8) a greedy choice
+    (largest |score| first, taken while its row and column still have budget) which is admissible —
+    at most ``n`` per row and column — but may keep fewer than ``n`` in a few rows and is not always
+    optimal.
     """
     _check_nm(int(n), int(m))
     _check_scores(scores)

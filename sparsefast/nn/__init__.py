@@ -1,5 +1,5 @@
 """Sparse layers and whole-model swapping."""
 from .layers import SparseConv2d, SparseLinear, SparseModule
-from .swap import densify, sparse_layers, sparsify
+from .swap import densify, set_backend, sparse_layers, sparsify
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "sparsify", "densify", "sparse_layers"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "sparsify", "densify", "sparse_layers", "set_backend"]

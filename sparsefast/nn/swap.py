@@ -11,7 +11,7 @@ from .. import backends as _bk
 from .. import masks as _masks
 from .layers import SparseConv2d, SparseLinear, SparseModule
 
-__all__ = ["sparsify", "densify", "sparse_layers"]
+__all__ = ["sparsify", "densify", "sparse_layers", "set_backend"]
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -73,3 +73,12 @@ def densify(model: nn.Module) -> nn.Module:
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseModule]]:
     """``(name, layer)`` for every sparse layer of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseModule)]
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Make every sparse layer of ``model`` use ``backend`` (``"auto"`` or a name; validated first)."""
+    _bk.check_requested(backend)
+    for _, layer in sparse_layers(model):
+        layer.requested_backend = backend
+        layer._used_backend = None
+    return model

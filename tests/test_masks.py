@@ -1,0 +1,109 @@
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsefast import masks
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), groups=st.integers(1, 5), nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (5, 16)]),
+       seed=st.integers(0, 10_000))
+def test_nm_mask_keeps_top_n_per_group(rows, groups, nm, seed):
+    n, m = nm
+    s = torch.randn(rows, groups * m, generator=torch.Generator().manual_seed(seed))
+    mask = masks.nm_mask(s, n, m)
+    assert mask.dtype == torch.bool and mask.shape == s.shape
+    assert masks.is_nm(mask, n, m)
+    g, gm = s.abs().reshape(-1, m), mask.reshape(-1, m)
+    assert (gm.sum(1) == n).all()
+    # every kept |score| >= every dropped |score| in its group
+    kept_min = torch.where(gm, g, torch.full_like(g, float("inf"))).min(1).values
+    drop_max = torch.where(~gm, g, torch.full_like(g, -1.0)).max(1).values
+    assert (kept_min >= drop_max).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(1, 200), density=st.floats(0.001, 1.0), seed=st.integers(0, 1000))
+def test_topk_mask_count_and_order(numel, density, seed):
+    s = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    mask = masks.topk_mask(s, density)
+    k = round(density * numel)
+    assert int(mask.sum()) == k
+    if 0 < k < numel:
+        assert s.abs()[mask].min() >= s.abs()[~mask].max()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (2, 8)])
+def test_transposable_nm_is_nm_both_ways(n, m):
+    s = torch.randn(4 * m, 3 * m)
+    mask = masks.transposable_nm_mask(s, n, m)
+    assert masks.is_transposable_nm(mask, n, m)
+    if masks._block_patterns(n, m) is not None:  # exact: exactly n per row and column
+        assert int(mask.sum()) == n * s.numel() // m
+    else:  # greedy: admissible, nearly full
+        assert int(mask.sum()) >= 0.85 * n * s.numel() // m
+
+
+def test_transposable_2_4_is_optimal_by_brute_force():
+    torch.manual_seed(0)
+    s = torch.randn(4, 4)
+    mask = masks.transposable_nm_mask(s, 2, 4)
+    best = -1.0
+    rows = list(itertools.combinations(range(4), 2))
+    for choice in itertools.product(rows, repeat=4):
+        m = torch.zeros(4, 4, dtype=torch.bool)
+        for r, cols in enumerate(choice):
+            m[r, list(cols)] = True
+        if (m.sum(0) == 2).all():
+            best = max(best, float(s.abs()[m].sum()))
+    assert float(s.abs()[mask].sum()) == pytest.approx(best)
+
+
+def test_parse_pattern():
+    assert masks.parse_pattern("2:4") == masks.Pattern(2, 4)
+    assert not masks.parse_pattern("unstructured").is_nm
+    for bad in ["2:2", "0:4", "5:4", "2-4", "abc", "2:4:8", "-1:4"]:
+        with pytest.raises(ValueError):
+            masks.parse_pattern(bad)
+    with pytest.raises(TypeError):
+        masks.parse_pattern(24)
+
+
+def test_bad_inputs_raise_named_errors():
+    with pytest.raises(ValueError, match="not divisible by m=4"):
+        masks.nm_mask(torch.randn(3, 6), 2, 4)
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        masks.nm_mask(torch.randn(3, 8), 4, 4)
+    with pytest.raises(ValueError, match="1 <= n < m"):
+        masks.nm_mask(torch.randn(3, 8), 0, 4)
+    with pytest.raises(ValueError, match="density"):
+        masks.topk_mask(torch.randn(10), 0.0)
+    with pytest.raises(ValueError, match="density"):
+        masks.topk_mask(torch.randn(10), 1.5)
+    nan = torch.randn(4, 8)
+    nan[1, 2] = float("nan")
+    for fn in (lambda: masks.nm_mask(nan, 2, 4), lambda: masks.topk_mask(nan, 0.5),
+               lambda: masks.transposable_nm_mask(nan, 2, 4)):
+        with pytest.raises(ValueError, match="NaN"):
+            fn()
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="shape"):
+        masks.validate_mask(torch.ones(4, 4, dtype=torch.bool), w, "unstructured")
+    with pytest.raises(ValueError, match="2:4"):
+        masks.validate_mask(torch.ones(4, 8, dtype=torch.bool), w, "2:4")
+    with pytest.raises(TypeError):
+        masks.validate_mask(torch.ones(4, 8, dtype=torch.complex64), w, "unstructured")
+
+
+def test_density_and_conv_reduction_layout():
+    w = torch.randn(6, 8, 3, 3)
+    mask = masks.magnitude_mask(w, "2:4", None)
+    # groups of 4 consecutive input channels at each kernel position
+    assert (mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).sum(-1) == 2).all()
+    assert masks.density(mask) == 0.5
+    rv = masks.reduction_view(w)
+    assert torch.equal(masks.from_reduction_view(rv, w.shape), w)
+    assert masks.density(masks.magnitude_mask(w, "unstructured", 0.75)) == pytest.approx(0.25, abs=1 / w.numel())
