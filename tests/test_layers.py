@@ -60,6 +60,14 @@ def test_conv_matches_nn_conv(kw):
     torch.testing.assert_close(sp.to_dense()(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_from_dense_keeps_dtype(dtype):
+    conv = SparseConv2d.from_dense(nn.Conv2d(4, 4, 3).to(dtype), pattern="2:4")
+    lin = SparseLinear.from_dense(nn.Linear(8, 4).to(dtype), pattern="2:4")
+    for layer in (conv, lin):
+        assert layer.weight.dtype == dtype and layer.bias.dtype == dtype
+
+
 def test_from_dense_keeps_largest_and_copies():
     lin = nn.Linear(8, 4)
     sp = SparseLinear.from_dense(lin, pattern="2:4")

@@ -341,7 +341,8 @@ class SparseConv2d(SparseModule):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, sparsity=sparsity,
-                    pattern=pattern, backend=backend, _mask=mask, _weight=conv.weight.detach().clone())
+                    pattern=pattern, backend=backend, _mask=mask, _weight=conv.weight.detach().clone(),
+                    device=conv.weight.device, dtype=conv.weight.dtype)
         layer.weight.requires_grad_(conv.weight.requires_grad)
         if conv.bias is not None:
             with torch.no_grad():

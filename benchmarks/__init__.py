@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (run as ``pytest benchmarks``); see README.md."""

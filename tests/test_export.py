@@ -1,0 +1,287 @@
+"""sparsefast.export: compressed checkpoints, semi-structured conversion, ONNX, and the export CLI."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import sparsefast
+from sparsefast import export as ex
+from sparsefast import masks
+from sparsefast.nn import SparseConv2d, SparseLinear
+
+pytest.importorskip("safetensors", reason="sparsefast.export needs safetensors (pip install safetensors)")
+
+
+class Net(nn.Module):
+    """Conv -> BN -> ReLU -> pool -> Linear -> ReLU -> Linear (head)."""
+
+    def __init__(self, c=8, hid=32, out=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16, hid)
+        self.fc2 = nn.Linear(hid, out)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _model(dtype=torch.float32, pattern="2:4", sparsity=None, seed=0):
+    torch.manual_seed(seed)
+    m = Net()
+    m.bn.running_mean.normal_()
+    m.bn.running_var.uniform_(0.5, 2)
+    sparsefast.sparsify(m, pattern=pattern, sparsity=sparsity, backend="reference")
+    return m.to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t
+
+
+def _assert_state_equal(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        if k.endswith("weight") and (k[:-6] + "mask") in sa:  # kept values bit-exact, pruned are zeros
+            m = sa[k[:-6] + "mask"]
+            assert torch.equal(_bits(sa[k][m]), _bits(sb[k][m])), k
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("1:4", None), ("4:8", None),
+                                              ("unstructured", 0.7), ("unstructured", 0.99)])
+def test_roundtrip_bit_exact(tmp_path, dtype, pattern, sparsity):
+    m = _model(dtype, pattern, sparsity)
+    path = tmp_path / "m.safetensors"
+    meta = ex.save(m, path)
+    assert set(meta["layers"]) == {"conv", "fc1", "fc2"}
+    # into a fresh model of the same architecture with different weights / masks
+    m2 = _model(dtype, pattern, sparsity, seed=1)
+    assert ex.load(path, m2) is m2
+    _assert_state_equal(m, m2)
+    # into the plain architecture: layers are swapped for sparse ones
+    plain = Net().to(dtype)
+    ex.load(path, plain)
+    assert isinstance(plain.fc1, SparseLinear) and isinstance(plain.conv, SparseConv2d)
+    assert plain.fc1.pattern == m.fc1.pattern
+    _assert_state_equal(m, plain)
+    # without a model: the full state dict + rebuilt sparse layers
+    ck = ex.load(path)
+    assert list(ck.state_dict) == list(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(ck.state_dict[k], v), k
+    x = torch.randn(3, 32, dtype=dtype)
+    assert torch.equal(ck.layers["fc2"](x), m.fc2(x))
+    xc = torch.randn(2, 8, 5, 5, dtype=dtype)
+    assert torch.equal(ck.layers["conv"](xc), m.conv(xc))
+    assert ck.layers["conv"].padding == m.conv.padding
+
+
+def test_encodings_and_size(tmp_path):
+    torch.manual_seed(0)
+    lin = SparseLinear.from_dense(nn.Linear(512, 256).to(torch.bfloat16), pattern="2:4")
+    model = nn.Sequential(lin)
+    p = tmp_path / "a.safetensors"
+    meta = ex.save(model, p)
+    assert meta["layers"]["0"]["encoding"] == "bitmap"
+    dense_bytes = (512 * 256 + 256) * 2
+    assert os.path.getsize(p) <= 0.6 * dense_bytes, os.path.getsize(p) / dense_bytes
+    lin2 = SparseLinear.from_dense(nn.Linear(512, 256), pattern="unstructured", sparsity=0.99)
+    meta = ex.save(nn.Sequential(lin2), p)
+    assert meta["layers"]["0"]["encoding"] == "indices"
+    assert os.path.getsize(p) < 0.1 * (512 * 256 * 4)
+    assert torch.equal(ex.load(p).layers["0"].mask, lin2.mask)
+
+
+def test_root_layer_and_kept_zero(tmp_path):
+    lin = SparseLinear(16, 4, pattern="2:4")
+    with torch.no_grad():  # a kept weight that is exactly zero must stay kept
+        idx = lin.mask.nonzero()[0]
+        lin.weight[idx[0], idx[1]] = 0.0
+    p = tmp_path / "l.safetensors"
+    ex.save(lin, p)
+    lin2 = SparseLinear(16, 4, pattern="2:4")
+    ex.load(p, lin2)
+    assert torch.equal(lin2.mask, lin.mask) and torch.equal(lin2.weight, lin.weight)
+    assert ex.load(p).layers[""].mask.sum() == lin.mask.sum()
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    m = _model()
+    p = tmp_path / "m.safetensors"
+    ex.save(m, p)
+    data = p.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) - 40])
+    with pytest.raises(ex.CheckpointError, match="corrupted or truncated"):
+        ex.load(trunc)
+    flip = tmp_path / "flip.safetensors"
+    b = bytearray(data)
+    b[-10] ^= 0xFF
+    flip.write_bytes(bytes(b))
+    with pytest.raises(ex.CheckpointError, match="checksum"):
+        ex.load(flip)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ex.CheckpointError):
+        ex.load(junk)
+    from safetensors.torch import save_file
+    other = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(other))
+    with pytest.raises(ex.CheckpointError, match="not a sparsefast checkpoint"):
+        ex.load(other)
+    with pytest.raises(FileNotFoundError):
+        ex.load(tmp_path / "missing.safetensors")
+    # wrong architecture: error names the layer, model untouched
+    wrong = nn.Sequential(nn.Linear(3, 3))
+    before = copy.deepcopy(wrong.state_dict())
+    with pytest.raises(ValueError, match="conv"):
+        ex.load(p, wrong)
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())
+    # pattern mismatch: a 2:4 layer cannot take an unstructured 70% mask
+    p2 = tmp_path / "u.safetensors"
+    ex.save(_model(pattern="unstructured", sparsity=0.3), p2)
+    target = _model()
+    w0 = target.fc1.weight.detach().clone()
+    with pytest.raises(ValueError, match="fc1|conv|fc2"):
+        ex.load(p2, target)
+    assert torch.equal(target.fc1.weight, w0)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "m.safetensors"
+    ex.save(_model(), p)
+    good = p.read_bytes()
+    import safetensors.torch as st
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ex.save(_model(seed=3), p)
+    assert p.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_semi_structured_errors_on_cpu_and_non_24():
+    m = _model()
+    with pytest.raises(RuntimeError, match="A100/H100"):
+        ex.to_semi_structured(m)
+    assert isinstance(m.fc1, SparseLinear)  # untouched
+    u = _model(pattern="unstructured", sparsity=0.3)
+    with pytest.raises(ValueError, match="'fc1'"):
+        ex.to_semi_structured(u)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs an sm80+ CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semi_structured_matches_masked_dense_gpu(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).to("cuda", dtype)
+    sparsefast.sparsify(model, pattern="2:4")
+    ref = sparsefast.densify(copy.deepcopy(model))
+    x = torch.randn(64, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        want = ref(x)
+        ex.to_semi_structured(model)
+        assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_project_24_and_report():
+    torch.manual_seed(0)
+    m = Net()
+    with pytest.raises(ValueError, match="'conv'.*not 2:4.*--prune"):
+        ex.project_24(copy.deepcopy(m), prune=False)
+    with pytest.warns(UserWarning):  # nothing to skip here; add a 3-channel conv that cannot be 2:4
+        m2 = nn.Sequential(nn.Conv2d(3, 8, 3), Net())
+        m2, rep = ex.project_24(m2)
+    acts = {r["name"]: r["action"] for r in rep}
+    assert acts["0"] == "skipped" and acts["1.fc1"] == "projected"
+    assert isinstance(m2[1].fc1, SparseLinear) and m2[1].fc1.pattern == "2:4"
+    assert masks.is_nm(m2[1].fc1.mask, 2, 4)
+    r = next(r for r in rep if r["name"] == "1.fc1")
+    assert r["density_after"] == pytest.approx(0.5) and 0.5 < r["magnitude_kept"] < 1.0
+    report = ex.eligibility_report(m2)
+    assert report.eligible == ["1.conv", "1.fc1", "1.fc2"]
+    assert "0 " not in report.eligible and "not divisible by 4" in str(report)
+
+
+def test_to_onnx_runs_in_onnxruntime(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install onnx onnxruntime)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnxruntime)")
+    from onnx import numpy_helper
+
+    m = _model().eval()
+    m.fc2 = nn.Linear(32, 8)  # a dense head: reported as not 2:4
+    x = torch.randn(4, 8, 6, 6)
+    path = tmp_path / "m.onnx"
+    rep = ex.to_onnx(m, (x,), path)
+    assert "fc1" in capsys.readouterr().out
+    assert {r.name: r.eligible for r in rep} == {"conv": True, "fc1": True, "fc2": False}
+    assert isinstance(m.fc1, SparseLinear)  # original untouched
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (4, 2):
+        xb = torch.randn(batch, 8, 6, 6)
+        (got,) = sess.run(None, {"input0": xb.numpy()})
+        with torch.no_grad():
+            want = m(xb)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in onnx.load(str(path)).graph.initializer}
+    w = next(v for v in inits.values() if v.dim() == 2 and tuple(v.shape) in ((32, 16), (16, 32)))
+    w = w if w.shape == (32, 16) else w.t()
+    assert masks.is_nm(w != 0, 2, 4)
+
+
+def test_cli_export(tmp_path, capsys, monkeypatch):
+    from sparsefast.cli import export as cli
+
+    m = _model()
+    src = tmp_path / "model.pt"
+    torch.save(m, src)
+    assert cli.main([str(src), "--format", "safetensors"]) == 0
+    out = tmp_path / "model.sparse.safetensors"
+    m2 = _model(seed=5)
+    ex.load(out, m2)
+    _assert_state_equal(m, m2)
+    assert cli.main([str(src), "--format", "semi-structured", "-o", str(tmp_path / "s.pt")]) == (
+        0 if torch.cuda.is_available() else 1)
+    if not torch.cuda.is_available():
+        assert "A100/H100" in capsys.readouterr().err
+    dense = tmp_path / "dense.pt"
+    torch.save(Net(), dense)
+    assert cli.main([str(dense), "--format", "onnx"]) == 1
+    assert "'conv'" in capsys.readouterr().err  # names the first non-2:4 layer
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+        have_onnx = True
+    except ImportError:
+        have_onnx = False
+    if have_onnx:
+        assert cli.main([str(dense), "--format", "onnx", "--prune", "--input-shape", "2,8,5,5"]) == 0
+        o = capsys.readouterr().out
+        assert "pruned fc1" in o and (tmp_path / "dense.onnx").exists()
+    sd = tmp_path / "sd.pt"
+    torch.save(m.state_dict(), sd)
+    pkg = tmp_path / "sf_export_arch.py"  # an importable architecture factory for --model
+    pkg.write_text("import sys\nNet = sys.modules['%s'].Net\n" % __name__)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main([str(sd), "--format", "safetensors", "--model", "sf_export_arch:Net",
+                     "-o", str(tmp_path / "sd.safetensors")]) == 0
+    _assert_state_equal(m, ex.load(tmp_path / "sd.safetensors", Net()))
