@@ -139,7 +139,8 @@ def _conv_out_hw(h, w, weight, stride, padding, dilation):
 @_conv.register_fake
 def _(x, weight, mask, bias, stride, padding, dilation, groups, backend, pattern):
     ho, wo = _conv_out_hw(x.shape[2], x.shape[3], weight, stride, padding, dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+    # kernels (like cuDNN and the reference) return the input's memory format (NCHW or channels_last)
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo).contiguous(memory_format=x.suggest_memory_format())
 
 
 @torch.library.custom_op(f"{_LIB}::conv2d_dx", mutates_args=())
@@ -151,7 +152,7 @@ def _conv_dx(dy: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int
 
 @_conv_dx.register_fake
 def _(dy, weight, mask, input_shape, stride, padding, dilation, groups, backend, pattern):
-    return dy.new_empty(input_shape)
+    return dy.new_empty(input_shape).contiguous(memory_format=dy.suggest_memory_format())
 
 
 @torch.library.custom_op(f"{_LIB}::conv2d_dw", mutates_args=())
