@@ -129,6 +129,13 @@ def _conv(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], strid
                                      _cp(stride, padding, dilation, groups))
 
 
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for an NHWC-strided 4-D tensor, else contiguous (what cuDNN would return)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _conv_out_hw(h, w, weight, stride, padding, dilation):
     kh, kw = weight.shape[-2:]
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -140,7 +147,7 @@ def _conv_out_hw(h, w, weight, stride, padding, dilation):
 def _(x, weight, mask, bias, stride, padding, dilation, groups, backend, pattern):
     ho, wo = _conv_out_hw(x.shape[2], x.shape[3], weight, stride, padding, dilation)
     # kernels (like cuDNN and the reference) return the input's memory format (NCHW or channels_last)
-    return x.new_empty(x.shape[0], weight.shape[0], ho, wo).contiguous(memory_format=x.suggest_memory_format())
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo).contiguous(memory_format=_memory_format(x))
 
 
 @torch.library.custom_op(f"{_LIB}::conv2d_dx", mutates_args=())
@@ -152,7 +159,7 @@ def _conv_dx(dy: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int
 
 @_conv_dx.register_fake
 def _(dy, weight, mask, input_shape, stride, padding, dilation, groups, backend, pattern):
-    return dy.new_empty(input_shape).contiguous(memory_format=dy.suggest_memory_format())
+    return dy.new_empty(input_shape).contiguous(memory_format=_memory_format(dy))
 
 
 @torch.library.custom_op(f"{_LIB}::conv2d_dw", mutates_args=())
