@@ -85,3 +85,16 @@ def test_fake_tensor_shapes():
         xc, wc, mc = torch.empty(2, 4, 9, 9), torch.empty(6, 4, 3, 3), torch.empty(6, 4, 3, 3, dtype=torch.bool)
         out = torch.ops.sparsefast.conv2d(xc, wc, mc, None, [2, 2], [1, 1], [1, 1], 1, "reference", "unstructured")
         assert out.shape == (2, 6, 5, 5)
+
+
+def test_pruned_nan_never_leaks():
+    """NaN/Inf stored at a pruned weight position, or NaN inputs, never reach outputs or pruned grads."""
+    w = torch.randn(4, 8, dtype=D)
+    m = masks.nm_mask(w, 2, 4)
+    w = w.masked_fill(~m, float("nan")).requires_grad_(True)
+    x = torch.randn(3, 8, dtype=D)
+    x[0, 1] = float("nan")
+    y = sparse_linear(x, w, m, backend="reference", pattern="2:4")
+    assert not torch.isnan(y[1:]).any()
+    y[1:].sum().backward()
+    assert (w.grad[~m] == 0).all()

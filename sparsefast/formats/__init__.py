@@ -1,0 +1,1 @@
+"""Packed sparse weight formats shared by the kernel backends."""
