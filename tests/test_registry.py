@@ -93,3 +93,10 @@ def test_explain_rejects_other_objects():
     q = backends.make_query("linear", torch.randn(3, 8), torch.randn(4, 8), "2:4")
     assert isinstance(q, OpQuery) and q.m_rows == 3
     assert "reference" in backends.explain(q)
+
+
+def test_conv_query_counts_output_pixels():
+    x = torch.randn(2, 4, 16, 16)
+    w = torch.randn(8, 4, 3, 3)
+    q = backends.make_query("conv", x, w, "unstructured", backends.ConvParams((2, 2), (1, 1), (1, 1), 1))
+    assert q.m_rows == 2 * 8 * 8

@@ -254,8 +254,12 @@ def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "
     if x is not None:
         if op == "linear":
             m_rows = x.numel() // max(x.shape[-1], 1)
-        else:
-            m_rows = x.shape[0] * x.shape[-2] * x.shape[-1]  # approx. output pixels (stride 1)
+        else:  # GEMM M of the implicit GEMM: batch * output pixels
+            cp = conv or ConvParams()
+            kh, kw = weight.shape[-2:]
+            ho = (x.shape[-2] + 2 * cp.padding[0] - cp.dilation[0] * (kh - 1) - 1) // cp.stride[0] + 1
+            wo = (x.shape[-1] + 2 * cp.padding[1] - cp.dilation[1] * (kw - 1) - 1) // cp.stride[1] + 1
+            m_rows = (x.shape[0] if x.dim() == 4 else 1) * max(ho, 0) * max(wo, 0)
     device = x.device if x is not None else weight.device
     dtype = _effective_dtype(device.type, x.dtype if x is not None else weight.dtype)
     return OpQuery(op, device, dtype, tuple(weight.shape), pat, m_rows, density, conv)

@@ -1,0 +1,1066 @@
+"""Triton kernels for unstructured sparsity (densities ~0.1 %..50 %, fp32/fp16/bf16).
+
+Format: :mod:`sparsefast.formats.unstructured` — a row-major bitmap, per-(row, 64-column chunk)
+pointers and the kept values in CSR order. Two families of kernels read it:
+
+**Tile decode + tensor cores** (every op). A program decodes tiles of ``BN`` rows × one 64-column chunk
+to dense register tiles and feeds them to ``tl.dot``::
+
+    keep = (word >> lane) & 1                    # word = bitmap[row, 2c + lane // 32]
+    rank = popc(word & ((1 << lane) - 1)) (+ popc(first word) for lanes 32..63)
+    w    = load(values + start[row] + rank, mask=keep, other=0)   # start: the row's chunk pointer
+    acc  = dot(..., w)                           # tensor cores on the dense tile
+
+Work per tile does not depend on how its kept entries are spread, so empty rows, near-dense rows and
+skewed rows cost the same (the load balance of a dense GEMM), and pruned zeros are multiplied like the
+masked-dense reference does (NaN/Inf in x propagate identically). The weight moves as
+``d·e + 1/8`` bytes per element instead of ``e``, but the MMA work is the dense tile's plus ~12
+issued instructions per decoded element: it wins where dense is bound by the weight's bytes.
+
+* ``_index_kernel``  mask → bitmap words + per-chunk counts (a scan gives the chunk pointers).
+* ``_pack_kernel``   weight → values (the per-optimizer-step part: reads W once, writes kept values),
+  or → kept column indices (gather path).
+* ``_fwd_kernel``    ``out[m, n] = Σ_k A[m, k] · P[n, k]`` (implicit GEMM): A = x (Linear), im2col(x)
+  (conv forward), or the strided "transposed im2col" of dy (conv input gradient, on the packed
+  :func:`~sparsefast.formats.unstructured.dgrad_view` of the weight). Walks a row block along K.
+* ``_dx_kernel``     Linear ``dx = dy @ P``: the *transposed traversal* of the forward format (a program
+  owns one 64-column chunk and walks the row blocks), so training needs no second copy of W.
+* ``_dw_kernel``     masked weight gradient (SDDMM): per tile, ``dyᵀ @ A`` over M on tensor cores,
+  stored through the bitmap (exact zeros at pruned positions); tiles with nothing kept do no work.
+
+Small grids (M ≤ 64) split the reduction over programs writing fp32 partials, summed afterwards
+(deterministic).
+
+**Row gather on CUDA cores** (Linear forward and dx with few rows of x, M ≤ 64 and low density):
+``_gather_kernel`` walks each row's kept entries (CSR: values + column indices) and gathers the
+matching row of ``xᵀ`` — ``nnz × M`` FMAs, work proportional to the kept weights only. Rows are taken
+sorted by kept count (heaviest first) so a program's rows have similar lengths. dx uses a packed copy
+of Wᵀ (cached per weight version). The choice between the two (:func:`_use_gather`) and against dense
+(:meth:`Impl.prefer_dense_reason`) comes from one instruction/byte cost model.
+
+Expected H100 numbers (bf16, from that model — issued instructions counted in the sm_90 SASS of the
+inner loops, HBM bytes of the real format; not yet measured): 16×4096×4096 forward ≈ 7 µs at 70 % and
+≈ 5–7 µs at 90 % sparsity (cuBLAS measured 23 µs); 4096×14336 is issue-bound at ≈ 16–24 µs.
+Compute-bound shapes (M ≥ 4096) and the full training step run dense work through ``auto``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ...formats.unstructured import CHUNK, INT32_MAX, UnstructuredIndex, UnstructuredPacked
+from ...masks import Pattern
+from ..base import Backend, ConvParams, OpQuery
+from . import interpreting
+
+__all__ = ["Impl", "aot_compile_configs", "AotSpec"]
+
+
+def _interpreter_numpy_compat() -> None:
+    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls ``int()`` on them for
+    ``range(lo, hi)`` loop bounds, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be
+    converted"). Make ``__index__`` take the single element. Idempotent; interpreter only."""
+    from triton.runtime import interpreter as _it
+
+    orig = _it._patch_lang_tensor
+    if getattr(orig, "_sparsefast_compat", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparsefast_compat = True  # type: ignore[attr-defined]
+    _it._patch_lang_tensor = patched
+
+
+if interpreting():
+    _interpreter_numpy_compat()
+
+
+# ================================================================================================
+# Triton kernels
+# ================================================================================================
+_INTERP: tl.constexpr = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` on tensor cores. The interpreter's dot multiplies bfloat16 as raw integers, so
+    there the operands go through float32 (exact: the products of 16-bit floats fit in fp32)."""
+    if _INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _row_off(r, RD, RS0, RS1):
+    """Address of row ``r`` of a 2-D view: ``(r // RD) * RS1 + (r % RD) * RS0``."""
+    return (r // RD) * RS1 + (r % RD) * RS0
+
+
+@triton.jit
+def _col_off(k, CD, KW, CS0, CS1, CS2):
+    """Address of column ``k`` of a 2-D view whose columns are ``(kh, kw, c)`` with ``c < CD`` fastest."""
+    t = k // CD
+    return (k % CD) * CS0 + (t % KW) * CS1 + (t // KW) * CS2
+
+
+@triton.jit
+def _popc(x):
+    """Set bits of each int32: one ``POPC`` on the GPU; the SWAR formula in the interpreter (which
+    has no libdevice)."""
+    if _INTERP:
+        x = x.to(tl.uint32, bitcast=True)
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
+    return libdevice.popc(x)
+
+
+@triton.jit
+def _chunk(bm_ptr, rows, row_ok, c, WPR):
+    """Chunk ``c`` of ``rows`` (bitmap row stride ``WPR`` words): the kept lanes ``[BN, 64]``, each
+    lane's rank among its row's kept lanes (its value offset from the chunk pointer), and the kept
+    count per row ``[BN]``."""
+    w0 = tl.load(bm_ptr + rows * WPR + 2 * c, mask=row_ok, other=0)
+    w1 = tl.load(bm_ptr + rows * WPR + 2 * c + 1, mask=row_ok, other=0)
+    lane = tl.arange(0, 64)
+    hi = lane[None, :] >= 32
+    word = tl.where(hi, w1[:, None], w0[:, None])
+    sh = (lane & 31)[None, :]
+    n0 = _popc(w0)
+    rank = _popc(word & ((1 << sh) - 1)) + tl.where(hi, n0[:, None], 0)
+    return ((word >> sh) & 1) != 0, rank, n0 + _popc(w1)
+
+
+@triton.jit
+def _end(lo, step, n):
+    """``min(lo + step, n)`` for scalars (a plain ``if``: works compiled and interpreted)."""
+    hi = lo + step
+    if hi > n:
+        hi = n
+    return hi
+
+
+@triton.jit
+def _pixels(m, OH, OW):
+    """Output pixel ``m`` of an (B, OH, OW) grid -> (b, oh, ow)."""
+    ow = m % OW
+    t = m // OW
+    return t // OH, t % OH, ow
+
+
+@triton.jit
+def _a_tile(a_ptr, a_row, m_ok, oh, ow, c, K, CA, KW, AH, AW, SH, SW, PH, PW, DH, DW, sa_c, sa_h, sa_w,
+            IS_CONV: tl.constexpr, TRANSPOSED: tl.constexpr, CA_GE64: tl.constexpr):
+    """``[BM, 64]`` tile of the GEMM's left operand at the reduction columns of chunk ``c``.
+
+    Linear: ``A[m, k] = a[m, k]``. Conv (reduction order (kh, kw, c), c fastest): the input pixel read
+    by output pixel (oh, ow) at kernel tap (kh, kw) is ``oh*SH - PH + kh*DH`` (forward) or, for the
+    input gradient (TRANSPOSED), the dy pixel ``(oh + PH - kh*DH) / SH`` when that divides exactly.
+    ``a_row`` holds the per-row part of the address (batch and group channel offset). With at least
+    64 channels per group (``CA_GE64``) a chunk spans at most two kernel taps, so the column
+    decomposition ``k -> (kh, kw, c)`` is two scalar divisions and a select instead of four vector ones."""
+    k = c * 64 + tl.arange(0, 64)
+    ok = m_ok[:, None] & (k < K)[None, :]
+    if IS_CONV:
+        if CA_GE64:
+            t0 = (c * 64) // CA
+            cc = (c * 64 - t0 * CA) + tl.arange(0, 64)
+            wrap = cc >= CA
+            cc = tl.where(wrap, cc - CA, cc)
+            kw = tl.where(wrap, (t0 + 1) % KW, t0 % KW)
+            kh = tl.where(wrap, (t0 + 1) // KW, t0 // KW)
+        else:
+            cc = k % CA
+            kw = (k // CA) % KW
+            kh = (k // CA) // KW
+        if TRANSPOSED:
+            hn = oh[:, None] + PH - kh[None, :] * DH
+            wn = ow[:, None] + PW - kw[None, :] * DW
+            hi = hn // SH
+            wi = wn // SW
+            ok = ok & (hn >= 0) & (wn >= 0) & (hn % SH == 0) & (wn % SW == 0) & (hi < AH) & (wi < AW)
+        else:
+            hi = oh[:, None] * SH - PH + kh[None, :] * DH
+            wi = ow[:, None] * SW - PW + kw[None, :] * DW
+            ok = ok & (hi >= 0) & (hi < AH) & (wi >= 0) & (wi < AW)
+        ptrs = a_ptr + a_row[:, None] + cc[None, :] * sa_c + hi * sa_h + wi * sa_w
+    else:
+        ptrs = a_ptr + a_row[:, None] + k[None, :] * sa_c
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _index_kernel(mask_ptr, bm_ptr, cnt_ptr, R, K, C,
+                  RD, RS0, RS1, CD, KW, CS0, CS1, CS2, BR: tl.constexpr):
+    """Mask tile ``[BR, 64]`` -> two bitmap words and one kept count per row (grid: row blocks × chunks)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1)
+    row_ok = rows < R
+    lane = tl.arange(0, 64)
+    k = c * 64 + lane
+    ptrs = mask_ptr + _row_off(rows, RD, RS0, RS1)[:, None] + _col_off(k, CD, KW, CS0, CS1, CS2)[None, :]
+    m = tl.load(ptrs, mask=row_ok[:, None] & (k < K)[None, :], other=0).to(tl.int32)
+    sh = m << (lane & 31)[None, :]   # distinct bits: the sums below are bitwise ORs
+    tl.store(bm_ptr + rows * (2 * C) + 2 * c, tl.sum(tl.where(lane[None, :] < 32, sh, 0), axis=1), mask=row_ok)
+    tl.store(bm_ptr + rows * (2 * C) + 2 * c + 1, tl.sum(tl.where(lane[None, :] >= 32, sh, 0), axis=1), mask=row_ok)
+    tl.store(cnt_ptr + rows * C + c, tl.sum(m, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _pack_kernel(w_ptr, bm_ptr, cp_ptr, v_ptr, R, K, C,
+                 RD, RS0, RS1, CD, KW, CS0, CS1, CS2, BR: tl.constexpr, CPP: tl.constexpr, COLS: tl.constexpr):
+    """``values[...] = W[kept]`` (or, with ``COLS``, the kept column indices) for ``BR`` rows ×
+    ``CPP`` chunks (grid: row blocks × chunk blocks)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    c0 = tl.program_id(1) * CPP
+    start = tl.load(cp_ptr + rows * C + c0, mask=row_ok, other=0)
+    row = _row_off(rows, RD, RS0, RS1)
+    for c in range(c0, _end(c0, CPP, C)):
+        keep, rank, cnt = _chunk(bm_ptr, rows, row_ok, c, 2 * C)
+        k = c * 64 + tl.arange(0, 64)
+        if COLS:
+            w = (k[None, :] + rank * 0).to(v_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptr + row[:, None] + _col_off(k, CD, KW, CS0, CS1, CS2)[None, :], mask=keep)
+        tl.store(v_ptr + start[:, None] + rank, w, mask=keep)
+        start += cnt
+
+
+@triton.jit
+def _xt_kernel(x_ptr, xt_ptr, flags_ptr, M, K, s_xm, s_xk, BMX: tl.constexpr, BK: tl.constexpr):
+    """``xT[k, m] = x[m, k]`` (zero for ``M <= m < BMX``) for a block of ``BK`` columns, and
+    per row of x the number of NaN (``flags[m]``) and ±Inf (``flags[BMX + m]``) entries (atomics)."""
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    m = tl.arange(0, BMX)
+    x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :] * s_xk, mask=(m < M)[:, None] & (k < K)[None, :],
+                other=0.0)
+    tl.store(xt_ptr + k[None, :] * BMX + m[:, None], x, mask=(k < K)[None, :])
+    xf = x.to(tl.float32)
+    nan = tl.sum((xf != xf).to(tl.int32), axis=1)
+    inf = tl.sum((tl.abs(xf) == float("inf")).to(tl.int32), axis=1)
+    tl.atomic_add(flags_ptr + m, nan, mask=nan > 0)
+    tl.atomic_add(flags_ptr + BMX + m, inf, mask=inf > 0)
+
+
+@triton.jit
+def _gather_kernel(xt_ptr, flags_ptr, rp_ptr, RPS, col_ptr, v_ptr, perm_ptr, bias_ptr, out_ptr, R, M, so_m, so_n,
+                   BMX: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row-wise SpMM on CUDA cores for few rows of x: ``out[m, r] = Σ_j v_j · xT[col_j, m]`` over the
+    kept entries j of row r (``rowptr[r] = rp[r * RPS]``), for ``BR`` rows taken in ``perm`` order
+    (sorted by kept count, heaviest first, so a program's rows have similar counts and long ones
+    start first). Each kept entry gathers one contiguous ``BMX``-vector of ``xT`` (x transposed and
+    zero-padded by ``_xt_kernel``); work is ``nnz × BMX`` fp32 FMAs.
+
+    The reference multiplies pruned weights too, so a NaN in row m of x makes all of ``out[m, :]`` NaN
+    and a ±Inf makes ``out[m, r]`` NaN unless row r keeps every infinite column: the epilogue
+    reproduces both from the per-row counts (the Inf recount runs only when x holds an Inf)."""
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = i < R
+    rows = tl.load(perm_ptr + i, mask=ok, other=0)
+    lo = tl.load(rp_ptr + rows * RPS, mask=ok, other=0)
+    cnt = tl.where(ok, tl.load(rp_ptr + (rows + 1) * RPS, mask=ok, other=0) - lo, 0)
+    jmax = tl.max(cnt, axis=0)
+    m = tl.arange(0, BMX)
+    acc = tl.zeros((BR, BMX), dtype=tl.float32)
+    for j in range(0, jmax):
+        live = j < cnt
+        v = tl.load(v_ptr + lo + j, mask=live, other=0.0).to(tl.float32)
+        c = tl.load(col_ptr + lo + j, mask=live, other=0).to(tl.int32)
+        x = tl.load(xt_ptr + c[:, None] * BMX + m[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        acc += v[:, None] * x
+    n_inf = tl.load(flags_ptr + BMX + m)
+    if tl.max(n_inf, axis=0) > 0:
+        kept_inf = tl.zeros((BR, BMX), dtype=tl.int32)
+        for j in range(0, jmax):
+            live = j < cnt
+            c = tl.load(col_ptr + lo + j, mask=live, other=0).to(tl.int32)
+            x = tl.load(xt_ptr + c[:, None] * BMX + m[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            kept_inf += (tl.abs(x) == float("inf")).to(tl.int32)
+        acc = tl.where(kept_inf < n_inf[None, :], float("nan"), acc)
+    acc = tl.where((tl.load(flags_ptr + m) > 0)[None, :], float("nan"), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + m[None, :] * so_m + rows[:, None] * so_n
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (m < M)[None, :])
+
+
+@triton.jit
+def _fwd_kernel(a_ptr, bm_ptr, cp_ptr, v_ptr, bias_ptr, out_ptr,
+                M, NG, CA, K, C, CPS,
+                AH, AW, OH, OW, KW, SH, SW, PH, PW, DH, DW,
+                sa_b, sa_c, sa_h, sa_w, so_s, so_b, so_c, so_h, so_w,
+                M_BUCKET: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IS_CONV: tl.constexpr,
+                TRANSPOSED: tl.constexpr, CA_GE64: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """``out[m, g*NG + n] = Σ_k A[m, k] · P[g*NG + n, k]`` (+ bias) for one ``[BM, BN]`` tile and the
+    chunk range ``[pid_s*CPS, (pid_s+1)*CPS)`` (grid: M blocks × G·NB row blocks × SPLIT).
+
+    ``P`` is the packed matrix (rows = output channels, grouped by ``NG``); a program walks its row
+    block along K keeping a running value offset, so it reads one chunk pointer per row."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    NB = tl.cdiv(NG, BN)
+    g = pid_n // NB
+    n = (pid_n % NB) * BN + tl.arange(0, BN)
+    n_ok = n < NG
+    rows = g * NG + n
+    m = pid_m * BM + tl.arange(0, BM)
+    m_ok = m < M
+    if IS_CONV:
+        b, oh, ow = _pixels(m, OH, OW)
+        a_row = b * sa_b + g * CA * sa_c
+        o_row = b * so_b + oh * so_h + ow * so_w
+    else:
+        oh = m
+        ow = m
+        a_row = m * sa_b
+        o_row = m * so_b
+    c_lo = pid_s * CPS
+    start = tl.load(cp_ptr + rows * C + c_lo, mask=n_ok, other=0)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c in range(c_lo, _end(c_lo, CPS, C)):
+        a = _a_tile(a_ptr, a_row, m_ok, oh, ow, c, K, CA, KW, AH, AW, SH, SW, PH, PW, DH, DW,
+                    sa_c, sa_h, sa_w, IS_CONV, TRANSPOSED, CA_GE64)
+        keep, rank, cnt = _chunk(bm_ptr, rows, n_ok, c, 2 * C)
+        w = tl.load(v_ptr + start[:, None] + rank, mask=keep, other=0.0)
+        start += cnt
+        acc = _mma(a, tl.trans(w), acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_s * so_s + o_row[:, None] + rows[None, :] * so_c
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, bm_ptr, cp_ptr, v_ptr, out_ptr, M, N, K, C, RPS,
+               s_dm, s_dn, so_s, so_m, so_k,
+               M_BUCKET: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """``dx[m, k] = Σ_n dy[m, n] · P[n, k]`` for one ``[BM, 64]`` tile (chunk ``c``) over the rows
+    ``[pid_s*RPS, (pid_s+1)*RPS)`` (grid: M blocks × chunks × SPLIT). Transposed traversal of the
+    forward format: the decoded ``[BN, 64]`` tile is already the right operand."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    m = pid_m * BM + tl.arange(0, BM)
+    m_ok = m < M
+    k = c * 64 + tl.arange(0, 64)
+    acc = tl.zeros((BM, 64), dtype=tl.float32)
+    n_lo = pid_s * RPS
+    for n0 in range(n_lo, _end(n_lo, RPS, N), BN):
+        rows = n0 + tl.arange(0, BN)
+        ok = rows < N
+        d = tl.load(dy_ptr + m[:, None] * s_dm + rows[None, :] * s_dn, mask=m_ok[:, None] & ok[None, :], other=0.0)
+        keep, rank, _ = _chunk(bm_ptr, rows, ok, c, 2 * C)
+        start = tl.load(cp_ptr + rows * C + c, mask=ok, other=0)
+        w = tl.load(v_ptr + start[:, None] + rank, mask=keep, other=0.0)
+        acc = _mma(d, w, acc, PREC)
+    out = out_ptr + pid_s * so_s + m[:, None] * so_m + k[None, :] * so_k
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (k < K)[None, :])
+
+
+@triton.jit
+def _dw_kernel(dy_ptr, a_ptr, bm_ptr, out_ptr,
+               M, NG, CA, K, C, MPS,
+               AH, AW, OH, OW, KW, SH, SW, PH, PW, DH, DW,
+               sa_b, sa_c, sa_h, sa_w, sd_b, sd_c, sd_h, sd_w,
+               so_s, RD, RS0, RS1, CD, CS0, CS1, CS2,
+               M_BUCKET: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IS_CONV: tl.constexpr,
+               CA_GE64: tl.constexpr, PREC: tl.constexpr):
+    """Masked weight gradient (SDDMM) of one ``[BN, 64]`` tile over the rows ``[pid_s*MPS, ...)`` of
+    M: ``dW[n, k] = Σ_m dy[m, n] · A[m, k]`` where kept, exact 0 elsewhere, stored through the
+    weight's own strides (grid: G·NB row blocks × chunks × SPLIT)."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    NB = tl.cdiv(NG, BN)
+    g = pid_n // NB
+    n = (pid_n % NB) * BN + tl.arange(0, BN)
+    n_ok = n < NG
+    rows = g * NG + n
+    k = c * 64 + tl.arange(0, 64)
+    keep, _, cnt = _chunk(bm_ptr, rows, n_ok, c, 2 * C)
+    acc = tl.zeros((BN, 64), dtype=tl.float32)
+    m_lo = pid_s * MPS
+    if tl.sum(cnt, axis=0) > 0:  # a tile with nothing kept does no work
+        for m0 in range(m_lo, _end(m_lo, MPS, M), BM):
+            m = m0 + tl.arange(0, BM)
+            m_ok = m < M
+            if IS_CONV:
+                b, oh, ow = _pixels(m, OH, OW)
+                a_row = b * sa_b + g * CA * sa_c
+                d_row = b * sd_b + oh * sd_h + ow * sd_w
+            else:
+                oh = m
+                ow = m
+                a_row = m * sa_b
+                d_row = m * sd_b
+            d = tl.load(dy_ptr + d_row[:, None] + rows[None, :] * sd_c, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            a = _a_tile(a_ptr, a_row, m_ok, oh, ow, c, K, CA, KW, AH, AW, SH, SW, PH, PW, DH, DW,
+                        sa_c, sa_h, sa_w, IS_CONV, False, CA_GE64)
+            acc = _mma(tl.trans(d), a, acc, PREC)
+    acc = tl.where(keep, acc, 0.0)
+    out = out_ptr + pid_s * so_s + _row_off(rows, RD, RS0, RS1)[:, None] + _col_off(k, CD, KW, CS0, CS1, CS2)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (k < K)[None, :])
+
+
+# ================================================================================================
+# Launch configurations (autotuned on a GPU; one small config under the interpreter)
+# ================================================================================================
+_INDEX_BR, _PACK_BR, _PACK_CPP, _XT_BK = 64, 32, 8, 64
+
+
+def _gemm_configs(kind: str) -> list[triton.Config]:
+    """Candidate configs of a kernel (``BN``, or ``BR`` for the gather kernel; warps; stages).
+    ``BM`` / ``BMX`` are chosen from M by the launcher."""
+    if interpreting():
+        return [triton.Config({"BR" if kind == "gather" else "BN": 16}, num_warps=1, num_stages=1)]
+    if kind == "gather":
+        return [triton.Config({"BR": br}, num_warps=w, num_stages=2) for br, w in ((32, 4), (64, 4), (128, 4))]
+    if kind == "dw":
+        return [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
+                for bn, w, s in ((64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 3))]
+    return [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4))]
+
+
+def _bm(M: int, cap: int = 128) -> int:
+    """Rows of x per program: the next power of two of M in [16, cap] (interpreter: 16)."""
+    if interpreting():
+        return 16
+    return max(16, min(cap, triton.next_power_of_2(max(M, 1))))
+
+
+def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False) -> bool:
+    """Tiles that fit the registers (from the sm_80/sm_90 compile reports): 128×128 needs 8 warps, and
+    fp32 (FMA dot, no tensor cores) at most 4096 outputs per program."""
+    tile = BM * cfg.kwargs.get("BN", 0)
+    return tile <= (4096 if fp32 else 8192) or (not fp32 and cfg.num_warps >= 8)
+
+
+def _prune(configs, nargs, **kwargs):
+    a = nargs.get("a_ptr", nargs.get("dy_ptr"))
+    fp32 = getattr(a, "dtype", None) == torch.float32 and kwargs.get("PREC") == "ieee"
+    kept = [c for c in configs if _keep_config(kwargs.get("BM", 16), c, fp32)]
+    return kept or configs
+
+
+_fwd = triton.autotune(_gemm_configs("fwd"), key=["M_BUCKET", "NG", "K", "CPS", "IS_CONV", "TRANSPOSED", "CA_GE64"],
+                       prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+_dx = triton.autotune(_gemm_configs("dx"), key=["M_BUCKET", "N", "K", "RPS"],
+                      prune_configs_by={"early_config_prune": _prune})(_dx_kernel)
+_dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64"])(_dw_kernel)
+_gather = triton.autotune(_gemm_configs("gather"), key=["BMX", "R"])(_gather_kernel)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a small "GPU", so the split paths get exercised on tiny shapes
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split(programs: int, steps: int, device: torch.device, min_steps: int = 4) -> int:
+    """How many programs share one reduction so the grid fills the GPU (~2 waves) while each keeps
+    at least ``min_steps`` loop iterations. 1 when the grid is already large."""
+    sms = _num_sms(device)
+    if programs >= sms or steps < 2 * min_steps:
+        return 1
+    return max(1, min(-(-2 * sms // max(programs, 1)), steps // min_steps))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """fp32 follows torch's matmul setting (TF32 only when torch allows it); 16-bit types ignore it."""
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+#: Issued instructions per unit of work, read off the sm_90 SASS of the inner loops (see
+#: ``aot_compile_configs``; bf16, typical configs): per decoded dense weight element of the tensor-core
+#: kernels (bitmap decode, value gather, MMA operand staging: 726 per 128×64 tile per 128 threads for
+#: the forward, 740 for dx), and per (kept weight, row of x) pair of the gather kernel (157 per 32
+#: FMAs; fp32: 51 per 8).
+DECODE_OPS = 12.0
+GATHER_OPS = {torch.float32: 6.5, torch.float16: 5.0, torch.bfloat16: 5.0}
+#: tests set this to "gather" or "decode" to force a Linear path; None: choose by cost
+_path_override: str | None = None
+
+
+def _gather_rows(M: int) -> int:
+    return max(16, triton.next_power_of_2(max(M, 1)))
+
+
+def _use_gather(M: int, density: float, dtype: torch.dtype) -> bool:
+    """The gather kernel issues ``nnz × BMX × GATHER_OPS`` instructions, the decode kernels
+    ``N·K × ceil(M/128) × DECODE_OPS``: pick the smaller (the gather path is for M <= 64)."""
+    if _path_override is not None:
+        return _path_override == "gather" and M <= 64
+    return M <= 64 and density * _gather_rows(M) * GATHER_OPS.get(dtype, 6.5) < DECODE_OPS
+
+
+# ================================================================================================
+# Host side
+# ================================================================================================
+@dataclass(frozen=True)
+class _View:
+    """A 2-D view ``(R, K)`` of a 2-D or 4-D tensor: element ``(r, k)`` sits at
+    ``(r // rd) * rs1 + (r % rd) * rs0 + (k % cd) * cs0 + ((k // cd) % kw) * cs1 + (k // cd // kw) * cs2``."""
+
+    rd: int
+    rs0: int
+    rs1: int
+    cd: int
+    kw: int
+    cs0: int
+    cs1: int
+    cs2: int
+
+    def args(self) -> tuple[int, ...]:
+        return (self.rd, self.rs0, self.rs1, self.cd, self.kw, self.cs0, self.cs1, self.cs2)
+
+
+def _view(t: torch.Tensor, kind: str, groups: int = 1) -> tuple[_View, int, int]:
+    """``(view, R, K)`` of ``t`` as the matrix a kernel packs:
+
+    * ``"fwd"``: :func:`sparsefast.masks.reduction_view` — ``(N, K)`` or ``(O, kh*kw*C/g)``;
+    * ``"t"``: the transpose of a 2-D ``t`` — ``(K, N)`` (Linear input gradient, gather path);
+    * ``"dgrad"``: :func:`sparsefast.formats.unstructured.dgrad_view` of a 4-D ``t`` — ``(C, kh*kw*O/g)``."""
+    if t.dim() == 2:
+        (N, K), (s0, s1) = t.shape, t.stride()
+        if kind == "t":
+            return _View(max(K, 1), s1, 0, max(N, 1), 1, s0, 0, 0), K, N
+        return _View(max(N, 1), s0, 0, max(K, 1), 1, s1, 0, 0), N, K
+    (O, Cg, KH, KW), (s0, s1, s2, s3) = t.shape, t.stride()
+    if kind == "dgrad":
+        Og = O // groups
+        return _View(max(Cg, 1), s1, Og * s0, max(Og, 1), KW, s0, s3, s2), Cg * groups, KH * KW * Og
+    return _View(max(O, 1), s0, 0, max(Cg, 1), KW, s1, s3, s2), O, Cg * KH * KW
+
+
+def build_index(mask: torch.Tensor, view: _View, R: int, K: int) -> UnstructuredIndex:
+    """Index (bitmap + chunk pointers) of a bool mask seen through ``view`` as ``(R, K)``.
+
+    One Triton pass over the mask, a scan of the per-chunk counts, and one device→host copy of the
+    kept count (the values buffer's size). Returns new tensors; nothing cached is modified."""
+    C = -(-K // CHUNK)
+    dev = mask.device
+    bitmap = torch.empty((R, 2 * C), dtype=torch.int32, device=dev)
+    counts = torch.empty((R * C,), dtype=torch.int32, device=dev)
+    if R * C:
+        grid = (triton.cdiv(R, _INDEX_BR), C)
+        _index_kernel[grid](mask.view(torch.uint8), bitmap, counts, R, K, C, *view.args(), BR=_INDEX_BR)
+    ptr = torch.zeros((R * C + 1,), dtype=torch.int64, device=dev)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    nnz = int(ptr[-1])
+    if nnz > INT32_MAX:
+        raise RuntimeError(f"triton unstructured: {nnz} kept weights exceed the int32 offsets of the format")
+    return UnstructuredIndex(R, K, bitmap, ptr.to(torch.int32), nnz)
+
+
+def _pack(src: torch.Tensor, view: _View, index: UnstructuredIndex, cols: bool = False) -> torch.Tensor:
+    """Kept values of ``src`` seen through ``view`` in the format's order, ``(nnz,)`` — or with ``cols``
+    their column indices (int16 when the matrix has at most 32768 columns, else int32)."""
+    dtype = (torch.int16 if index.cols <= 32768 else torch.int32) if cols else src.dtype
+    out = torch.empty((index.nnz,), dtype=dtype, device=src.device)
+    if index.nnz:
+        grid = (triton.cdiv(index.rows, _PACK_BR), triton.cdiv(index.chunks, _PACK_CPP))
+        _pack_kernel[grid](src, index.bitmap, index.chunkptr, out, index.rows, index.cols, index.chunks,
+                           *view.args(), BR=_PACK_BR, CPP=_PACK_CPP, COLS=cols)
+    return out
+
+
+@dataclass(frozen=True)
+class _RowLists:
+    """Gather-path structure of an index (mask only): kept column indices in value order and the rows
+    sorted by kept count, heaviest first."""
+
+    cols: torch.Tensor   # int16/int32 (nnz,)
+    perm: torch.Tensor   # int32 (rows,)
+
+
+def _row_lists(index: UnstructuredIndex, src: torch.Tensor, view: _View) -> _RowLists:
+    perm = torch.argsort(index.row_nnz(), descending=True, stable=True).to(torch.int32)
+    return _RowLists(_pack(src, view, index, cols=True), perm)
+
+
+class _Geom(NamedTuple):
+    """Implicit-GEMM geometry: A-operand spatial size, output spatial size, kernel taps."""
+
+    AH: int = 1
+    AW: int = 1
+    OH: int = 1
+    OW: int = 1
+    KW: int = 1
+    SH: int = 1
+    SW: int = 1
+    PH: int = 0
+    PW: int = 0
+    DH: int = 1
+    DW: int = 1
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t.dim() == 4 else (t.stride(0), t.stride(1), 0, 0)  # type: ignore[return-value]
+
+
+def _check_numel(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.numel() > INT32_MAX:
+            raise RuntimeError(f"triton unstructured: a tensor of shape {tuple(t.shape)} has more than 2**31-1 "
+                               "elements (the kernels use 32-bit offsets)")
+
+
+def _run_fwd(a: torch.Tensor, p: UnstructuredPacked, bias: torch.Tensor | None, out: torch.Tensor,
+             M: int, NG: int, CA: int, G: int, geom: _Geom, is_conv: bool, transposed: bool) -> torch.Tensor:
+    """``out = A @ Pᵀ (+ bias)`` with ``_fwd_kernel``; ``out`` is written through its strides
+    ((b, c, h, w) for conv, (m, n) for Linear). Splits K over programs when the grid is small."""
+    K, C = p.index.cols, p.index.chunks
+    BM = _bm(M)
+    split = _split(triton.cdiv(M, BM) * G * triton.cdiv(NG, 64), C, a.device)
+    cps = triton.cdiv(C, split)
+    split = triton.cdiv(C, cps)
+    dst = out if split == 1 else torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+    so_s, so = (0, _strides4(out)) if split == 1 else (dst.stride(0), _strides4(dst[0]))
+    grid = lambda meta: (triton.cdiv(M, BM), G * triton.cdiv(NG, meta["BN"]), split)  # noqa: E731
+    _fwd[grid](a, p.index.bitmap, p.index.chunkptr, p.values, bias if bias is not None else p.values, dst,
+               M, NG, CA, K, C, cps, *geom, *_strides4(a), so_s, *so,
+               M_BUCKET=BM, BM=BM, IS_CONV=is_conv, TRANSPOSED=transposed, CA_GE64=CA >= 64,
+               HAS_BIAS=bias is not None and split == 1, PREC=_prec(a.dtype))
+    if split > 1:
+        red = dst.sum(0)
+        if bias is not None:
+            red += bias.float().reshape(-1, *([1] * (out.dim() - 2)))
+        out.copy_(red)
+    return out
+
+
+def _run_gather(x: torch.Tensor, p: UnstructuredPacked, rl: _RowLists, bias: torch.Tensor | None,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out (M, R) = x (M, K) @ Pᵀ (+ bias)`` with ``_gather_kernel`` (M <= 64)."""
+    M, K = x.shape
+    R = p.index.rows
+    BMX = _gather_rows(M)
+    xt = torch.empty((K, BMX), dtype=x.dtype, device=x.device)
+    flags = torch.zeros((2 * BMX,), dtype=torch.int32, device=x.device)
+    _xt_kernel[(triton.cdiv(K, _XT_BK),)](x, xt, flags, M, K, *x.stride(), BMX=BMX, BK=_XT_BK)
+    grid = lambda meta: (triton.cdiv(R, meta["BR"]),)  # noqa: E731
+    _gather[grid](xt, flags, p.index.chunkptr, max(p.index.chunks, 1), rl.cols, p.values, rl.perm,
+                  bias if bias is not None else p.values, out, R, M, *out.stride(), BMX=BMX, HAS_BIAS=bias is not None)
+    return out
+
+
+def _run_dx(dy: torch.Tensor, p: UnstructuredPacked) -> torch.Tensor:
+    """Linear ``dx = dy @ P`` with ``_dx_kernel`` (transposed traversal) -> ``(M, K)`` contiguous."""
+    M, N = dy.shape
+    K, C = p.index.cols, p.index.chunks
+    out = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    BM = _bm(M)
+    bn = 64 if not interpreting() else 16
+    split = _split(triton.cdiv(M, BM) * C, triton.cdiv(N, bn), dy.device)
+    rps = triton.cdiv(triton.cdiv(N, split), 128) * 128  # a multiple of every BN
+    split = triton.cdiv(N, rps)
+    dst = out if split == 1 else torch.empty((split, M, K), dtype=torch.float32, device=dy.device)
+    so_s, so_m, so_k = (0, *out.stride()) if split == 1 else dst.stride()
+    grid = (triton.cdiv(M, BM), C, split)
+    _dx[grid](dy, p.index.bitmap, p.index.chunkptr, p.values, dst, M, N, K, C, rps, *dy.stride(),
+              so_s, so_m, so_k, M_BUCKET=BM, BM=BM, PREC=_prec(dy.dtype))
+    if split > 1:
+        out.copy_(dst.sum(0))
+    return out
+
+
+def _run_dw(dy: torch.Tensor, a: torch.Tensor, index: UnstructuredIndex, out: torch.Tensor, M: int, NG: int,
+            CA: int, G: int, geom: _Geom, is_conv: bool) -> torch.Tensor:
+    """Masked weight gradient into ``out`` (weight-shaped, any strides) with ``_dw_kernel``. Splits M
+    over programs (fp32 partials, summed) when the tile grid is small."""
+    K, C = index.cols, index.chunks
+    BM = _bm(M, 32 if a.dtype == torch.float32 else 64)  # fp32: FMA dot, smaller tiles (registers)
+    tiles = G * triton.cdiv(NG, 64) * C
+    split = _split(tiles, triton.cdiv(M, BM), a.device)
+    mps = triton.cdiv(triton.cdiv(M, split), BM) * BM
+    split = max(1, triton.cdiv(M, mps))
+    dst = out if split == 1 else torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+    view = _view(out if split == 1 else dst[0], "fwd")[0]
+    so_s = 0 if split == 1 else dst.stride(0)
+    grid = lambda meta: (G * triton.cdiv(NG, meta["BN"]), C, split)  # noqa: E731
+    _dw[grid](dy, a, index.bitmap, dst, M, NG, CA, K, C, mps, *geom, *_strides4(a), *_strides4(dy), so_s,
+              view.rd, view.rs0, view.rs1, view.cd, view.cs0, view.cs1, view.cs2,
+              M_BUCKET=BM, BM=BM, IS_CONV=is_conv, CA_GE64=CA >= 64, PREC=_prec(a.dtype))
+    if split > 1:
+        out.copy_(dst.sum(0))
+    return out
+
+
+def _conv_geom(x_hw: Sequence[int], y_hw: Sequence[int], kw: int, conv: ConvParams, transposed: bool) -> _Geom:
+    """Geometry for the implicit GEMM: A = x and out = y (forward), or A = dy and out = dx (transposed)."""
+    (H, W), (Ho, Wo) = x_hw, y_hw
+    a_hw, o_hw = ((Ho, Wo), (H, W)) if transposed else ((H, W), (Ho, Wo))
+    return _Geom(*a_hw, *o_hw, kw, *conv.stride, *conv.padding, *conv.dilation)
+
+
+def _out_hw(H: int, W: int, KH: int, KW: int, conv: ConvParams) -> tuple[int, int]:
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    return (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1, (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+
+
+# ================================================================================================
+# The backend
+# ================================================================================================
+class Impl(Backend):
+    """Unstructured sparsity on Triton (see the module docstring). Routed to by
+    :class:`sparsefast.backends.triton.TritonBackend` for the ``"unstructured"`` pattern.
+
+    Cached per live mask (rebuilt when it changes in place): the index of the forward matrix, and
+    on demand the index of its transpose (Linear dx, gather path) or of the dgrad view (conv dx) and
+    the gather path's row lists. Cached per weight version: the packed values for each of those."""
+
+    name = "triton"
+
+    @property
+    def devices(self):  # type: ignore[override]
+        return ("cpu", "cuda") if interpreting() else ("cuda",)
+
+    # ---- support and dense preference ---------------------------------------------------------
+    def not_supported_reasons(self, q: OpQuery) -> list[str]:
+        shape = tuple(q.weight_shape)
+        if q.op == "linear" and len(shape) != 2 or q.op == "conv" and len(shape) != 4:
+            return [f"triton unstructured: {q.op} needs a {'2' if q.op == 'linear' else '4'}-D weight, got {shape}"]
+        reasons: list[str] = []
+        R, K = _matrix_shape(shape)
+        if R * K > INT32_MAX:
+            reasons.append(f"triton unstructured: weight {shape} has more than 2**31-1 elements (32-bit offsets)")
+        if -(-max(K, R) // CHUNK) > 65535:
+            reasons.append(f"triton unstructured: weight dims {shape} exceed {65535 * CHUNK} (grid limit)")
+        if q.m_rows is not None and q.m_rows * max(K, R) > INT32_MAX:
+            reasons.append(f"triton unstructured: {q.m_rows} rows × {max(K, R)} exceeds 32-bit offsets")
+        if q.conv is not None and len(shape) == 4 and shape[0] % q.conv.groups:
+            reasons.append(f"triton unstructured: out_channels {shape[0]} not divisible by groups {q.conv.groups}")
+        return reasons
+
+    def prefer_dense_reason(self, q: OpQuery) -> str | None:
+        """Dense beats this design when its cost model says so (ties go dense: never slower).
+
+        Cost model (per call, seconds; e = element bytes, d = density, M×K·N the GEMM, one GPU):
+
+        * dense:  ``max(2·M·N·K / P, e·(M·K + N·K + M·N) / BW)``
+        * sparse: ``max(min(t_decode, t_gather), bytes / BW)`` where
+          ``t_decode = max(2·M·N·K / P, DECODE_OPS·N·K·ceil(M/128) / ALU)`` (tensor cores on decoded
+          tiles; the dense MMA work plus ~12 issued instructions per decoded weight element, repeated
+          per 128-row block of x), ``t_gather = GATHER_OPS·d·N·K·max(16, M) / ALU`` (CUDA cores, ~5
+          instructions per kept weight and row of x; only for Linear with M ≤ 64) and
+          ``bytes = e·(M·K + M·N) + N·K·(d·e + 1/8)``.
+
+        ``ALU = SMs × 128 lanes × 1.75 GHz`` (issue rate), ``P`` = achievable tensor-core (or fp32 FMA)
+        rate, ``BW`` = achievable HBM bandwidth (H100 SXM figures, scaled by SM count on other GPUs).
+        Sparse can only win while dense is bound by the weight's bytes: small M (about M ≤ 128 for
+        4096×4096 at ≤ 50 % density); compute-bound shapes (M ≥ 4096) always get a reason here."""
+        if q.m_rows is None or q.device.type != "cuda":
+            return None
+        t_dense, t_sparse = _cost_model(q)
+        if t_sparse < t_dense:
+            return None
+        d = 0.5 if q.density is None else q.density
+        return (f"dense is faster for M={q.m_rows}, weight {tuple(q.weight_shape)}, density {d:.3g}: the "
+                f"unstructured kernels model {t_sparse * 1e6:.1f} us vs dense {t_dense * 1e6:.1f} us "
+                "(they do the dense tile's MMA work plus per-tile decoding, so they only win where dense "
+                "is bound by the weight's memory traffic)")
+
+    # ---- packing ------------------------------------------------------------------------------
+    def index(self, mask: torch.Tensor, kind: str = "fwd", groups: int = 1) -> UnstructuredIndex:
+        """Mask-only structure of the ``kind`` view (see :func:`_view`), cached per live mask."""
+        _check_numel(mask)
+
+        def build():
+            view, R, K = _view(mask, kind, groups)
+            return build_index(mask, view, R, K)
+        return self.cached(f"index-{kind}", (mask,), build, groups)
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> UnstructuredPacked:
+        """Forward format of ``weight`` (2-D, or 4-D in reduction view): cached index + fresh values."""
+        index = self.index(mask)
+        return UnstructuredPacked(index, _pack(weight, _view(weight, "fwd")[0], index))
+
+    def _packed_view(self, weight: torch.Tensor, mask: torch.Tensor, kind: str, groups: int = 1) -> UnstructuredPacked:
+        """The ``kind`` view of the weight packed (cached per weight version like the forward pack;
+        built only when a kernel needs it)."""
+        def build():
+            index = self.index(mask, kind, groups)
+            return UnstructuredPacked(index, _pack(weight, _view(weight, kind, groups)[0], index))
+        return self.cached(f"pack-{kind}", (weight, mask), build, groups)
+
+    def _row_lists(self, mask: torch.Tensor, kind: str) -> _RowLists:
+        return self.cached(f"rows-{kind}", (mask,),
+                           lambda: _row_lists(self.index(mask, kind), mask, _view(mask, kind)[0]))
+
+    # ---- primitives ---------------------------------------------------------------------------
+    def linear_fwd(self, x, weight, mask, bias, pattern):
+        M, K = x.shape
+        N = weight.shape[0]
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        if M == 0 or N == 0:
+            return out
+        if K == 0:
+            return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
+        _check_numel(x, out)
+        p = self.packed(weight, mask, pattern)
+        if _use_gather(M, p.index.nnz / (N * K), x.dtype):
+            return _run_gather(x, p, self._row_lists(mask, "fwd"), bias, out)
+        return _run_fwd(x, p, bias, out, M, N, K, 1, _Geom(), False, False)
+
+    def linear_dx(self, dy, weight, mask, pattern):
+        M, N = dy.shape
+        K = weight.shape[1]
+        if M == 0 or K == 0 or N == 0:
+            return torch.zeros((M, K), dtype=dy.dtype, device=dy.device)
+        _check_numel(dy, weight)
+        index = self.index(mask)
+        if _use_gather(M, index.nnz / (N * K), dy.dtype):
+            out = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+            return _run_gather(dy, self._packed_view(weight, mask, "t"), self._row_lists(mask, "t"), None, out)
+        return _run_dx(dy, self.packed(weight, mask, pattern))
+
+    def linear_dw(self, dy, x, mask, pattern):
+        M, N = dy.shape
+        K = x.shape[1]
+        out = torch.empty(mask.shape, dtype=dy.dtype, device=dy.device)
+        if M == 0 or N * K == 0:
+            return out.zero_()
+        _check_numel(dy, x, out)
+        return _run_dw(dy, x, self.index(mask), out, M, N, K, 1, _Geom(), False)
+
+    def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
+        B, Cin, H, W = x.shape
+        O, Cg, KH, KW = weight.shape
+        Ho, Wo = _out_hw(H, W, KH, KW, conv)
+        out = torch.empty((B, O, Ho, Wo), dtype=x.dtype, device=x.device)
+        M = B * Ho * Wo
+        if M == 0 or O == 0:
+            return out
+        if Cg * KH * KW == 0:
+            return out.zero_() if bias is None else out.copy_(bias.reshape(1, O, 1, 1).expand_as(out))
+        _check_numel(x, out)
+        p = self.packed(weight, mask, pattern)
+        geom = _conv_geom((H, W), (Ho, Wo), KW, conv, False)
+        return _run_fwd(x, p, bias, out, M, O // conv.groups, Cg, conv.groups, geom, True, False)
+
+    def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape):
+        B, Cin, H, W = input_shape
+        O, Cg, KH, KW = weight.shape
+        out = torch.empty(tuple(input_shape), dtype=dy.dtype, device=dy.device)
+        M = B * H * W
+        if M == 0 or Cin == 0:
+            return out
+        if O * KH * KW == 0 or dy.numel() == 0:
+            return out.zero_()
+        _check_numel(dy, out)
+        p = self._packed_view(weight, mask, "dgrad", conv.groups)
+        geom = _conv_geom((H, W), dy.shape[-2:], KW, conv, True)
+        return _run_fwd(dy, p, None, out, M, Cg, O // conv.groups, conv.groups, geom, True, True)
+
+    def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape):
+        O, Cg, KH, KW = weight_shape
+        B, Cin, H, W = x.shape
+        Ho, Wo = dy.shape[-2:]
+        out = torch.empty(tuple(weight_shape), dtype=dy.dtype, device=dy.device)
+        M = B * Ho * Wo
+        if M == 0 or out.numel() == 0:
+            return out.zero_()
+        _check_numel(dy, x, out)
+        geom = _conv_geom((H, W), (Ho, Wo), KW, conv, False)
+        return _run_dw(dy, x, self.index(mask), out, M, O // conv.groups, Cg, conv.groups, geom, True)
+
+
+def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    O, Cg, KH, KW = shape
+    return O, Cg * KH * KW
+
+
+# ================================================================================================
+# Cost model for prefer_dense_reason
+# ================================================================================================
+#: H100 SXM: achievable dense bf16/fp16 tensor-core rate (~65 % of the 989 TFLOP/s peak, as cuBLAS
+#: reaches on large GEMMs), TF32 and fp32 FMA rates, HBM bandwidth (~90 % of 3.35 TB/s), SM count.
+_H100 = dict(tc16=650e12, tf32=330e12, fp32=50e12, bw=3.0e12, sms=132)
+_ISSUE_PER_SM = 128 * 1.75e9   # lane-instructions per second per SM (4 schedulers × 32 lanes)
+
+
+def _cost_model(q: OpQuery) -> tuple[float, float]:
+    """(dense seconds, sparse seconds) for the forward of ``q`` under the model in
+    :meth:`Impl.prefer_dense_reason`."""
+    R, K = _matrix_shape(q.weight_shape)
+    M, N = int(q.m_rows or 1), R
+    e = torch.empty((), dtype=q.dtype).element_size()
+    d = 0.5 if q.density is None else float(q.density)
+    sms = _num_sms(q.device) if q.device.type == "cuda" and torch.cuda.is_available() else _H100["sms"]
+    scale = sms / _H100["sms"]
+    if q.dtype == torch.float32:
+        peak = _H100["tf32"] if torch.backends.cuda.matmul.allow_tf32 else _H100["fp32"]
+    else:
+        peak = _H100["tc16"]
+    peak, bw, alu = peak * scale, _H100["bw"] * scale, sms * _ISSUE_PER_SM
+    flops = 2.0 * M * N * K
+    t_dense = max(flops / peak, e * (M * K + N * K + M * N) / bw)
+    t_decode = max(flops / peak, DECODE_OPS * N * K * math.ceil(M / 128) / alu)
+    t_gather = math.inf
+    if M <= 64 and q.op == "linear":
+        t_gather = GATHER_OPS.get(q.dtype, 6.5) * d * N * K * _gather_rows(M) / alu
+    sparse_bytes = e * (M * K + M * N) + N * K * (d * e + 1 / 8)
+    return t_dense, max(min(t_decode, t_gather), sparse_bytes / bw)
+
+
+# ================================================================================================
+# Ahead-of-time compilation list
+# ================================================================================================
+class AotSpec(NamedTuple):
+    """One compilable kernel variant::
+
+        triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                                 attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=options)
+
+    ``signature`` maps every argument name to a Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``);
+    ``constexprs`` maps names to values; ``attrs`` maps ``(arg_index,)`` to
+    ``[["tt.divisibility", 16]]`` — the specialisation Triton's launcher applies at run time (integer
+    arguments equal to 1 become constexprs, multiples of 16 and 16-byte aligned pointers get the
+    divisibility hint), taken from a representative call."""
+
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    options: dict
+    name: str
+    attrs: dict
+
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _specialize(kernel, pointers: dict[str, str], ints: dict[str, int], constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``kernel`` called with these pointer types and int values,
+    specialised the way ``triton.runtime.jit`` does it."""
+    sig, const, attrs = {}, dict(constexprs), {}
+    for i, a in enumerate(kernel.arg_names):
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a in pointers:
+            sig[a] = pointers[a]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[a] == 1:
+            sig[a] = "constexpr"
+            const[a] = 1
+        else:
+            sig[a] = "i32"
+            if ints[a] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+def _example_ints(kind: str, bm: int) -> dict[str, int]:
+    """Integer arguments of a representative call: Linear 4096×4096 with M = ``bm`` (contiguous
+    tensors), or a 3×3 / stride-1 / pad-1 conv, 64→64 channels on 56×56 NCHW maps."""
+    lin_geom = dict(AH=1, AW=1, OH=1, OW=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1)
+    conv_geom = dict(AH=56, AW=56, OH=56, OW=56, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1)
+    nchw = (64 * 56 * 56, 56 * 56, 56, 1)
+    if kind == "fwd-linear":
+        return dict(M=bm, NG=4096, CA=4096, K=4096, C=64, CPS=16, sa_b=4096, sa_c=1, sa_h=0, sa_w=0,
+                    so_s=0, so_b=4096, so_c=1, so_h=0, so_w=0, **lin_geom)
+    if kind in ("fwd-conv", "fwd-dgrad"):
+        return dict(M=bm * 56 * 56, NG=64, CA=64, K=576, C=9, CPS=9,
+                    **dict(zip(("sa_b", "sa_c", "sa_h", "sa_w"), nchw)), so_s=0,
+                    **dict(zip(("so_b", "so_c", "so_h", "so_w"), nchw)), **conv_geom)
+    if kind == "dx":
+        return dict(M=bm, N=4096, K=4096, C=64, RPS=4096, s_dm=4096, s_dn=1, so_s=0, so_m=4096, so_k=1)
+    if kind == "dw-linear":
+        return dict(M=bm, NG=4096, CA=4096, K=4096, C=64, MPS=bm, sa_b=4096, sa_c=1, sa_h=0, sa_w=0,
+                    sd_b=4096, sd_c=1, sd_h=0, sd_w=0, so_s=0, RD=4096, RS0=4096, RS1=0, CD=4096, CS0=1,
+                    CS1=0, CS2=0, **lin_geom)
+    if kind == "dw-conv":
+        return dict(M=bm * 56 * 56, NG=64, CA=64, K=576, C=9, MPS=bm * 56 * 56,
+                    **dict(zip(("sa_b", "sa_c", "sa_h", "sa_w"), nchw)),
+                    **dict(zip(("sd_b", "sd_c", "sd_h", "sd_w"), nchw)),
+                    so_s=0, RD=64, RS0=576, RS1=0, CD=64, CS0=9, CS1=1, CS2=3, **conv_geom)
+    if kind == "xt":
+        return dict(M=bm, K=4096, s_xm=4096, s_xk=1)
+    if kind == "gather":
+        return dict(RPS=64, R=4096, M=bm, so_m=4096, so_n=1)
+    if kind in ("index", "pack"):
+        return dict(R=4096, K=4096, C=64, RD=4096, RS0=4096, RS1=0, CD=4096, KW=1, CS0=1, CS1=0, CS2=0)
+    raise ValueError(kind)
+
+
+def aot_compile_configs(dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
+                        m_buckets: Sequence[int] = (16, 64, 128)) -> list[AotSpec]:
+    """Every kernel variant this backend launches on a GPU, one :class:`AotSpec` per autotune config.
+
+    Returns ``[AotSpec(kernel, signature, constexprs, options, name, attrs), ...]`` — a NamedTuple
+    whose first three fields are what ``triton.compiler.ASTSource(fn=, signature=, constexprs=)``
+    takes; ``options`` is ``{"num_warps": w, "num_stages": s}`` for ``triton.compile``; ``attrs`` is
+    ``ASTSource``'s ``attrs`` (divisibility hints); ``name`` is readable, e.g.
+    ``"fwd-linear-bf16-BM16-BN64-w4s3"``. Covers the index and pack kernels, the forward (Linear, conv,
+    conv input gradient), Linear dx and masked dW (Linear, conv) for each dtype, each row block ``BM``
+    in ``m_buckets`` and every autotune config, specialised like a representative call
+    (:func:`_example_ints`)."""
+    specs: dict[str, AotSpec] = {}
+
+    def add(name, kernel, kind, bm, pointers, constexprs, cfg=None):
+        sig, const, attrs = _specialize(kernel, pointers, _example_ints(kind, bm), constexprs)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4, "num_stages": 1}
+        specs.setdefault(name, AotSpec(kernel, sig, const, opts, name, attrs))
+
+    add("index", _index_kernel, "index", 16, {"mask_ptr": "*u8", "bm_ptr": "*i32", "cnt_ptr": "*i32"},
+        {"BR": _INDEX_BR})
+    add("pack-cols", _pack_kernel, "pack", 16, {"w_ptr": "*u8", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": "*i16"},
+        {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": True})
+    for dt in dtypes:
+        t = _TY[dt]
+        add(f"pack-{t}", _pack_kernel, "pack", 16,
+            {"w_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}"},
+            {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": False})
+        for bmx in (16, 32, 64):
+            add(f"xt-{t}-BMX{bmx}", _xt_kernel, "xt", bmx, {"x_ptr": f"*{t}", "xt_ptr": f"*{t}", "flags_ptr": "*i32"},
+                {"BMX": bmx, "BK": _XT_BK})
+            for cfg in _gemm_configs("gather"):
+                ptrs = {"xt_ptr": f"*{t}", "flags_ptr": "*i32", "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": f"*{t}",
+                        "perm_ptr": "*i32", "bias_ptr": f"*{t}", "out_ptr": f"*{t}"}
+                add(f"gather-{t}-BMX{bmx}-BR{cfg.kwargs['BR']}-w{cfg.num_warps}s{cfg.num_stages}", _gather_kernel,
+                    "gather", bmx, ptrs, dict(BMX=bmx, HAS_BIAS=True, **cfg.kwargs), cfg)
+        prec = "ieee"  # fp32: torch's default leaves TF32 off for matmuls
+        for bm in m_buckets:
+            tag = lambda cfg: f"BN{cfg.kwargs['BN']}-w{cfg.num_warps}s{cfg.num_stages}"  # noqa: E731
+            for cfg in [c for c in _gemm_configs("fwd") if _keep_config(bm, c, dt == torch.float32)]:
+                for kind, is_conv, tr in (("fwd-linear", False, False), ("fwd-conv", True, False),
+                                          ("fwd-dgrad", True, True)):
+                    ptrs = {"a_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}",
+                            "bias_ptr": f"*{t}", "out_ptr": f"*{t}"}
+                    c = dict(M_BUCKET=bm, BM=bm, IS_CONV=is_conv, TRANSPOSED=tr, CA_GE64=is_conv, HAS_BIAS=not tr,
+                             PREC=prec, **cfg.kwargs)
+                    add(f"{kind}-{t}-BM{bm}-{tag(cfg)}", _fwd_kernel, kind, bm, ptrs, c, cfg)
+            for cfg in [c for c in _gemm_configs("dx") if _keep_config(bm, c, dt == torch.float32)]:
+                ptrs = {"dy_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}", "out_ptr": f"*{t}"}
+                add(f"dx-{t}-BM{bm}-{tag(cfg)}", _dx_kernel, "dx", bm, ptrs,
+                    dict(M_BUCKET=bm, BM=bm, PREC=prec, **cfg.kwargs), cfg)
+            for cfg in _gemm_configs("dw"):
+                for kind, is_conv in (("dw-linear", False), ("dw-conv", True)):
+                    b = min(bm, 32 if dt == torch.float32 else 64)
+                    ptrs = {"dy_ptr": f"*{t}", "a_ptr": f"*{t}", "bm_ptr": "*i32", "out_ptr": f"*{t}"}
+                    add(f"{kind}-{t}-BM{b}-{tag(cfg)}", _dw_kernel, kind, b, ptrs,
+                        dict(M_BUCKET=b, BM=b, IS_CONV=is_conv, CA_GE64=is_conv, PREC=prec, **cfg.kwargs), cfg)
+    return list(specs.values())
