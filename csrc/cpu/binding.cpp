@@ -1,0 +1,1098 @@
+// sparsefast._C_cpu: torch binding of the CPU kernels (the only translation unit that includes
+// torch headers). Builds the mask-derived index structures, gathers packed values, lays dense
+// operands out as lane panels and runs the kernels of kernels.cpp on an nnz-balanced row
+// partition with at::parallel_for (torch's OpenMP pool: respects torch.set_num_threads, and runs
+// serially in a torch build without OpenMP).
+//
+// dtypes: float32 and bfloat16 run natively (fp32 accumulation); float16 runs the float32
+// kernels on converted operands (its packed values are float32). Index arrays are int16 tensors
+// read as uint16 (columns < 65536), row pointers int32.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+using sfcpu::SpMat;
+
+constexpr int kAbiVersion = 4;       // bump when the Python-visible signatures change
+constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
+constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
+
+// ---------------------------------------------------------------------------------------------
+// run-time configuration
+// ---------------------------------------------------------------------------------------------
+std::atomic<int> g_isa{-1};
+std::atomic<int64_t> g_panel{32};       // lanes per panel (multiple of 16, <= 64)
+std::atomic<int64_t> g_small_max{1};    // batch rows <= this use the gather kernels
+std::atomic<int64_t> g_conv_lanes{256};   // target lanes (pixels) per conv image block (im2col stays in L2/L3)
+std::atomic<int64_t> g_min_par_work{1 << 15};  // below this many FMAs, run single-threaded
+std::atomic<int64_t> g_pool_bytes{int64_t(512) << 20};  // cache of freed big output buffers
+std::atomic<int64_t> g_block_bytes{0};         // X rows per K-block: this many bytes of a panel (0: off)
+
+void pool_flush();
+
+int isa_from_name(const std::string& s) {
+  if (s == "avx512") return sfcpu::kAVX512;
+  if (s == "avx2") return sfcpu::kAVX2;
+  if (s == "generic" || s == "scalar" || s == "portable") return sfcpu::kGeneric;
+  return -1;
+}
+
+int cur_isa() {
+  int v = g_isa.load();
+  if (v >= 0) return v;
+  v = sfcpu::best_isa();
+  if (const char* env = std::getenv("SPARSEFAST_CPU_ISA")) {
+    const int want = isa_from_name(env);
+    if (want >= 0 && want <= v && sfcpu::kernel_table(want, 0)) v = want;
+  }
+  g_isa.store(v);
+  return v;
+}
+
+const sfcpu::KernelTable& table(at::ScalarType st) {
+  const int d = st == at::kBFloat16 ? sfcpu::kBF16 : sfcpu::kF32;
+  const sfcpu::KernelTable* t = sfcpu::kernel_table(cur_isa(), d);
+  TORCH_CHECK(t != nullptr, "sparsefast cpu: no kernels compiled for ISA ", sfcpu::isa_name(cur_isa()));
+  return *t;
+}
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= 2; ++i)
+    if (sfcpu::kernel_table(i, 0) && i <= sfcpu::best_isa()) out.push_back(sfcpu::isa_name(i));
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  if (name == "auto" || name.empty()) {
+    g_isa.store(-1);
+    return;
+  }
+  const int want = isa_from_name(name);
+  TORCH_CHECK(want >= 0, "sparsefast cpu: unknown ISA '", name, "' (generic, avx2, avx512, auto)");
+  TORCH_CHECK(sfcpu::kernel_table(want, 0) != nullptr, "sparsefast cpu: ISA ", name, " was not compiled in");
+  TORCH_CHECK(want <= sfcpu::best_isa(), "sparsefast cpu: this CPU does not support ", name);
+  g_isa.store(want);
+}
+
+void set_tunable(const std::string& name, int64_t v) {
+  if (name == "panel") {
+    TORCH_CHECK(v >= 16 && v <= 64 && v % 16 == 0, "panel must be 16, 32, 48 or 64");
+    g_panel.store(v);
+  } else if (name == "small_max") {
+    TORCH_CHECK(v >= 0 && v <= 16, "small_max must be in [0, 16]");
+    g_small_max.store(v);
+  } else if (name == "conv_lanes") {
+    TORCH_CHECK(v >= 16, "conv_lanes must be >= 16");
+    g_conv_lanes.store(v);
+  } else if (name == "min_par_work") {
+    g_min_par_work.store(std::max<int64_t>(v, 0));
+  } else if (name == "pool_bytes") {
+    g_pool_bytes.store(std::max<int64_t>(v, 0));
+    if (v <= 0) pool_flush();
+  } else if (name == "block_bytes") {
+    g_block_bytes.store(std::max<int64_t>(v, 0));
+  } else {
+    TORCH_CHECK(false, "unknown tunable ", name);
+  }
+}
+
+py::dict describe() {
+  py::dict d;
+  d["isa"] = std::string(sfcpu::isa_name(cur_isa()));
+  d["best_isa"] = std::string(sfcpu::isa_name(sfcpu::best_isa()));
+  d["isas"] = compiled_isas();
+  d["threads"] = at::get_num_threads();
+  d["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+  d["panel"] = g_panel.load();
+  d["small_max"] = g_small_max.load();
+  d["conv_lanes"] = g_conv_lanes.load();
+  d["min_par_work"] = g_min_par_work.load();
+  d["block_bytes"] = g_block_bytes.load();
+  d["pool_bytes"] = g_pool_bytes.load();
+  d["abi"] = kAbiVersion;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large outputs (dense-shaped dW, conv activations) in 2 MiB-aligned memory advised for transparent
+// huge pages: a fresh 64 MiB tensor otherwise costs 16k page faults (more than writing it).
+// ---------------------------------------------------------------------------------------------
+// Freed big buffers are kept (up to pool_bytes) and handed out again for the same size: a training
+// step frees last step's dW/activations (zero_grad) and allocates the same shapes again, so this
+// removes the page faults and kernel page zeroing of a fresh mapping (like a caching allocator).
+struct BigPool {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> free_list;
+  size_t bytes = 0;
+  void* take(size_t sz) {
+    std::lock_guard<std::mutex> g(mu);
+    for (size_t i = 0; i < free_list.size(); ++i) {
+      if (free_list[i].second == sz) {
+        void* p = free_list[i].first;
+        free_list.erase(free_list.begin() + static_cast<std::ptrdiff_t>(i));
+        bytes -= sz;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+  void give(void* base, size_t sz) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (bytes + sz <= static_cast<size_t>(g_pool_bytes.load())) {
+        free_list.emplace_back(base, sz);
+        bytes += sz;
+        return;
+      }
+    }
+#if defined(__linux__)
+    munmap(base, sz);
+#endif
+  }
+  void flush() {
+    std::vector<std::pair<void*, size_t>> l;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      l.swap(free_list);
+      bytes = 0;
+    }
+#if defined(__linux__)
+    for (auto& e : l) munmap(e.first, e.second);
+#endif
+  }
+};
+BigPool& pool() {
+  static BigPool* p = new BigPool;  // intentionally leaked: buffers may be freed during interpreter exit
+  return *p;
+}
+
+void pool_flush() { pool().flush(); }
+
+// `zeroed` tells whether the memory is known to be zero (fresh anonymous mapping).
+Tensor empty_big(at::IntArrayRef sizes, at::ScalarType dt, bool* zeroed = nullptr) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dt);
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (zeroed) *zeroed = false;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes >= 2 * kHuge) {
+    const size_t sz = (nbytes + kHuge - 1) / kHuge * kHuge + kHuge;  // + slack to align to 2 MiB
+    void* base = pool().take(sz);
+    if (base == nullptr) {
+      base = mmap(nullptr, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base == MAP_FAILED) return at::empty(sizes, at::TensorOptions().dtype(dt));
+      madvise(base, sz, MADV_HUGEPAGE);
+      if (zeroed) *zeroed = true;  // fresh anonymous mappings are zero-filled by the kernel
+    }
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~static_cast<uintptr_t>(kHuge - 1);
+    return torch::from_blob(reinterpret_cast<void*>(a), sizes, [base, sz](void*) { pool().give(base, sz); },
+                            at::TensorOptions().dtype(dt));
+  }
+#endif
+  return at::empty(sizes, at::TensorOptions().dtype(dt));
+}
+
+Tensor zeros_big(at::IntArrayRef sizes, at::ScalarType dt) {
+  bool zeroed = false;
+  Tensor t = empty_big(sizes, dt, &zeroed);
+  if (zeroed || t.numel() == 0) return t;
+  char* p = static_cast<char*>(t.data_ptr());
+  const int64_t nb = t.numel() * t.element_size(), chunk = int64_t(1) << 20;
+  at::parallel_for(0, (nb + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
+    std::memset(p + b * chunk, 0, std::min(nb, e * chunk) - b * chunk);
+  });
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// threading: T parts of (about) equal cost, cost(row) = nnz(row) + row_cost
+// ---------------------------------------------------------------------------------------------
+int pick_threads(double work) {
+  const int T = at::get_num_threads();
+  if (T <= 1 || at::in_parallel_region() || work < static_cast<double>(g_min_par_work.load())) return 1;
+  return T;
+}
+
+std::vector<int64_t> partition_rows(const SpMat& A, int parts, int64_t row_cost) {
+  std::vector<int64_t> b(parts + 1, 0);
+  b[parts] = A.rows;
+  if (parts == 1) return b;
+  if (A.rowptr == nullptr) {  // uniform rows
+    for (int t = 1; t < parts; ++t) b[t] = A.rows * t / parts;
+    return b;
+  }
+  const int64_t base = A.rowptr[0];
+  const double total = static_cast<double>(A.rowptr[A.rows] - base) + static_cast<double>(row_cost) * A.rows;
+  for (int t = 1; t < parts; ++t) {
+    const double target = total * t / parts;
+    int64_t lo = b[t - 1], hi = A.rows;  // first r with cost(r) >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      const double c = static_cast<double>(A.rowptr[mid] - base) + static_cast<double>(row_cost) * mid;
+      if (c < target) lo = mid + 1; else hi = mid;
+    }
+    b[t] = lo;
+  }
+  return b;
+}
+
+template <typename F>
+void run_parts(int parts, F&& f) {
+  if (parts <= 1) {
+    f(0);
+    return;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) f(static_cast<int>(t));
+  });
+}
+
+// f(r0, r1) over an nnz-balanced row partition
+template <typename F>
+void run_rows(const SpMat& A, double work, int64_t row_cost, F&& f) {
+  const int T = pick_threads(work);
+  const auto b = partition_rows(A, T, row_cost);
+  run_parts(T, [&](int t) {
+    if (b[t] < b[t + 1]) f(b[t], b[t + 1]);
+  });
+}
+
+// f(i0, i1) over an even split of [0, n)
+template <typename F>
+void run_range(int64_t n, double work, F&& f) {
+  if (n <= 0) return;
+  const int T = static_cast<int>(std::min<int64_t>(pick_threads(work), n));
+  run_parts(T, [&](int t) {
+    const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
+    if (i0 < i1) f(i0, i1);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// argument helpers
+// ---------------------------------------------------------------------------------------------
+int64_t nnz_of(const SpMat& A) { return A.rowptr ? A.rowptr[A.rows] - A.rowptr[0] : A.rows * A.S; }
+
+// A sparse matrix from its tensors: N:M (meta given), BCSR (bp given, fp32 values, col = block-major
+// columns) or CSR. `ct` is the compute dtype (values of CSR/N:M have it); index_only skips values.
+SpMat make_mat(int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr, const std::optional<Tensor>& col,
+               const std::optional<Tensor>& meta, const Tensor& vals, int64_t n, int64_t m,
+               const std::optional<Tensor>& bp, at::ScalarType ct, bool index_only = false) {
+  SpMat A;
+  A.rows = rows;
+  A.cols = cols;
+  TORCH_CHECK(vals.is_contiguous(), "sparsefast cpu: packed values must be contiguous");
+  A.val = vals.data_ptr();
+  if (!index_only) {
+    const at::ScalarType want = (bp.has_value() && !meta.has_value()) ? at::kFloat : ct;
+    TORCH_CHECK(vals.scalar_type() == want, "sparsefast cpu: packed values are ", vals.scalar_type(), ", expected ", want);
+  }
+  if (meta.has_value()) {
+    TORCH_CHECK(n == 1 || n == 2 || n == 4 || n == 8, "sparsefast cpu: compact N:M needs n in {1,2,4,8}, got ", n);
+    TORCH_CHECK(m > n && m <= 16 && cols % m == 0, "sparsefast cpu: compact N:M needs n < m <= 16 and m | cols");
+    A.meta = meta->data_ptr<uint8_t>();
+    A.n = static_cast<int>(n);
+    A.m = static_cast<int>(m);
+    A.S = (cols / m) * n;
+    A.meta_ld = (A.S + 1) / 2;
+    TORCH_CHECK(meta->numel() == rows * A.meta_ld && vals.numel() == rows * A.S, "sparsefast cpu: N:M format size mismatch");
+  } else {
+    TORCH_CHECK(rowptr.has_value() && col.has_value(), "sparsefast cpu: CSR format needs rowptr and col");
+    TORCH_CHECK(rowptr->scalar_type() == at::kInt && rowptr->numel() == rows + 1, "sparsefast cpu: bad rowptr");
+    TORCH_CHECK(col->scalar_type() == at::kShort, "sparsefast cpu: col must be int16 (read as uint16)");
+    A.rowptr = rowptr->data_ptr<int32_t>();
+    A.col = reinterpret_cast<const uint16_t*>(col->data_ptr<int16_t>());
+    TORCH_CHECK(index_only || vals.numel() >= A.rowptr[rows], "sparsefast cpu: values shorter than nnz");
+    if (bp.has_value()) {
+      TORCH_CHECK(bp->dim() == 2 && bp->scalar_type() == at::kInt && bp->size(1) >= rows + 1,
+                  "sparsefast cpu: bad block pointers");
+      A.bp = bp->data_ptr<int32_t>();
+      A.nblk = bp->size(0);
+      A.bp_ld = bp->size(1);
+    }
+  }
+  return A;
+}
+
+at::ScalarType compute_type(at::ScalarType st) {
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "sparsefast cpu: dtype ", st, " is not supported (float32, bfloat16, float16)");
+  return st == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+int64_t panel_width(int64_t lanes) {
+  const int64_t pw = g_panel.load();
+  const int64_t need = (lanes + 15) / 16 * 16;
+  return std::min(pw, need);
+}
+
+// ---------------------------------------------------------------------------------------------
+// index structures (mask only)
+// ---------------------------------------------------------------------------------------------
+// mask (R, C) bool -> (rowptr int32 [R+1], col int16 [nnz + pad])
+std::vector<Tensor> build_csr(const Tensor& mask_in) {
+  TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == at::kBool, "build_csr: need a 2-D bool mask");
+  const Tensor mask = mask_in.contiguous();
+  const int64_t R = mask.size(0), C = mask.size(1);
+  TORCH_CHECK(C <= 65536, "build_csr: ", C, " columns exceed the 16-bit column index");
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  Tensor rowptr = at::empty({R + 1}, at::kInt);
+  int32_t* rp = rowptr.data_ptr<int32_t>();
+  std::vector<int64_t> cnt(R);
+  run_range(R, static_cast<double>(R) * C / 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mk + r * C;
+      int64_t c = 0;
+      for (int64_t k = 0; k < C; ++k) c += row[k];
+      cnt[r] = c;
+    }
+  });
+  int64_t total = 0;
+  rp[0] = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    total += cnt[r];
+    TORCH_CHECK(total < (int64_t(1) << 31) - kColPad, "build_csr: more than 2^31 kept weights");
+    rp[r + 1] = static_cast<int32_t>(total);
+  }
+  Tensor col = at::zeros({total + kColPad}, at::kShort);
+  uint16_t* cp = reinterpret_cast<uint16_t*>(col.data_ptr<int16_t>());
+  run_range(R, static_cast<double>(R) * C / 4, [&](int64_t r0, int64_t r1) {
+    std::vector<uint16_t> buf(C + 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mk + r * C;
+      int64_t p = 0;
+      for (int64_t k = 0; k < C; ++k) {  // branch-free compaction into a row buffer
+        buf[p] = static_cast<uint16_t>(k);
+        p += row[k];
+      }
+      std::memcpy(cp + rp[r], buf.data(), p * sizeof(uint16_t));
+    }
+  });
+  std::memset(cp + total, 0, kColPad * sizeof(uint16_t));
+  return {rowptr, col};
+}
+
+// CSR (R x C, rows in `groups` equal groups) -> per-group transposes stacked:
+// t_rowptr [groups*C + 1], t_col int16 (row index within its group) [nnz + pad], t_perm int32 [nnz]
+std::vector<Tensor> build_transpose(const Tensor& rowptr, const Tensor& col, int64_t R, int64_t C, int64_t groups) {
+  TORCH_CHECK(groups >= 1 && R % groups == 0, "build_transpose: rows not divisible by groups");
+  const int64_t Rg = R / groups;
+  TORCH_CHECK(Rg <= 65536, "build_transpose: ", Rg, " rows exceed the 16-bit index");
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(col.data_ptr<int16_t>());
+  const int64_t nnz = rp[R];
+  Tensor t_rowptr = at::zeros({groups * C + 1}, at::kInt);
+  Tensor t_col = at::zeros({nnz + kColPad}, at::kShort);
+  Tensor t_perm = at::empty({nnz}, at::kInt);
+  int32_t* trp = t_rowptr.data_ptr<int32_t>();
+  uint16_t* tcp = reinterpret_cast<uint16_t*>(t_col.data_ptr<int16_t>());
+  int32_t* tpp = t_perm.data_ptr<int32_t>();
+  std::vector<int32_t> cursor(groups * C + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    int32_t* cg = cursor.data() + (r / Rg) * C + 1;
+    for (int64_t j = rp[r]; j < rp[r + 1]; ++j) ++cg[cp[j]];
+  }
+  for (int64_t i = 0; i < groups * C; ++i) cursor[i + 1] += cursor[i];
+  std::memcpy(trp, cursor.data(), (groups * C + 1) * sizeof(int32_t));
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t g = r / Rg;
+    int32_t* cg = cursor.data() + g * C;
+    const uint16_t local = static_cast<uint16_t>(r - g * Rg);
+    for (int64_t j = rp[r]; j < rp[r + 1]; ++j) {
+      const int32_t pos = cg[cp[j]]++;
+      tcp[pos] = local;
+      tpp[pos] = static_cast<int32_t>(j);
+    }
+  }
+  return {t_rowptr, t_col, t_perm};
+}
+
+// CSR (R x C) -> column-blocked CSR with blocks of kb columns:
+// (bp int32 (nblk, R+1), bcol int16 [nnz + pad], perm int32 [nnz]: CSR position of each BCSR entry)
+std::vector<Tensor> build_blocked(const Tensor& rowptr, const Tensor& col, int64_t R, int64_t C, int64_t kb) {
+  TORCH_CHECK(kb > 0, "build_blocked: kb must be positive");
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(col.data_ptr<int16_t>());
+  const int64_t nnz = rp[R], nblk = std::max<int64_t>(1, (C + kb - 1) / kb);
+  Tensor bp = at::empty({nblk, R + 1}, at::kInt);
+  Tensor bcol = at::zeros({nnz + kColPad}, at::kShort);
+  Tensor perm = at::empty({nnz}, at::kInt);
+  int32_t* bpp = bp.data_ptr<int32_t>();
+  uint16_t* bc = reinterpret_cast<uint16_t*>(bcol.data_ptr<int16_t>());
+  int32_t* pp = perm.data_ptr<int32_t>();
+  // counts per (block, row) into bp[b][r], rows in parallel
+  run_range(R, static_cast<double>(nnz), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nblk; ++b) bpp[b * (R + 1) + r] = 0;
+      for (int64_t j = rp[r]; j < rp[r + 1]; ++j) ++bpp[(cp[j] / kb) * (R + 1) + r];
+    }
+  });
+  int64_t run = 0;  // exclusive prefix sum in block-major order
+  for (int64_t b = 0; b < nblk; ++b) {
+    int32_t* row = bpp + b * (R + 1);
+    for (int64_t r = 0; r < R; ++r) {
+      const int32_t c = row[r];
+      row[r] = static_cast<int32_t>(run);
+      run += c;
+    }
+    row[R] = static_cast<int32_t>(run);
+  }
+  run_range(R, static_cast<double>(nnz), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t b = -1, pos = 0;
+      for (int64_t j = rp[r]; j < rp[r + 1]; ++j) {  // columns ascend, so blocks do too
+        const int64_t bj = cp[j] / kb;
+        if (bj != b) {
+          b = bj;
+          pos = bpp[b * (R + 1) + r];
+        }
+        bc[pos] = cp[j];
+        pp[pos] = static_cast<int32_t>(j);
+        ++pos;
+      }
+    }
+  });
+  return {bp, bcol, perm};
+}
+
+// fp32 BCSR values straight from the dense (R x C) weight (any float dtype)
+Tensor gather_blocked(const Tensor& w_in, const Tensor& rowptr, const Tensor& bp, const Tensor& bcol) {
+  const Tensor w = w_in.contiguous();
+  const int64_t R = w.size(0), C = w.size(1);
+  SpMat A;
+  A.rows = R;
+  A.cols = C;
+  A.rowptr = rowptr.data_ptr<int32_t>();
+  A.bp = bp.data_ptr<int32_t>();
+  A.nblk = bp.size(0);
+  A.bp_ld = bp.size(1);
+  A.col = reinterpret_cast<const uint16_t*>(bcol.data_ptr<int16_t>());
+  Tensor out = at::empty({std::max<int64_t>(nnz_of(A), 1)}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "sparsefast_gather_blocked", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    run_rows(A, static_cast<double>(nnz_of(A)) * 4, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* wr = wp + r * C;
+        for (int64_t b = 0; b < A.nblk; ++b) {
+          const int32_t* p = A.bp + b * A.bp_ld;
+          for (int64_t j = p[r]; j < p[r + 1]; ++j) o[j] = static_cast<float>(wr[A.col[j]]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// mask (R, C) bool, N:M -> (meta uint8 (R, ceil(S/2)), valid bool (R, S) or None when no padding)
+std::tuple<Tensor, std::optional<Tensor>> build_nm(const Tensor& mask_in, int64_t n, int64_t m) {
+  TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == at::kBool, "build_nm: need a 2-D bool mask");
+  TORCH_CHECK(n == 1 || n == 2 || n == 4 || n == 8, "build_nm: n must be 1, 2, 4 or 8");
+  TORCH_CHECK(m > n && m <= 16, "build_nm: need n < m <= 16");
+  const Tensor mask = mask_in.contiguous();
+  const int64_t R = mask.size(0), C = mask.size(1);
+  TORCH_CHECK(C % m == 0, "build_nm: ", C, " columns not divisible by m=", m);
+  const int64_t G = C / m, S = G * n, ld = (S + 1) / 2;
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  Tensor meta = at::zeros({R, ld}, at::kByte);
+  Tensor valid = at::empty({R, S}, at::kBool);
+  uint8_t* mp = meta.data_ptr<uint8_t>();
+  uint8_t* vp = reinterpret_cast<uint8_t*>(valid.data_ptr<bool>());
+  std::atomic<bool> pad{false}, over{false};
+  run_range(R, static_cast<double>(R) * C / 4, [&](int64_t r0, int64_t r1) {
+    bool lpad = false, lover = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = mk + r * C;
+      uint8_t* mr = mp + r * ld;
+      uint8_t* vr = vp + r * S;
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t k = 0;
+        for (int64_t o = 0; o < m; ++o) {
+          if (!row[g * m + o]) continue;
+          if (k == n) { lover = true; break; }
+          const int64_t s = g * n + k++;
+          mr[s >> 1] |= static_cast<uint8_t>(o << ((s & 1) * 4));
+          vr[s] = 1;
+        }
+        for (; k < n; ++k) {
+          vr[g * n + k] = 0;
+          lpad = true;
+        }
+      }
+    }
+    if (lpad) pad.store(true);
+    if (lover) over.store(true);
+  });
+  TORCH_CHECK(!over.load(), "build_nm: the mask keeps more than ", n, " of some group of ", m);
+  if (pad.load()) return {meta, valid};
+  return {meta, std::nullopt};
+}
+
+// ---------------------------------------------------------------------------------------------
+// value gathers (every weight update)
+// ---------------------------------------------------------------------------------------------
+template <typename E>
+void gather_csr_t(const E* w, int64_t C, const SpMat& A, E* out) {
+  run_rows(A, static_cast<double>(nnz_of(A)) * 4, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const E* wr = w + r * C;
+      for (int64_t j = A.rowptr[r]; j < A.rowptr[r + 1]; ++j) out[j] = wr[A.col[j]];
+    }
+  });
+}
+
+Tensor gather_csr(const Tensor& w_in, const Tensor& rowptr, const Tensor& col) {
+  TORCH_CHECK(w_in.dim() == 2, "gather_csr: need a 2-D weight");
+  const Tensor w = w_in.contiguous();
+  const int64_t R = w.size(0), C = w.size(1);
+  SpMat A;
+  A.rows = R;
+  A.cols = C;
+  A.rowptr = rowptr.data_ptr<int32_t>();
+  A.col = reinterpret_cast<const uint16_t*>(col.data_ptr<int16_t>());
+  Tensor out = at::empty({static_cast<int64_t>(A.rowptr[R])}, w.options());
+  if (w.element_size() == 4)
+    gather_csr_t<uint32_t>(reinterpret_cast<const uint32_t*>(w.data_ptr()), C, A, reinterpret_cast<uint32_t*>(out.data_ptr()));
+  else if (w.element_size() == 2)
+    gather_csr_t<uint16_t>(reinterpret_cast<const uint16_t*>(w.data_ptr()), C, A, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  else
+    TORCH_CHECK(false, "gather_csr: unsupported dtype ", w.scalar_type());
+  return out;
+}
+
+Tensor gather_perm(const Tensor& vals_in, const Tensor& perm) {
+  const Tensor vals = vals_in.contiguous();
+  const int64_t n = perm.numel();
+  Tensor out = at::empty({n}, vals.options());
+  const int32_t* pp = perm.data_ptr<int32_t>();
+  auto go = [&](auto* src, auto* dst) {
+    run_range(n, static_cast<double>(n) * 4, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = src[pp[i]];
+    });
+  };
+  if (vals.element_size() == 4)
+    go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()));
+  else
+    go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
+Tensor gather_nm(const Tensor& w_in, const Tensor& meta, int64_t n, int64_t m, const std::optional<Tensor>& valid) {
+  const Tensor w = w_in.contiguous();
+  const int64_t R = w.size(0), C = w.size(1), G = C / m, S = G * n, ld = (S + 1) / 2;
+  Tensor out = at::empty({R, S}, w.options());
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const uint8_t* vp = valid.has_value() ? reinterpret_cast<const uint8_t*>(valid->data_ptr<bool>()) : nullptr;
+  auto go = [&](auto* src, auto* dst) {
+    run_range(R, static_cast<double>(R) * S * 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const auto* wr = src + r * C;
+        const uint8_t* mr = mp + r * ld;
+        auto* o = dst + r * S;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t c = (s / n) * m + ((mr[s >> 1] >> ((s & 1) * 4)) & 15);
+          o[s] = (vp && !vp[r * S + s]) ? 0 : wr[c];
+        }
+      }
+    });
+  };
+  if (w.element_size() == 4)
+    go(reinterpret_cast<const uint32_t*>(w.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()));
+  else
+    go(reinterpret_cast<const uint16_t*>(w.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// panels
+// ---------------------------------------------------------------------------------------------
+// rows (B x K) of dtype T -> fp32 panels (nc x K x PW)
+Tensor to_panels(const Tensor& x, int64_t PW) {
+  const int64_t B = x.size(0), K = x.size(1), nc = (B + PW - 1) / PW;
+  Tensor xp = at::empty({nc, K, PW}, x.options().dtype(at::kFloat));
+  const auto& kt = table(x.scalar_type());
+  sfcpu::PackArgs pa;
+  pa.src = x.data_ptr();
+  pa.dst = xp.data_ptr();
+  pa.B = B;
+  pa.K = K;
+  pa.PW = PW;
+  pa.ld = K;
+  // work items: (panel, block of 256 rows)
+  const int64_t kb = 256, nkb = (K + kb - 1) / kb;
+  run_range(nc * nkb, static_cast<double>(B) * K, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      sfcpu::PackArgs p = pa;
+      p.c0 = i / nkb;
+      p.c1 = p.c0 + 1;
+      p.k0 = (i % nkb) * kb;
+      p.k1 = std::min(K, p.k0 + kb);
+      kt.to_panels(p);
+    }
+  });
+  return xp;
+}
+
+// fp32 panels -> rows (B x K) of y's dtype
+void from_panels(const Tensor& xp, Tensor& y /* (B x K) */) {
+  const int64_t B = y.size(0), K = y.size(1), PW = xp.size(2), nc = xp.size(0);
+  const auto& kt = table(y.scalar_type());
+  sfcpu::PackArgs pa;
+  pa.src = xp.data_ptr();
+  pa.dst = y.data_ptr();
+  pa.B = B;
+  pa.K = K;
+  pa.PW = PW;
+  pa.ld = K;
+  const int64_t kb = 256, nkb = (K + kb - 1) / kb;
+  run_range(nc * nkb, static_cast<double>(B) * K, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      sfcpu::PackArgs p = pa;
+      p.c0 = i / nkb;
+      p.c1 = p.c0 + 1;
+      p.k0 = (i % nkb) * kb;
+      p.k1 = std::min(K, p.k0 + kb);
+      kt.from_panels(p);
+    }
+  });
+}
+
+// reduction rows per K-block so that a block of a PW-lane fp32 panel is ~block_bytes (L1-resident);
+// a multiple of 32 and, for N:M, of 2m (block edges on group and meta-byte boundaries)
+int64_t pick_kb(const SpMat& A, int64_t PW) {
+  const int64_t bytes = g_block_bytes.load();
+  if (bytes <= 0 || A.meta == nullptr) return 0;
+  int64_t unit = 32;
+  if (A.meta) {
+    const int64_t u2 = 2 * A.m;
+    int64_t a = unit, b = u2;
+    while (b) { const int64_t t = a % b; a = b; b = t; }
+    unit = unit / a * u2;  // lcm(32, 2m)
+  }
+  const int64_t kb = std::max(unit, bytes / (PW * 4) / unit * unit);
+  return kb >= A.cols ? 0 : kb;
+}
+
+// An fp32 operand whose lanes (batch rows / output pixels) are processed in chunks of PW: lane chunk c of
+// row r starts at base + c*cstride + r*ld. Linear uses panel tensors (nc, rows, PW): ld = PW,
+// cstride = rows*PW; conv uses a plain (rows, Pp) im2col buffer: ld = Pp, cstride = PW.
+struct Lanes {
+  float* base = nullptr;
+  int64_t ld = 0, cstride = 0, PW = 0, lanes = 0;
+  int64_t chunks() const { return (lanes + PW - 1) / PW; }
+};
+
+Lanes panel_lanes(const Tensor& p, int64_t lanes) {
+  return {p.data_ptr<float>(), p.size(2), p.size(1) * p.size(2), p.size(2), lanes};
+}
+
+Lanes plain_lanes(float* base, int64_t ld, int64_t lanes, int64_t PW) { return {base, ld, PW, PW, lanes}; }
+
+// Y = A * X over all lane chunks (fp32 operands, values of type ct or fp32 BCSR); bias fp32 or nullptr
+void spmm_panels(const SpMat& A, const Lanes& X, const Lanes& Y, const float* bias, at::ScalarType ct) {
+  const auto& kt = table(ct);
+  const double work = static_cast<double>(nnz_of(A)) * X.lanes;
+  const int64_t kb = pick_kb(A, X.PW);
+  run_rows(A, work, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t c = 0; c < X.chunks(); ++c) {
+      const int64_t lanes_c = std::min(X.PW, X.lanes - c * X.PW);
+      sfcpu::PanelArgs pa;
+      pa.kb = kb;
+      pa.a = A;
+      pa.x = X.base + c * X.cstride;
+      pa.y = Y.base + c * Y.cstride;
+      pa.ldx = X.ld;
+      pa.ldy = Y.ld;
+      pa.nvec = (lanes_c + 15) / 16;
+      pa.bias = bias;
+      pa.r0 = r0;
+      pa.r1 = r1;
+      kt.spmm_panel(pa);
+    }
+  });
+}
+
+// out[nnz] (+)= SDDMM of D (A.rows lanes-rows) and X (A.cols lanes-rows) at the entries of A
+void sddmm_panels(const SpMat& A, const Lanes& D, const Lanes& X, float* out, bool accumulate, at::ScalarType ct) {
+  const auto& kt = table(ct);
+  const double work = static_cast<double>(nnz_of(A)) * X.lanes;
+  run_rows(A, work, 2, [&](int64_t r0, int64_t r1) {
+    for (int64_t c = 0; c < X.chunks(); ++c) {
+      const int64_t lanes_c = std::min(X.PW, X.lanes - c * X.PW);
+      sfcpu::SddmmArgs sa;
+      sa.a = A;
+      sa.dy = D.base + c * D.cstride;
+      sa.x = X.base + c * X.cstride;
+      sa.ld = X.ld;
+      sa.nvec = (lanes_c + 15) / 16;
+      sa.out = out;
+      sa.accumulate = accumulate || c > 0;
+      sa.r0 = r0;
+      sa.r1 = r1;
+      kt.sddmm_panel(sa);
+    }
+  });
+}
+
+// dense (rows x cols) of dtype `dt`: zero except the kept entries of A (CSR or BCSR order) from fp32 vals
+Tensor scatter_dense(const SpMat& A, const float* vals, at::ScalarType dt) {
+  const at::ScalarType kt_dt = dt == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  Tensor out = empty_big({A.rows, A.cols}, kt_dt);
+  const auto& kt = table(kt_dt);
+  run_rows(A, static_cast<double>(A.rows) * A.cols, A.cols / 8 + 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(A.cols + 16);
+    kt.dense_rows(A, vals, out.data_ptr(), scratch.data(), r0, r1);
+  });
+  return kt_dt == dt ? out : out.to(dt);
+}
+
+// True when every element is finite (exponent bits not all ones). The kernels skip pruned weights,
+// so a NaN/Inf input would not spread through 0*Inf / 0*NaN like masked-dense math; callers use
+// this to send such (rare) calls to the reference path.
+bool all_finite(const Tensor& t_in) {
+  const Tensor t = t_in.contiguous();
+  const int64_t n = t.numel();
+  if (n == 0) return true;
+  std::atomic<bool> ok{true};
+  auto scan = [&](auto* p, auto expmask) {
+    run_range(n, static_cast<double>(n) / 8, [&](int64_t i0, int64_t i1) {
+      using U = decltype(expmask);
+      U bad = 0;
+      for (int64_t i = i0; i < i1; ++i) bad |= static_cast<U>((p[i] & expmask) == expmask);
+      if (bad) ok.store(false);
+    });
+  };
+  switch (t.scalar_type()) {
+    case at::kFloat: scan(reinterpret_cast<const uint32_t*>(t.data_ptr()), uint32_t(0x7f800000u)); break;
+    case at::kBFloat16: scan(reinterpret_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7f80u)); break;
+    case at::kHalf: scan(reinterpret_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7c00u)); break;
+    default: return t.isfinite().all().item<bool>();
+  }
+  return ok.load();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+// ---------------------------------------------------------------------------------------------
+// y (B x rows) = x (B x cols) A^T (+ bias)
+Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr,
+            const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
+            int64_t m, const std::optional<Tensor>& bias_in, const std::optional<Tensor>& bp) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == cols, "spmm: x must be (B, ", cols, ")");
+  const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
+  const SpMat A = make_mat(rows, cols, rowptr, col, meta, vals, n, m, bp, ct);
+  const int64_t B = x_in.size(0);
+  if (B == 0 || rows == 0) return at::empty({B, rows}, x_in.options());
+  const Tensor x = as_compute(x_in, ct);
+  const auto& kt = table(ct);
+  // gather kernels for few rows; compact N:M always runs them up to 16 rows (Python sends N:M only there)
+  if (B <= g_small_max.load() || (A.meta && B <= 16)) {
+    const Tensor xf = x.to(at::kFloat).contiguous();
+    Tensor yf = at::empty({B, rows}, x.options().dtype(at::kFloat));
+    Tensor bf;
+    if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
+    sfcpu::SmallArgs sa;
+    sa.a = A;
+    sa.x = xf.data_ptr<float>();
+    sa.y = yf.data_ptr<float>();
+    sa.ldx = cols;
+    sa.ldy = rows;
+    sa.B = B;
+    sa.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    run_rows(A, static_cast<double>(nnz_of(A)) * B, 4, [&](int64_t r0, int64_t r1) {
+      sfcpu::SmallArgs s = sa;
+      s.r0 = r0;
+      s.r1 = r1;
+      kt.spmm_small(s);
+    });
+    return yf.to(ot);
+  }
+  const int64_t PW = panel_width(B);
+  const Tensor xp = to_panels(x, PW);
+  Tensor yp = at::empty({xp.size(0), rows, PW}, x.options().dtype(at::kFloat));
+  Tensor bf;
+  if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
+  spmm_panels(A, panel_lanes(xp, B), panel_lanes(yp, B), bf.defined() ? bf.data_ptr<float>() : nullptr, ct);
+  Tensor y = empty_big({B, rows}, ct);
+  from_panels(yp, y);
+  return ot == ct ? y : y.to(ot);
+}
+
+// dense (rows x cols) = (dy^T x) masked to the CSR positions; dy (B x rows), x (B x cols)
+Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t rows,
+             int64_t cols, const std::optional<Tensor>& bp) {
+  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2 && dy_in.size(0) == x_in.size(0) && dy_in.size(1) == rows &&
+                  x_in.size(1) == cols,
+              "sddmm: shapes dy ", dy_in.sizes(), " x ", x_in.sizes(), " do not match (", rows, ", ", cols, ")");
+  const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
+  TORCH_CHECK(dy_in.scalar_type() == ot, "sddmm: dy and x dtypes differ");
+  const SpMat A = make_mat(rows, cols, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true);
+  const int64_t B = x_in.size(0), nnz = nnz_of(A);
+  Tensor vals = at::empty({std::max<int64_t>(nnz, 1)}, at::kFloat);
+  float* vp = vals.data_ptr<float>();
+  if (B == 0) {
+    vals.zero_();
+  } else if (B <= g_small_max.load()) {
+    const Tensor xf = x_in.to(at::kFloat).contiguous(), df = dy_in.to(at::kFloat).contiguous();
+    const auto& kt = table(ct);
+    sfcpu::SddmmArgs sa;
+    sa.a = A;
+    sa.dy = df.data_ptr<float>();
+    sa.x = xf.data_ptr<float>();
+    sa.ldd = rows;
+    sa.ldx = cols;
+    sa.B = B;
+    sa.out = vp;
+    run_rows(A, static_cast<double>(nnz) * B, 2, [&](int64_t r0, int64_t r1) {
+      sfcpu::SddmmArgs s = sa;
+      s.r0 = r0;
+      s.r1 = r1;
+      kt.sddmm_small(s);
+    });
+  } else {
+    const Tensor x = as_compute(x_in, ct), dy = as_compute(dy_in, ct);
+    const int64_t PW = kSddmmLanes < (B + 15) / 16 * 16 ? kSddmmLanes : (B + 15) / 16 * 16;
+    const Tensor xp = to_panels(x, PW), dyp = to_panels(dy, PW);
+    sddmm_panels(A, panel_lanes(dyp, B), panel_lanes(xp, B), vp, false, ct);
+  }
+  return scatter_dense(A, vp, ot);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv2d (NCHW in and out; reduction order (kh, kw, c))
+// ---------------------------------------------------------------------------------------------
+struct ConvCfg {
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw, groups;
+};
+
+ConvCfg conv_cfg(const std::vector<int64_t>& ks, const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
+                 const std::vector<int64_t>& dil, int64_t groups) {
+  TORCH_CHECK(ks.size() == 2 && stride.size() == 2 && pad.size() == 2 && dil.size() == 2, "conv: bad parameters");
+  return {ks[0], ks[1], stride[0], stride[1], pad[0], pad[1], dil[0], dil[1], groups};
+}
+
+// images per block so that a block has about conv_lanes output pixels
+int64_t conv_block(int64_t B, int64_t HoWo) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, g_conv_lanes.load() / std::max<int64_t>(HoWo, 1)));
+}
+
+sfcpu::ConvGeom conv_geom(const ConvCfg& k, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t G,
+                          int64_t img_stride, int64_t PW) {
+  sfcpu::ConvGeom g;
+  g.C = Cg;
+  g.H = H;
+  g.W = W;
+  g.KH = k.KH;
+  g.KW = k.KW;
+  g.Ho = Ho;
+  g.Wo = Wo;
+  g.sh = k.sh;
+  g.sw = k.sw;
+  g.ph = k.ph;
+  g.pw = k.pw;
+  g.dh = k.dh;
+  g.dw = k.dw;
+  g.G = G;
+  g.img_stride = img_stride;
+  g.PW = PW;
+  return g;
+}
+
+// rows [r0, r0+nr) of a CSR matrix (entry positions stay global: values and outputs index by j)
+SpMat sub_rows(const SpMat& A, int64_t r0, int64_t nr) {
+  SpMat s = A;
+  s.rows = nr;
+  s.rowptr = A.rowptr + r0;
+  if (A.bp) s.bp = A.bp + r0;
+  return s;
+}
+
+SpMat nm_sub_rows(const SpMat& A, int64_t r0, int64_t nr, int64_t esz) {
+  SpMat s = A;
+  s.rows = nr;
+  s.val = static_cast<const char*>(A.val) + r0 * A.S * esz;
+  s.meta = A.meta + r0 * A.meta_ld;
+  return s;
+}
+
+Tensor conv_fwd(const Tensor& x_in, int64_t O, int64_t Kred, const std::optional<Tensor>& rowptr,
+                const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
+                int64_t m, const std::optional<Tensor>& bias_in, std::vector<int64_t> ks, std::vector<int64_t> stride,
+                std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp) {
+  TORCH_CHECK(x_in.dim() == 4, "conv_fwd: x must be (B, C, H, W)");
+  const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
+  const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
+  const Tensor x = as_compute(x_in, ct);
+  const int64_t B = x.size(0), Ct = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cg = Ct / groups, Og = O / groups;
+  TORCH_CHECK(Kred == k.KH * k.KW * Cg && O % groups == 0 && Ct % groups == 0, "conv_fwd: shape mismatch");
+  const int64_t Ho = (H + 2 * k.ph - k.dh * (k.KH - 1) - 1) / k.sh + 1;
+  const int64_t Wo = (W + 2 * k.pw - k.dw * (k.KW - 1) - 1) / k.sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "conv_fwd: empty output");
+  const SpMat A = make_mat(O, Kred, rowptr, col, meta, vals, n, m, bp, ct);
+  Tensor y = empty_big({B, O, Ho, Wo}, ct);
+  if (B == 0) return ot == ct ? y : y.to(ot);
+  Tensor bf;
+  if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
+  const auto& kt = table(ct);
+  const int64_t esz = x.element_size(), HoWo = Ho * Wo;
+  // im2col of G images at a time into a plain (Kred x Pp) fp32 buffer (one "panel" as wide as the
+  // block, so copies never split at panel edges); the kernels read it in PW-lane chunks
+  const int64_t G = conv_block(B, HoWo);
+  const int64_t PW = panel_width(G * HoWo), Ppmax = (G * HoWo + 15) / 16 * 16;
+  Tensor xcol = at::empty({Kred * Ppmax}, x.options().dtype(at::kFloat));
+  Tensor ycol = at::empty({Og * Ppmax}, x.options().dtype(at::kFloat));
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  char* yb = static_cast<char*>(y.data_ptr());
+  for (int64_t b0 = 0; b0 < B; b0 += G) {
+    const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
+      const void* xsrc = xb + (b0 * Ct * H * W + gi * Cg * H * W) * esz;
+      run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xcol.data_ptr(), g, r0, r1); });
+      const SpMat Ag = A.meta ? nm_sub_rows(A, gi * Og, Og, esz) : sub_rows(A, gi * Og, Og);
+      const float* bptr = bf.defined() ? bf.data_ptr<float>() + gi * Og : nullptr;
+      spmm_panels(Ag, plain_lanes(xcol.data_ptr<float>(), Pp, P, PW), plain_lanes(ycol.data_ptr<float>(), Pp, P, PW),
+                  bptr, ct);
+      void* ydst = yb + (b0 * O * HoWo + gi * Og * HoWo) * esz;
+      run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
+        kt.panels_to_rows(ycol.data_ptr(), ydst, Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+      });
+    }
+  }
+  return ot == ct ? y : y.to(ot);
+}
+
+// dx = conv2d_input(dy, W*M); transposed CSR per group: rows Kred, cols Og (t_rowptr [groups*Kred+1])
+Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_rowptr, const Tensor& t_col,
+               const Tensor& t_vals, std::vector<int64_t> input_shape, std::vector<int64_t> ks,
+               std::vector<int64_t> stride, std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t groups,
+               const std::optional<Tensor>& t_bp) {
+  TORCH_CHECK(dy_in.dim() == 4 && input_shape.size() == 4, "conv_dx: need 4-D dy and input_shape");
+  const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
+  const at::ScalarType ot = dy_in.scalar_type(), ct = compute_type(ot);
+  const Tensor dy = as_compute(dy_in, ct);
+  const int64_t B = input_shape[0], Ct = input_shape[1], H = input_shape[2], W = input_shape[3];
+  const int64_t Cg = Ct / groups, Og = O / groups, Ho = dy.size(2), Wo = dy.size(3), HoWo = Ho * Wo;
+  TORCH_CHECK(dy.size(0) == B && dy.size(1) == O && Kred == k.KH * k.KW * Cg, "conv_dx: shape mismatch");
+  Tensor dx = zeros_big({B, Ct, H, W}, at::kFloat);  // col2im accumulates in fp32
+  if (B == 0 || HoWo == 0) return dx.to(ot);
+  // all groups' transposes stacked: (groups*Kred) x Og
+  const SpMat At = make_mat(groups * Kred, Og, t_rowptr, t_col, std::nullopt, t_vals, 0, 0, t_bp, ct);
+  const auto& kt = table(ct);
+  const int64_t esz = dy.element_size();
+  const int64_t G = conv_block(B, HoWo);
+  const int64_t PW = panel_width(G * HoWo), Ppmax = (G * HoWo + 15) / 16 * 16;
+  Tensor dycol = at::empty({Og * Ppmax}, dy.options().dtype(at::kFloat));
+  Tensor dxcol = at::empty({Kred * Ppmax}, dy.options().dtype(at::kFloat));
+  const char* db = static_cast<const char*>(dy.data_ptr());
+  char* xb = static_cast<char*>(dx.data_ptr());
+  for (int64_t b0 = 0; b0 < B; b0 += G) {
+    const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const void* dsrc = db + (b0 * O * HoWo + gi * Og * HoWo) * esz;
+      run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
+        kt.rows_to_panels(dsrc, dycol.data_ptr(), Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+      });
+      const SpMat Ag = sub_rows(At, gi * Kred, Kred);
+      spmm_panels(Ag, plain_lanes(dycol.data_ptr<float>(), Pp, P, PW), plain_lanes(dxcol.data_ptr<float>(), Pp, P, PW),
+                  nullptr, ct);
+      const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
+      void* xdst = xb + (b0 * Ct * H * W + gi * Cg * H * W) * sizeof(float);
+      run_range(Gb * Cg, static_cast<double>(Kred) * P, [&](int64_t p0, int64_t p1) {
+        kt.col2im(dxcol.data_ptr(), xdst, g, p0, p1);
+      });
+    }
+  }
+  return dx.to(ot);
+}
+
+// dW (O x Kred, reduction order) = masked conv2d_weight(x, dy)
+Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t O,
+               int64_t Kred, std::vector<int64_t> ks, std::vector<int64_t> stride, std::vector<int64_t> pad,
+               std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp) {
+  TORCH_CHECK(dy_in.dim() == 4 && x_in.dim() == 4, "conv_dw: need 4-D dy and x");
+  const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
+  const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
+  const Tensor x = as_compute(x_in, ct), dy = as_compute(dy_in, ct);
+  const int64_t B = x.size(0), Ct = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cg = Ct / groups, Og = O / groups, Ho = dy.size(2), Wo = dy.size(3), HoWo = Ho * Wo;
+  TORCH_CHECK(dy.size(0) == B && dy.size(1) == O && Kred == k.KH * k.KW * Cg, "conv_dw: shape mismatch");
+  const SpMat A = make_mat(O, Kred, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true);
+  const int64_t nnz = nnz_of(A);
+  Tensor vals = at::zeros({std::max<int64_t>(nnz, 1)}, at::kFloat);
+  if (B > 0 && HoWo > 0) {
+    const auto& kt = table(ct);
+    const int64_t esz = x.element_size();
+    const int64_t G = conv_block(B, HoWo);
+    const int64_t PW = kSddmmLanes, Ppmax = (G * HoWo + 15) / 16 * 16;  // SDDMM: wide chunks, one reduction
+    Tensor xcol = at::empty({Kred * Ppmax}, x.options().dtype(at::kFloat));
+    Tensor dycol = at::empty({Og * Ppmax}, x.options().dtype(at::kFloat));
+    const char* xb = static_cast<const char*>(x.data_ptr());
+    const char* db = static_cast<const char*>(dy.data_ptr());
+    for (int64_t b0 = 0; b0 < B; b0 += G) {
+      const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
+        const void* xsrc = xb + (b0 * Ct * H * W + gi * Cg * H * W) * esz;
+        run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xcol.data_ptr(), g, r0, r1); });
+        const void* dsrc = db + (b0 * O * HoWo + gi * Og * HoWo) * esz;
+        run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
+          kt.rows_to_panels(dsrc, dycol.data_ptr(), Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+        });
+        // this group's rows of A (local row r <-> dy row r; outputs at global positions j)
+        const SpMat Ag = sub_rows(A, gi * Og, Og);
+        sddmm_panels(Ag, plain_lanes(dycol.data_ptr<float>(), Pp, P, PW), plain_lanes(xcol.data_ptr<float>(), Pp, P, PW),
+                     vals.data_ptr<float>(), b0 > 0, ct);
+      }
+    }
+  }
+  return scatter_dense(A, vals.data_ptr<float>(), ot);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "sparsefast CPU kernels (see csrc/cpu/kernels.h for the formats)";
+  mod.attr("ABI_VERSION") = kAbiVersion;
+  mod.def("describe", &describe, "which ISA path, threads and tunables are in use");
+  mod.def("set_isa", &set_isa, "force the kernel ISA: generic, avx2, avx512 or auto");
+  mod.def("set_tunable", &set_tunable, "set a tuning knob (panel, small_max, conv_lanes, min_par_work)");
+  mod.def("all_finite", &all_finite, "no NaN/Inf in the tensor");
+  mod.def("build_csr", &build_csr);
+  mod.def("build_transpose", &build_transpose);
+  mod.def("build_nm", &build_nm);
+  mod.def("gather_csr", &gather_csr);
+  mod.def("gather_perm", &gather_perm);
+  mod.def("gather_nm", &gather_nm);
+  mod.def("build_blocked", &build_blocked);
+  mod.def("gather_blocked", &gather_blocked);
+  mod.def("small_max", []() { return g_small_max.load(); });
+  mod.def("spmm", &spmm);
+  mod.def("sddmm", &sddmm);
+  mod.def("conv_fwd", &conv_fwd);
+  mod.def("conv_dx", &conv_dx);
+  mod.def("conv_dw", &conv_dw);
+}

@@ -1,0 +1,135 @@
+// sparsefast CPU kernels: the interface between the torch binding (binding.cpp) and the
+// torch-free kernel translation unit (kernels.cpp), which compiles the same kernel source
+// (kernels_impl.h) once per ISA level and picks one at run time.
+//
+// Formats (built by binding.cpp from the mask; "rows" are output rows of the sparse matrix A,
+// "cols" its reduction index; for Linear A = W (N x K) in forward and A = Wᵀ (K x N) in dX;
+// for Conv2d A is the (O x kh*kw*C/groups) reduction view, channel fastest):
+//   CSR   rowptr int32 [rows+1], col uint16 [nnz], val T [nnz]          (unstructured, any pattern)
+//   BCSR  column-blocked CSR: the same entries reordered block-major -- block b holds the entries
+//         with col in [b*kb, (b+1)*kb), row by row: bp int32 [nblk x bp_ld] (segment starts, bp_ld >=
+//         rows+1), col uint16 [nnz], val fp32 [nnz]. A panel kernel walks block by block so the kb
+//         X rows of a block stay in L1 while every row accumulates into Y; weights stream in order.
+//   NM    val T [rows x S], meta uint8 [rows x ceil(S/2)]               (N:M, n in {1,2,4,8}, m <= 16)
+//         S = (cols/m)*n slots per row; slot s belongs to group s/n, the low nibble of meta byte s/2
+//         holds the column offset in the group of slot 2i, the high nibble that of slot 2i+1.
+//         Padding slots (a group that keeps fewer than n) hold value 0.
+//
+// Dense operands of the "panel" kernels are batch-transposed: X is stored as panels
+// Xp[c][k][l] (c = lane panel, k = reduction row, l < PW lane), lanes = batch rows (Linear) or
+// output pixels (Conv2d), so one kept weight multiplies a vector of lanes (16 fp32 lanes a vector).
+// The "small" kernels (few batch rows) use row-major fp32 X (B x cols) and gather along cols.
+#pragma once
+#include <cstdint>
+
+namespace sfcpu {
+
+struct bf16_t { uint16_t bits; };
+struct fp16_t { uint16_t bits; };
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum Isa : int { kGeneric = 0, kAVX2 = 1, kAVX512 = 2 };
+
+// Sparse matrix A (rows x cols) in CSR or NM form (meta != nullptr -> NM).
+struct SpMat {
+  int64_t rows = 0, cols = 0;
+  const int32_t* rowptr = nullptr;  // CSR (BCSR: still the CSR row pointer, used to balance threads)
+  const uint16_t* col = nullptr;    // CSR / BCSR
+  const void* val = nullptr;        // T (CSR: nnz; NM: rows x S); BCSR: fp32
+  const int32_t* bp = nullptr;      // BCSR block pointers (nullptr: plain CSR)
+  int64_t bp_ld = 0, nblk = 0;      // BCSR
+  const uint8_t* meta = nullptr;    // NM
+  int n = 0, m = 0;                 // NM
+  int64_t S = 0, meta_ld = 0;       // NM: slots per row, meta bytes per row
+};
+
+// Y[r] = A[r] . X  for rows r in [r0, r1), one lane panel (fp32 X, Y, bias; values T).
+// BCSR and blocked N:M visit the reduction rows block by block (an X block stays in L1).
+struct PanelArgs {
+  SpMat a;
+  const void* x = nullptr;   // fp32, (a.cols x ldx) panel
+  void* y = nullptr;         // fp32, (a.rows x ldy) panel
+  int64_t ldx = 0, ldy = 0;
+  int64_t nvec = 0;          // lanes / 16 in this panel (1..4)
+  const float* bias = nullptr;  // fp32 [a.rows] or nullptr
+  int64_t r0 = 0, r1 = 0;
+  int64_t kb = 0;            // N:M only: reduction rows per block (0: none); multiple of lcm(32, 2m)
+};
+
+// Y[b, r] = sum_j A[r, j] X[b, j] for b < B, rows [r0, r1). X, Y fp32 row-major.
+struct SmallArgs {
+  SpMat a;
+  const float* x = nullptr;  // (B x ldx)
+  float* y = nullptr;        // (B x ldy)
+  int64_t ldx = 0, ldy = 0, B = 0;
+  const float* bias = nullptr;  // fp32 [a.rows] or nullptr
+  int64_t r0 = 0, r1 = 0;
+};
+
+// SDDMM at the positions of A (CSR or BCSR order): out[j] (+)= sum_l DY[r][l] * X[col_j][l], rows [r0, r1).
+struct SddmmArgs {
+  SpMat a;                   // CSR index only (val unused)
+  const void* dy = nullptr;  // panel: T (a.rows x ld); small: fp32 (B x ldd) row-major
+  const void* x = nullptr;   // panel: T (a.cols x ld); small: fp32 (B x ldx) row-major
+  int64_t ld = 0;            // panel lane stride
+  int64_t ldd = 0, ldx = 0, B = 0;  // small path
+  int64_t nvec = 0;          // panel: lanes/16 in this panel (any >= 1)
+  float* out = nullptr;      // fp32 [nnz]
+  bool accumulate = false;
+  int64_t r0 = 0, r1 = 0;
+};
+
+// Layout helpers (all element type T, ranges for threading).
+struct PackArgs {
+  // rows <-> panels transpose: src (B x K) row-major  <->  dst panels (nc x K x PW)
+  const void* src = nullptr;
+  void* dst = nullptr;
+  int64_t B = 0, K = 0, PW = 0, ld = 0;  // ld: row stride of the row-major side
+  int64_t c0 = 0, c1 = 0;                // panel range
+  int64_t k0 = 0, k1 = 0;                // reduction-row range (within each panel)
+};
+
+struct ConvGeom {
+  int64_t C = 0, H = 0, W = 0;          // input channels of the group, spatial
+  int64_t KH = 0, KW = 0, Ho = 0, Wo = 0;
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t G = 0;                        // images in this block
+  int64_t img_stride = 0;               // elements between images in x / dx (C_total*H*W)
+  int64_t PW = 0;                       // im2col row length (lanes, >= G*Ho*Wo)
+};
+
+struct KernelTable {
+  const char* isa_name;
+  // dense rows [r0, r1) of `out` (T, rows x cols): zeros except the entries of A (CSR or BCSR index)
+  // taking fp32 `vals`; each row is built in `scratch` (cols floats) and written with streaming stores
+  void (*dense_rows)(const SpMat& a, const float* vals, void* out, float* scratch, int64_t r0, int64_t r1);
+  // forward-like SpMM over one lane panel; A in CSR or NM form; element type fixed by the table
+  void (*spmm_panel)(const PanelArgs&);
+  // few batch rows: gather kernel, fp32 activations
+  void (*spmm_small)(const SmallArgs&);
+  // masked weight gradient
+  void (*sddmm_panel)(const SddmmArgs&);
+  void (*sddmm_small)(const SddmmArgs&);
+  // rows (B x K) -> panels (nc x K x PW), zero padding lanes >= B; and back
+  void (*to_panels)(const PackArgs&);
+  void (*from_panels)(const PackArgs&);
+  // conv: im2col into a plain fp32 buffer (rows of g.PW lanes), r = (kh*KW + kw)*C + ci, lane over (img, ho, wo);
+  // rows [r0, r1) of the reduction index
+  void (*im2col)(const void* x, void* xp, const ConvGeom& g, int64_t r0, int64_t r1);
+  // col2im: dx (G images) += scatter of panels, planes (img*C + ci) in [p0, p1)
+  void (*col2im)(const void* xp, void* dx, const ConvGeom& g, int64_t p0, int64_t p1);
+  // conv rows <-> panels: rows o in [o0, o1) of t (G images, row stride HW per image in t with
+  // image stride img_stride) <-> panels (nc x rows x PW) where lane = img*HW + hw
+  void (*rows_to_panels)(const void* t, void* p, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
+                         int64_t PW, int64_t o0, int64_t o1);
+  void (*panels_to_rows)(const void* p, void* t, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
+                         int64_t PW, int64_t o0, int64_t o1);
+};
+
+// Tables for (isa, dtype); nullptr when the ISA was not compiled in.
+const KernelTable* kernel_table(int isa, int dtype);
+// Best ISA this CPU (and OS) supports among those compiled in.
+int best_isa();
+const char* isa_name(int isa);
+
+}  // namespace sfcpu

@@ -1,0 +1,859 @@
+// sparsefast CPU kernels, written once and compiled once per ISA level by kernels.cpp:
+//   #define SF_ISA 0|1|2  (generic x86-64 / AVX2+FMA / AVX-512), inside `namespace sf_<isa> { }`
+//   and under the matching `#pragma GCC target`.
+// No include guard on purpose. Rules that keep the ISA copies apart (one-definition rule):
+// nothing from the C++ standard library is used in here (no std:: templates get instantiated
+// under an AVX-512 target and then shared with the generic copy), every helper is static or
+// always_inline, and all names live in the per-ISA namespace.
+//
+// Vectors are GCC vector extensions of 16 floats: one zmm with AVX-512, two ymm with AVX2, four
+// xmm with SSE2, so the same source is the AVX-512, AVX2 and portable kernel. Accumulation is
+// always fp32; bf16 is widened on load (<< 16) and rounded to nearest even on store.
+
+#define SF_INLINE inline __attribute__((always_inline))
+#define SF_UNROLL _Pragma("GCC unroll 16")
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+// ---------------------------------------------------------------------------------------------
+// element access
+// ---------------------------------------------------------------------------------------------
+SF_INLINE float ld1(const float* p) { return *p; }
+SF_INLINE float ld1(const bf16_t* p) {
+  uint32_t u = (uint32_t)p->bits << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+SF_INLINE void st1(float* p, float v) { *p = v; }
+SF_INLINE void st1(bf16_t* p, float v) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p->bits = (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  p->bits = (uint16_t)(u >> 16);
+}
+
+SF_INLINE v16f splat(float x) { return (v16f){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+SF_INLINE v16f vload(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, 64);
+  return v;
+}
+SF_INLINE v16f vload(const bf16_t* p) {
+#if SF_ISA == 2
+  __m256i h;
+  __builtin_memcpy(&h, p, 32);
+  return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif SF_ISA == 1
+  __m128i h0, h1;
+  __builtin_memcpy(&h0, p, 16);
+  __builtin_memcpy(&h1, p + 8, 16);
+  __m256i a = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16), b = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16);
+  v16f r;
+  __builtin_memcpy(&r, &a, 32);
+  __builtin_memcpy((char*)&r + 32, &b, 32);
+  return r;
+#else
+  v16h h;
+  __builtin_memcpy(&h, p, 32);
+  v16u w = __builtin_convertvector(h, v16u) << 16;
+  return (v16f)w;
+#endif
+}
+SF_INLINE void vstore(float* p, v16f v) { __builtin_memcpy(p, &v, 64); }
+SF_INLINE void vstore(bf16_t* p, v16f v) {
+  v16u u = (v16u)v;
+  v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (v != v) ? ((u >> 16) | 0x40u) : r;
+  v16h h = __builtin_convertvector(r, v16h);
+  __builtin_memcpy(p, &h, 32);
+}
+SF_INLINE float hsum(v16f v) {
+  float s = 0.f;
+  SF_UNROLL for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// x[idx[0..15]] as a vector (vgatherdps with AVX2/AVX-512; GCC's generic tuning will not emit
+// gathers by itself).
+SF_INLINE v16f gather16(const float* x, const int32_t* idx) {
+#if SF_ISA == 2
+  __m512i i;
+  __builtin_memcpy(&i, idx, 64);
+  return (v16f)_mm512_i32gather_ps(i, x, 4);
+#elif SF_ISA == 1
+  __m256i i0, i1;
+  __builtin_memcpy(&i0, idx, 32);
+  __builtin_memcpy(&i1, idx + 8, 32);
+  __m256 a = _mm256_i32gather_ps(x, i0, 4), b = _mm256_i32gather_ps(x, i1, 4);
+  v16f r;
+  __builtin_memcpy(&r, &a, 32);
+  __builtin_memcpy((char*)&r + 32, &b, 32);
+  return r;
+#else
+  v16f r;
+  SF_UNROLL for (int t = 0; t < 16; ++t) r[t] = x[idx[t]];
+  return r;
+#endif
+}
+SF_INLINE v16f gather16(const float* x, const uint16_t* idx) {
+#if SF_ISA == 2
+  __m256i h;
+  __builtin_memcpy(&h, idx, 32);
+  return (v16f)_mm512_i32gather_ps(_mm512_cvtepu16_epi32(h), x, 4);
+#elif SF_ISA == 1
+  __m128i h0, h1;
+  __builtin_memcpy(&h0, idx, 16);
+  __builtin_memcpy(&h1, idx + 8, 16);
+  __m256 a = _mm256_i32gather_ps(x, _mm256_cvtepu16_epi32(h0), 4);
+  __m256 b = _mm256_i32gather_ps(x, _mm256_cvtepu16_epi32(h1), 4);
+  v16f r;
+  __builtin_memcpy(&r, &a, 32);
+  __builtin_memcpy((char*)&r + 32, &b, 32);
+  return r;
+#else
+  v16f r;
+  SF_UNROLL for (int t = 0; t < 16; ++t) r[t] = x[idx[t]];
+  return r;
+#endif
+}
+
+// Horizontal sums of 8 vectors at once (a transpose-and-add tree: 3 levels of two shuffles and
+// one add, ~3 instructions per result instead of ~8 for separate horizontal sums).
+SF_INLINE void reduce8(const v16f* p, float* out) {
+  const v16i lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  // t_i = [8 partial sums of p_{2i} | 8 of p_{2i+1}]
+  v16f t0 = __builtin_shuffle(p[0], p[1], lo1) + __builtin_shuffle(p[0], p[1], hi1);
+  v16f t1 = __builtin_shuffle(p[2], p[3], lo1) + __builtin_shuffle(p[2], p[3], hi1);
+  v16f t2 = __builtin_shuffle(p[4], p[5], lo1) + __builtin_shuffle(p[4], p[5], hi1);
+  v16f t3 = __builtin_shuffle(p[6], p[7], lo1) + __builtin_shuffle(p[6], p[7], hi1);
+  const v16i lo2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const v16i hi2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  // u0 = [4 of p0 | 4 of p2 | 4 of p1 | 4 of p3], u1 likewise for p4..p7
+  v16f u0 = __builtin_shuffle(t0, t1, lo2) + __builtin_shuffle(t0, t1, hi2);
+  v16f u1 = __builtin_shuffle(t2, t3, lo2) + __builtin_shuffle(t2, t3, hi2);
+  const v16i lo3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const v16i hi3 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  // v = pairs of partial sums in the order p0 p4 p2 p6 p1 p5 p3 p7
+  v16f v = __builtin_shuffle(u0, u1, lo3) + __builtin_shuffle(u0, u1, hi3);
+  out[0] = v[0] + v[1];
+  out[4] = v[2] + v[3];
+  out[2] = v[4] + v[5];
+  out[6] = v[6] + v[7];
+  out[1] = v[8] + v[9];
+  out[5] = v[10] + v[11];
+  out[3] = v[12] + v[13];
+  out[7] = v[14] + v[15];
+}
+
+SF_INLINE int nm_off(const uint8_t* meta_row, int64_t s) { return (meta_row[s >> 1] >> ((s & 1) << 2)) & 15; }
+
+// ---------------------------------------------------------------------------------------------
+// SpMM over one lane panel: Y[r, lanes] = bias[r] + sum_j val_j * X[col_j, lanes]
+// X, Y and bias are fp32 (panels are converted once when they are laid out); values are T.
+// U vectors (16 lanes each) per row; A independent accumulator sets so that at least ~4 FMA
+// chains are in flight (FMA latency 4) when the panel is narrow.
+// ---------------------------------------------------------------------------------------------
+template <int U>
+struct Acc {
+  static constexpr int A = U >= 3 ? (U == 3 ? 2 : 1) : (U == 2 ? 2 : 4);
+};
+
+// acc += sum over entries [j, e) of val_j * X[col_j]; entry t of an unrolled group of A goes to
+// accumulator set t (independent FMA chains)
+template <typename T, int U, int A>
+SF_INLINE void csr_segment(v16f (&acc)[A][U], const T* __restrict val, const uint16_t* __restrict ci, int64_t j,
+                           int64_t e, const float* __restrict X, int64_t ldx) {
+  for (; j + A <= e; j += A) {
+    SF_UNROLL for (int s = 0; s < A; ++s) {
+      const v16f w = splat(ld1(val + j + s));
+      const float* xp = X + (int64_t)ci[j + s] * ldx;
+      SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] += w * vload(xp + 16 * u);
+    }
+  }
+  for (; j < e; ++j) {
+    const v16f w = splat(ld1(val + j));
+    const float* xp = X + (int64_t)ci[j] * ldx;
+    SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += w * vload(xp + 16 * u);
+  }
+}
+
+template <typename T, int U>
+static void spmm_csr_panel_u(const PanelArgs& a) {
+  constexpr int A = Acc<U>::A;
+  const uint16_t* __restrict ci = a.a.col;
+  const float* __restrict X = (const float*)a.x;
+  float* __restrict Y = (float*)a.y;
+  const float* bias = a.bias;
+  const int64_t ldx = a.ldx;
+  if (a.a.bp == nullptr) {  // plain CSR, values T
+    const int32_t* __restrict rp = a.a.rowptr;
+    const T* __restrict val = (const T*)a.a.val;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      v16f acc[A][U];
+      const float b = bias ? bias[r] : 0.f;
+      SF_UNROLL for (int s = 0; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(s == 0 ? b : 0.f);
+      csr_segment<T, U, A>(acc, val, ci, rp[r], rp[r + 1], X, ldx);
+      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
+      float* yp = Y + r * a.ldy;
+      SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
+    }
+    return;
+  }
+  // BCSR (fp32 values): block-major walk, Y rows accumulate across blocks
+  const float* __restrict val = (const float*)a.a.val;
+  for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
+    const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
+    const bool first = blk == 0;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const int64_t j = p[r], e = p[r + 1];
+      if (!first && j == e) continue;
+      float* yp = Y + r * a.ldy;
+      v16f acc[A][U];
+      if (first) {
+        const float b = bias ? bias[r] : 0.f;
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = splat(b);
+      } else {
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = vload(yp + 16 * u);
+      }
+      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(0.f);
+      csr_segment<float, U, A>(acc, val, ci, j, e, X, ldx);
+      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
+      SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
+    }
+  }
+}
+
+// N:M: slot s of a row is in group s >> NS (n = 1 << NS slots a group), column = group*m + nibble.
+// Two slots share a meta byte; 4 slots (2 bytes) an iteration feed 4 independent FMA chains.
+// With blocking (kb a multiple of lcm(32, 2m)) block [k0, k0+kb) holds slots [k0/m*n, (k0+kb)/m*n).
+template <typename T, int U, int NS>
+static void spmm_nm_panel_u(const PanelArgs& a) {
+  constexpr int A = 4;
+  const float* __restrict X = (const float*)a.x;
+  float* __restrict Y = (float*)a.y;
+  const float* bias = a.bias;
+  const int64_t ldx = a.ldx, S = a.a.S, m = a.a.m, cols = a.a.cols;
+  const bool blocked = a.kb > 0 && a.kb < cols && a.kb % (2 * m) == 0;
+  const int64_t kb = blocked ? a.kb : cols;
+  for (int64_t k0 = 0; k0 < cols || k0 == 0; k0 += kb) {
+    const int64_t s_lo = blocked ? (k0 / m) << NS : 0;
+    const int64_t s_hi = blocked ? ((k0 + kb < cols ? k0 + kb : cols) / m) << NS : S;
+    const bool first = k0 == 0;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const T* __restrict vr = (const T*)a.a.val + r * S;
+      const uint8_t* __restrict mr = a.a.meta + r * a.a.meta_ld;
+      float* yp = Y + r * a.ldy;
+      v16f acc[A][U];
+      if (first) {
+        const float b = bias ? bias[r] : 0.f;
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = splat(b);
+      } else {
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = vload(yp + 16 * u);
+      }
+      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(0.f);
+      int64_t j = s_lo;  // even
+      for (; j + 4 <= s_hi; j += 4) {
+        const uint32_t b0 = mr[j >> 1], b1 = mr[(j >> 1) + 1];
+        const int64_t c[4] = {((j + 0) >> NS) * m + (b0 & 15), ((j + 1) >> NS) * m + (b0 >> 4),
+                              ((j + 2) >> NS) * m + (b1 & 15), ((j + 3) >> NS) * m + (b1 >> 4)};
+        SF_UNROLL for (int t = 0; t < 4; ++t) {
+          const v16f w = splat(ld1(vr + j + t));
+          const float* xp = X + c[t] * ldx;
+          SF_UNROLL for (int u = 0; u < U; ++u) acc[t][u] += w * vload(xp + 16 * u);
+        }
+      }
+      for (; j < s_hi; ++j) {
+        const int64_t col = (j >> NS) * m + nm_off(mr, j);
+        const v16f w = splat(ld1(vr + j));
+        const float* xp = X + col * ldx;
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += w * vload(xp + 16 * u);
+      }
+      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
+      SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
+    }
+    if (!blocked) break;
+  }
+}
+
+template <typename T, int NS>
+static void spmm_nm_panel_ns(const PanelArgs& a) {
+  switch (a.nvec) {
+    case 1: spmm_nm_panel_u<T, 1, NS>(a); break;
+    case 2: spmm_nm_panel_u<T, 2, NS>(a); break;
+    case 3: spmm_nm_panel_u<T, 3, NS>(a); break;
+    default: spmm_nm_panel_u<T, 4, NS>(a); break;
+  }
+}
+
+template <typename T>
+static void spmm_panel(const PanelArgs& a) {
+  if (a.a.meta) {
+    switch (a.a.n) {
+      case 1: spmm_nm_panel_ns<T, 0>(a); break;
+      case 2: spmm_nm_panel_ns<T, 1>(a); break;
+      case 4: spmm_nm_panel_ns<T, 2>(a); break;
+      default: spmm_nm_panel_ns<T, 3>(a); break;
+    }
+    return;
+  }
+  switch (a.nvec) {
+    case 1: spmm_csr_panel_u<T, 1>(a); break;
+    case 2: spmm_csr_panel_u<T, 2>(a); break;
+    case 3: spmm_csr_panel_u<T, 3>(a); break;
+    default: spmm_csr_panel_u<T, 4>(a); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// few batch rows: gather-dot per (row, batch row); activations fp32 row-major (L1-resident for
+// K <= 8192), values T. Compiles to vgatherdps with AVX2/AVX-512.
+// ---------------------------------------------------------------------------------------------
+static constexpr int kSmallMax = 16;
+static constexpr int kDecode = 256;
+
+// dot(val[0..len), x[idx[0..len)]) with two vector accumulators
+template <typename T, typename I>
+SF_INLINE float gather_dot(const T* __restrict val, const I* __restrict idx, const float* __restrict x, int64_t len) {
+  v16f a0 = splat(0.f), a1 = splat(0.f);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    a0 += vload(val + j) * gather16(x, idx + j);
+    a1 += vload(val + j + 16) * gather16(x, idx + j + 16);
+  }
+  if (j + 16 <= len) {
+    a0 += vload(val + j) * gather16(x, idx + j);
+    j += 16;
+  }
+  float s = hsum(a0 + a1);
+  for (; j < len; ++j) s += ld1(val + j) * x[idx[j]];
+  return s;
+}
+
+template <typename T>
+static void spmm_small_csr(const SmallArgs& a) {
+  const uint16_t* __restrict ci = a.a.col;
+  if (a.a.bp == nullptr) {
+    const int32_t* __restrict rp = a.a.rowptr;
+    const T* __restrict val = (const T*)a.a.val;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const int64_t j0 = rp[r], e = rp[r + 1];
+      const float b = a.bias ? a.bias[r] : 0.f;
+      for (int64_t bi = 0; bi < a.B; ++bi)
+        a.y[bi * a.ldy + r] = gather_dot(val + j0, ci + j0, a.x + bi * a.ldx, e - j0) + b;
+    }
+    return;
+  }
+  const float* __restrict val = (const float*)a.a.val;  // BCSR: fp32 values, accumulate over blocks
+  for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
+    const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const int64_t j0 = p[r], e = p[r + 1];
+      for (int64_t bi = 0; bi < a.B; ++bi) {
+        const float d = gather_dot(val + j0, ci + j0, a.x + bi * a.ldx, e - j0);
+        float* yp = a.y + bi * a.ldy + r;
+        *yp = blk == 0 ? d + (a.bias ? a.bias[r] : 0.f) : *yp + d;
+      }
+    }
+  }
+}
+
+#if SF_ISA == 2
+// AVX-512 N:M dot for m/n = R in {2, 4}: the x values of 16 consecutive slots lie in a window of
+// 16*R floats (16/n whole groups), so decode 16 nibbles into lane offsets and pick them with
+// vpermt2ps from contiguous loads -- no gathers.
+template <typename T, int NS, int R>
+SF_INLINE float nm_dot_perm(const T* __restrict vr, const uint8_t* __restrict mr, const float* __restrict x,
+                            int64_t S, int64_t m) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i gbase = _mm512_mullo_epi32(_mm512_srli_epi32(lane, NS), _mm512_set1_epi32((int)m));
+  const __m512i sh = _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 2);
+  const __m512i f15 = _mm512_set1_epi32(15), b32 = _mm512_set1_epi32(32);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t s0 = 0;
+  for (; s0 + 16 <= S; s0 += 16) {
+    const __m128i b8 = _mm_loadl_epi64((const __m128i*)(mr + (s0 >> 1)));
+    const __m512i offs = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b8, b8)), sh), f15);
+    const __m512i idx = _mm512_add_epi32(gbase, offs);
+    const float* xw = x + (s0 >> NS) * m;
+    __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), idx, _mm512_loadu_ps(xw + 16));
+    if (R == 4) {
+      const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xw + 32), idx, _mm512_loadu_ps(xw + 48));
+      xv = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, b32), xv, hi);
+    }
+    const __m512 w = (__m512)vload(vr + s0);
+    if ((s0 >> 4) & 1) acc1 = _mm512_fmadd_ps(w, xv, acc1);
+    else acc0 = _mm512_fmadd_ps(w, xv, acc0);
+  }
+  float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; s0 < S; ++s0) r += ld1(vr + s0) * x[(s0 >> NS) * m + nm_off(mr, s0)];
+  return r;
+}
+#endif
+
+template <typename T, int NS>
+static void spmm_small_nm_ns(const SmallArgs& a) {
+  const int64_t S = a.a.S, m = a.a.m;
+#if SF_ISA == 2
+  if ((m >> NS) << NS == m && ((m >> NS) == 2 || (m >> NS) == 4)) {
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const T* vr = (const T*)a.a.val + r * S;
+      const uint8_t* mr = a.a.meta + r * a.a.meta_ld;
+      const float b = a.bias ? a.bias[r] : 0.f;
+      for (int64_t bi = 0; bi < a.B; ++bi) {
+        const float* xb = a.x + bi * a.ldx;
+        a.y[bi * a.ldy + r] = b + ((m >> NS) == 2 ? nm_dot_perm<T, NS, 2>(vr, mr, xb, S, m)
+                                                   : nm_dot_perm<T, NS, 4>(vr, mr, xb, S, m));
+      }
+    }
+    return;
+  }
+#endif
+  int32_t cols[kDecode];
+  float acc[kSmallMax];
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    const T* __restrict vr = (const T*)a.a.val + r * S;
+    const uint8_t* __restrict mr = a.a.meta + r * a.a.meta_ld;
+    for (int64_t bi = 0; bi < a.B; ++bi) acc[bi] = 0.f;
+    for (int64_t s0 = 0; s0 < S; s0 += kDecode) {
+      const int64_t len = S - s0 < kDecode ? S - s0 : kDecode;
+      for (int64_t t = 0; t < len; ++t) cols[t] = (int32_t)(((s0 + t) >> NS) * m + nm_off(mr, s0 + t));
+      for (int64_t bi = 0; bi < a.B; ++bi) acc[bi] += gather_dot(vr + s0, cols, a.x + bi * a.ldx, len);
+    }
+    const float b = a.bias ? a.bias[r] : 0.f;
+    for (int64_t bi = 0; bi < a.B; ++bi) a.y[bi * a.ldy + r] = acc[bi] + b;
+  }
+}
+
+template <typename T>
+static void spmm_small(const SmallArgs& a) {
+  if (a.a.meta) {
+    switch (a.a.n) {
+      case 1: spmm_small_nm_ns<T, 0>(a); break;
+      case 2: spmm_small_nm_ns<T, 1>(a); break;
+      case 4: spmm_small_nm_ns<T, 2>(a); break;
+      default: spmm_small_nm_ns<T, 3>(a); break;
+    }
+    return;
+  }
+  spmm_small_csr<T>(a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDDMM (masked weight gradient) over one lane panel:
+//   out[j] (+)= sum_lanes DY[r, lanes] * X[col_j, lanes]   for the CSR entries j of rows [r0, r1)
+// DY's row stays in registers; 8 entries are reduced at once with reduce8.
+// ---------------------------------------------------------------------------------------------
+// out[j] (+)= dot(d, X[col_j]) for entries [j, e); 8 at a time with reduce8
+template <int U>
+SF_INLINE void sddmm_segment(const v16f (&d)[U], const uint16_t* __restrict ci, int64_t j, int64_t e,
+                             const float* __restrict X, int64_t ld, float* __restrict out, bool accum) {
+  for (; j + 8 <= e; j += 8) {
+    v16f p[8];
+    SF_UNROLL for (int t = 0; t < 8; ++t) {
+      const float* xp = X + (int64_t)ci[j + t] * ld;
+      p[t] = d[0] * vload(xp);
+      SF_UNROLL for (int u = 1; u < U; ++u) p[t] += d[u] * vload(xp + 16 * u);
+    }
+    float res[8];
+    reduce8(p, res);
+    if (accum) {
+      SF_UNROLL for (int t = 0; t < 8; ++t) out[j + t] += res[t];
+    } else {
+      SF_UNROLL for (int t = 0; t < 8; ++t) out[j + t] = res[t];
+    }
+  }
+  for (; j < e; ++j) {
+    const float* xp = X + (int64_t)ci[j] * ld;
+    v16f p = d[0] * vload(xp);
+    SF_UNROLL for (int u = 1; u < U; ++u) p += d[u] * vload(xp + 16 * u);
+    const float s = hsum(p);
+    out[j] = accum ? out[j] + s : s;
+  }
+}
+
+template <int U>
+static void sddmm_panel_u(const SddmmArgs& a) {
+  const uint16_t* __restrict ci = a.a.col;
+  const float* __restrict X = (const float*)a.x;
+  const float* __restrict D = (const float*)a.dy;
+  const int64_t ld = a.ld;
+  const int64_t nblk = a.a.bp ? a.a.nblk : 1;
+  for (int64_t blk = 0; blk < nblk; ++blk) {  // BCSR: outputs in block-major order
+    const int32_t* __restrict p = a.a.bp ? a.a.bp + blk * a.a.bp_ld : a.a.rowptr;
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const int64_t j = p[r], e = p[r + 1];
+      if (j == e) continue;
+      v16f d[U];
+      SF_UNROLL for (int u = 0; u < U; ++u) d[u] = vload(D + r * ld + 16 * u);
+      sddmm_segment<U>(d, ci, j, e, X, ld, a.out, a.accumulate);
+    }
+  }
+}
+
+// Lanes beyond kSddmmVec vectors are split into chunks that accumulate. With AVX-512 (32 vector
+// registers) a whole 256-lane dY row stays in registers, so each kept weight is reduced once.
+#if SF_ISA == 2
+static constexpr int kSddmmVec = 16;
+#else
+static constexpr int kSddmmVec = 4;
+#endif
+
+template <int U>
+SF_INLINE void sddmm_dispatch_hi(const SddmmArgs& b, int64_t nv) {
+  if constexpr (U > 1) {
+    if (nv < U) {
+      sddmm_dispatch_hi<U - 1>(b, nv);
+      return;
+    }
+  }
+  sddmm_panel_u<U>(b);
+}
+
+template <typename T>
+static void sddmm_panel(const SddmmArgs& a) {
+  SddmmArgs b = a;
+  for (int64_t v0 = 0; v0 < a.nvec; v0 += kSddmmVec) {
+    const int64_t nv = a.nvec - v0 < kSddmmVec ? a.nvec - v0 : kSddmmVec;
+    b.x = (const float*)a.x + 16 * v0;
+    b.dy = (const float*)a.dy + 16 * v0;
+    b.accumulate = a.accumulate || v0 > 0;
+    sddmm_dispatch_hi<kSddmmVec>(b, nv);
+  }
+}
+
+// few batch rows: out[j] (+)= sum_b DY[b, r] * X[b, col_j] (fp32 row-major operands)
+template <typename T>
+static void sddmm_small(const SddmmArgs& a) {
+  const uint16_t* __restrict ci = a.a.col;
+  const float* __restrict D = (const float*)a.dy;
+  const float* __restrict X = (const float*)a.x;
+  float* __restrict out = a.out;
+  const int64_t B = a.B;
+  const int64_t nblk = a.a.bp ? a.a.nblk : 1;
+  for (int64_t blk = 0; blk < nblk; ++blk)  // BCSR: outputs in block-major order
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    const int32_t* __restrict rp = a.a.bp ? a.a.bp + blk * a.a.bp_ld : a.a.rowptr;
+    const int64_t j0 = rp[r], e = rp[r + 1];
+    int64_t j = j0;
+    for (; j + 16 <= e; j += 16) {
+      v16f acc = a.accumulate ? vload(out + j) : splat(0.f);
+      for (int64_t bi = 0; bi < B; ++bi) acc += splat(D[bi * a.ldd + r]) * gather16(X + bi * a.ldx, ci + j);
+      vstore(out + j, acc);
+    }
+    for (; j < e; ++j) {
+      float acc = a.accumulate ? out[j] : 0.f;
+      for (int64_t bi = 0; bi < B; ++bi) acc += D[bi * a.ldd + r] * X[bi * a.ldx + ci[j]];
+      out[j] = acc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layout: rows (B x K, row stride ld) <-> panels (nc x K x PW), lane l of panel c = row c*PW + l.
+// Work item = (panels [c0, c1), rows [k0, k1)); tiles of 32 reduction rows keep the transpose in L1.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+static void to_panels(const PackArgs& a) {  // T rows -> fp32 panels
+  const T* __restrict src = (const T*)a.src;
+  float* __restrict dst = (float*)a.dst;
+  const int64_t K = a.K, PW = a.PW;
+  for (int64_t c = a.c0; c < a.c1; ++c) {
+    float* pc = dst + c * K * PW;
+    const int64_t nb = a.B - c * PW < PW ? a.B - c * PW : PW;
+    for (int64_t k0 = a.k0; k0 < a.k1; k0 += 32) {
+      const int64_t k1 = k0 + 32 < a.k1 ? k0 + 32 : a.k1;
+      for (int64_t l = 0; l < nb; ++l) {
+        const T* s = src + (c * PW + l) * a.ld;
+        for (int64_t k = k0; k < k1; ++k) pc[k * PW + l] = ld1(s + k);
+      }
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t l = nb; l < PW; ++l) pc[k * PW + l] = 0.f;
+    }
+  }
+}
+
+template <typename T>
+static void from_panels(const PackArgs& a) {  // fp32 panels -> T rows
+  const float* __restrict src = (const float*)a.src;
+  T* __restrict dst = (T*)a.dst;
+  const int64_t K = a.K, PW = a.PW;
+  for (int64_t c = a.c0; c < a.c1; ++c) {
+    const float* pc = src + c * K * PW;
+    const int64_t nb = a.B - c * PW < PW ? a.B - c * PW : PW;
+    for (int64_t k0 = a.k0; k0 < a.k1; k0 += 32) {
+      const int64_t k1 = k0 + 32 < a.k1 ? k0 + 32 : a.k1;
+      for (int64_t l = 0; l < nb; ++l) {
+        T* d = dst + (c * PW + l) * a.ld;
+        for (int64_t k = k0; k < k1; ++k) st1(d + k, pc[k * PW + l]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// conv: im2col straight into panels. Reduction row r = (kh*KW + kw)*C + ci; lane q = img*Ho*Wo +
+// ho*Wo + wo lives at panel q / PW, lane q % PW; panel c holds all Kred rows: Xp[c][r][l].
+// ---------------------------------------------------------------------------------------------
+// valid output columns [wlo, whi) for kernel column kw: 0 <= wo*sw - pw + kw*dw < W
+SF_INLINE void valid_cols(const ConvGeom& g, int64_t kw, int64_t& wlo, int64_t& whi) {
+  const int64_t off = kw * g.dw - g.pw;
+  wlo = off < 0 ? (-off + g.sw - 1) / g.sw : 0;
+  whi = g.W - off <= 0 ? 0 : (g.W - off + g.sw - 1) / g.sw;
+  if (whi > g.Wo) whi = g.Wo;
+  if (wlo > whi) wlo = whi;
+}
+
+// conv im2col into a plain fp32 buffer: row r = (kh*KW + kw)*C + ci of length g.PW (>= G*Ho*Wo lanes,
+// lane q = img*Ho*Wo + ho*Wo + wo; lanes beyond are zeroed); rows [r0, r1).
+template <typename T>
+static void im2col(const void* xv, void* xpv, const ConvGeom& g, int64_t r0, int64_t r1) {
+  const T* __restrict x = (const T*)xv;
+  float* __restrict xp = (float*)xpv;
+  const int64_t C = g.C, HWi = g.H * g.W, P = g.G * g.Ho * g.Wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t ci = r % C, kk = r / C, kh = kk / g.KW, kw = kk % g.KW;
+    float* d = xp + r * g.PW;
+    int64_t wlo, whi;
+    valid_cols(g, kw, wlo, whi);
+    const int64_t off_w = kw * g.dw - g.pw;
+    if (g.sh == 1 && g.sw == 1 && g.Wo == g.W) {
+      // stride 1, Wo == W ("same"-style): the lane plane is the input plane shifted by hs rows and
+      // off_w columns: one contiguous copy, then zero the rows outside and the wrapped columns.
+      const int64_t hs = kh * g.dh - g.ph, HoWo = g.Ho * g.Wo;
+      const int64_t hlo = hs < 0 ? -hs : 0, hhi = g.H - hs < g.Ho ? g.H - hs : g.Ho;
+      for (int64_t img = 0; img < g.G; ++img, d += HoWo) {
+        const T* xc = x + img * g.img_stride + ci * HWi;
+        if (hhi <= hlo) {
+          for (int64_t q = 0; q < HoWo; ++q) d[q] = 0.f;
+          continue;
+        }
+        for (int64_t q = 0; q < hlo * g.Wo; ++q) d[q] = 0.f;
+        const int64_t start = (hlo + hs) * g.W + off_w, len = (hhi - hlo) * g.Wo;
+        const int64_t t0 = start < 0 ? -start : 0, t1 = HWi - start < len ? HWi - start : len;
+        float* dv = d + hlo * g.Wo;
+        for (int64_t t = 0; t < t0; ++t) dv[t] = 0.f;
+        for (int64_t t = t0; t < t1; ++t) dv[t] = ld1(xc + start + t);
+        for (int64_t t = t1 > t0 ? t1 : t0; t < len; ++t) dv[t] = 0.f;
+        if (wlo > 0 || whi < g.Wo)
+          for (int64_t ho = hlo; ho < hhi; ++ho) {
+            for (int64_t wo = 0; wo < wlo; ++wo) d[ho * g.Wo + wo] = 0.f;
+            for (int64_t wo = whi; wo < g.Wo; ++wo) d[ho * g.Wo + wo] = 0.f;
+          }
+        for (int64_t q = hhi * g.Wo; q < HoWo; ++q) d[q] = 0.f;
+      }
+      for (int64_t q = P; q < g.PW; ++q) xp[r * g.PW + q] = 0.f;
+      continue;
+    }
+    for (int64_t img = 0; img < g.G; ++img) {
+      const T* xc = x + img * g.img_stride + ci * HWi;
+      for (int64_t ho = 0; ho < g.Ho; ++ho, d += g.Wo) {
+        const int64_t h = ho * g.sh - g.ph + kh * g.dh;
+        if (h < 0 || h >= g.H) {
+          for (int64_t wo = 0; wo < g.Wo; ++wo) d[wo] = 0.f;
+          continue;
+        }
+        const T* s = xc + h * g.W + off_w;
+        for (int64_t wo = 0; wo < wlo; ++wo) d[wo] = 0.f;
+        if (g.sw == 1) {
+          for (int64_t wo = wlo; wo < whi; ++wo) d[wo] = ld1(s + wo);
+        } else {
+          for (int64_t wo = wlo; wo < whi; ++wo) d[wo] = ld1(s + wo * g.sw);
+        }
+        for (int64_t wo = whi; wo < g.Wo; ++wo) d[wo] = 0.f;
+      }
+    }
+    for (int64_t q = P; q < g.PW; ++q) xp[r * g.PW + q] = 0.f;
+  }
+}
+
+// dx (fp32, G images; zero-initialised by the caller) += col2im(plain fp32 buffer as im2col writes it);
+// work item = plane img*C + ci, planes [p0, p1).
+static void col2im(const void* xpv, void* dxv, const ConvGeom& g, int64_t p0, int64_t p1) {
+  float* __restrict xpm = (float*)xpv;  // the stride-1 path zeroes wrapped columns of its own rows
+  const float* __restrict xp = xpm;
+  float* __restrict dx = (float*)dxv;
+  const int64_t C = g.C, HoWo = g.Ho * g.Wo;
+  for (int64_t plane = p0; plane < p1; ++plane) {
+    const int64_t img = plane / C, ci = plane % C;
+    float* dxc = dx + img * g.img_stride + ci * g.H * g.W;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t r = (kh * g.KW + kw) * C + ci;
+        const float* s = xp + r * g.PW + img * HoWo;
+        int64_t wlo, whi;
+        valid_cols(g, kw, wlo, whi);
+        const int64_t off_w = kw * g.dw - g.pw;
+        if (g.sh == 1 && g.sw == 1 && g.Wo == g.W) {
+          // mirror of the im2col fast path: zero the wrapped columns of this (row, image) lane
+          // block (each is read by this plane only), then one contiguous shifted add
+          const int64_t hs = kh * g.dh - g.ph;
+          const int64_t hlo = hs < 0 ? -hs : 0, hhi = g.H - hs < g.Ho ? g.H - hs : g.Ho;
+          if (hhi <= hlo) continue;
+          float* sm = xpm + r * g.PW + img * HoWo;
+          if (wlo > 0 || whi < g.Wo)
+            for (int64_t ho = hlo; ho < hhi; ++ho) {
+              for (int64_t wo = 0; wo < wlo; ++wo) sm[ho * g.Wo + wo] = 0.f;
+              for (int64_t wo = whi; wo < g.Wo; ++wo) sm[ho * g.Wo + wo] = 0.f;
+            }
+          const int64_t start = (hlo + hs) * g.W + off_w, len = (hhi - hlo) * g.Wo, HWi = g.H * g.W;
+          const int64_t t0 = start < 0 ? -start : 0, t1 = HWi - start < len ? HWi - start : len;
+          const float* sv = sm + hlo * g.Wo;
+          for (int64_t t = t0; t < t1; ++t) dxc[start + t] += sv[t];
+          continue;
+        }
+        for (int64_t ho = 0; ho < g.Ho; ++ho, s += g.Wo) {
+          const int64_t h = ho * g.sh - g.ph + kh * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          float* dr = dxc + h * g.W + off_w;
+          if (g.sw == 1) {
+            for (int64_t wo = wlo; wo < whi; ++wo) dr[wo] += s[wo];
+          } else {
+            for (int64_t wo = wlo; wo < whi; ++wo) dr[wo * g.sw] += s[wo];
+          }
+        }
+      }
+    }
+  }
+}
+
+// rows o of (G images x rows x HW) tensor t <-> panels (nc x rows x PW), lane q = img*HW + hw.
+template <typename T>
+static void rows_to_panels(const void* tv, void* pv, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
+                           int64_t PW, int64_t o0, int64_t o1) {
+  const T* __restrict t = (const T*)tv;
+  float* __restrict p = (float*)pv;
+  const int64_t P = G * HW, nc = (P + PW - 1) / PW, pstride = rows * PW;
+  const float zero = 0.f;
+  for (int64_t o = o0; o < o1; ++o) {
+    int64_t c = 0, l = 0;
+    for (int64_t img = 0; img < G; ++img) {
+      const T* s = t + img * img_stride + o * HW;
+      int64_t hw = 0;
+      while (hw < HW) {
+        const int64_t n = (PW - l) < (HW - hw) ? (PW - l) : (HW - hw);
+        float* d = p + c * pstride + o * PW + l;
+        for (int64_t i = 0; i < n; ++i) d[i] = ld1(s + hw + i);
+        hw += n;
+        l += n;
+        if (l == PW) { l = 0; ++c; }
+      }
+    }
+    for (; c < nc; ++c) {
+      for (; l < PW; ++l) p[c * pstride + o * PW + l] = zero;
+      l = 0;
+    }
+  }
+}
+
+template <typename T>
+static void panels_to_rows(const void* pv, void* tv, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
+                           int64_t PW, int64_t o0, int64_t o1) {
+  const float* __restrict p = (const float*)pv;
+  T* __restrict t = (T*)tv;
+  const int64_t pstride = rows * PW;
+  for (int64_t o = o0; o < o1; ++o) {
+    int64_t c = 0, l = 0;
+    for (int64_t img = 0; img < G; ++img) {
+      T* d = t + img * img_stride + o * HW;
+      int64_t hw = 0;
+      while (hw < HW) {
+        const int64_t n = (PW - l) < (HW - hw) ? (PW - l) : (HW - hw);
+        const float* sp = p + c * pstride + o * PW + l;
+        for (int64_t i = 0; i < n; ++i) st1(d + hw + i, sp[i]);
+        hw += n;
+        l += n;
+        if (l == PW) { l = 0; ++c; }
+      }
+    }
+  }
+}
+
+// copy n bytes (n, dst 16-byte aligned parts) with non-temporal stores where the ISA has them
+SF_INLINE void stream_copy(char* __restrict dst, const char* __restrict src, int64_t n) {
+#if defined(__SSE2__) || SF_ISA >= 1
+  int64_t i = 0;
+  while (i < n && ((uintptr_t)(dst + i) & 63)) {  // head up to 64-byte alignment
+    dst[i] = src[i];
+    ++i;
+  }
+#if SF_ISA == 2
+  for (; i + 64 <= n; i += 64) {
+    __m512i v;
+    __builtin_memcpy(&v, src + i, 64);
+    _mm512_stream_si512((__m512i*)(dst + i), v);
+  }
+#elif SF_ISA == 1
+  for (; i + 32 <= n; i += 32) {
+    __m256i v;
+    __builtin_memcpy(&v, src + i, 32);
+    _mm256_stream_si256((__m256i*)(dst + i), v);
+  }
+#else
+  for (; i + 16 <= n; i += 16) {
+    __m128i v;
+    __builtin_memcpy(&v, src + i, 16);
+    _mm_stream_si128((__m128i*)(dst + i), v);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  __builtin_memcpy(dst, src, n);
+#endif
+}
+
+template <typename T>
+static void dense_rows(const SpMat& a, const float* vals, void* outv, float* scratch, int64_t r0, int64_t r1) {
+  T* out = (T*)outv;
+  const int64_t C = a.cols;
+  const int64_t nblk = a.bp ? a.nblk : 1;
+  for (int64_t r = r0; r < r1; ++r) {
+    __builtin_memset(scratch, 0, C * sizeof(float));
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int32_t* p = a.bp ? a.bp + b * a.bp_ld : a.rowptr;
+      for (int64_t j = p[r]; j < p[r + 1]; ++j) scratch[a.col[j]] = vals[j];
+    }
+    if (sizeof(T) != sizeof(float)) {  // convert in place (T is narrower): scratch as T[C]
+      T* t = (T*)scratch;
+      int64_t k = 0;
+      for (; k + 16 <= C; k += 16) {
+        const v16f v = vload(scratch + k);
+        vstore(t + k, v);
+      }
+      for (; k < C; ++k) st1(t + k, scratch[k]);
+    }
+    stream_copy((char*)(out + r * C), (const char*)scratch, C * (int64_t)sizeof(T));
+  }
+#if defined(__SSE2__) || SF_ISA >= 1
+  _mm_sfence();
+#endif
+}
+
+template <typename T>
+static KernelTable make_table(const char* name) {
+  KernelTable t;
+  t.isa_name = name;
+  t.dense_rows = &dense_rows<T>;
+  t.spmm_panel = &spmm_panel<T>;
+  t.spmm_small = &spmm_small<T>;
+  t.sddmm_panel = &sddmm_panel<T>;
+  t.sddmm_small = &sddmm_small<T>;
+  t.to_panels = &to_panels<T>;
+  t.from_panels = &from_panels<T>;
+  t.im2col = &im2col<T>;
+  t.col2im = &col2im;
+  t.rows_to_panels = &rows_to_panels<T>;
+  t.panels_to_rows = &panels_to_rows<T>;
+  return t;
+}
+
+#undef SF_INLINE
+#undef SF_UNROLL

@@ -1,0 +1,116 @@
+"""Build definition and loader of the CPU extension ``sparsefast._C_cpu`` (sources in ``csrc/cpu/``).
+
+Used two ways:
+
+* ``setup.py`` execs this file standalone and calls :func:`extensions` (so nothing here imports the
+  ``sparsefast`` package at module level);
+* :func:`load` returns the compiled module: the one built by ``pip install -e .`` if it is importable
+  and current (same ``ABI_VERSION``), else a ninja JIT build (``torch.utils.cpp_extension.load``,
+  cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; rebuilt when a source
+  changes).
+
+One build runs on any x86-64 CPU: no ``-march=native``; ``kernels.cpp`` compiles the kernels for
+generic x86-64, AVX2+FMA and AVX-512 with ``#pragma GCC target`` and picks one at run time.
+Threads come from torch's own OpenMP pool (``at::parallel_for``), so no ``-fopenmp`` runtime of our
+own is linked (``-fopenmp-simd`` only enables the ``omp simd`` loop hints).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+NAME = "sparsefast._C_cpu"
+JIT_NAME = "sparsefast_C_cpu"
+#: must equal ``kAbiVersion`` in csrc/cpu/binding.cpp
+ABI_VERSION = 4
+SOURCES = ("csrc/cpu/binding.cpp", "csrc/cpu/kernels.cpp")
+HEADERS = ("csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h")
+CFLAGS = [
+    "-O3",
+    "-ffp-contract=fast",      # fuse a*b+c into FMA in the vector-extension kernels
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-Wno-psabi",
+    "-Wno-maybe-uninitialized",
+]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+
+
+def _source_paths(root: Path) -> list[Path]:
+    return [root / s for s in SOURCES]
+
+
+def extensions(root: Path) -> list:
+    """``CppExtension`` list for setup.py (paths relative to the project root when possible)."""
+    from torch.utils.cpp_extension import CppExtension
+
+    root = Path(root).resolve()
+    srcs = []
+    for p in _source_paths(root):
+        try:
+            srcs.append(os.path.relpath(p, Path.cwd()))
+        except ValueError:  # different drive (Windows)
+            srcs.append(str(p))
+    if not all((root / s).exists() for s in SOURCES):
+        return []
+    return [CppExtension(NAME, srcs, include_dirs=[str(root / "csrc" / "cpu")],
+                         extra_compile_args={"cxx": list(CFLAGS)})]
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load as _load
+
+    missing = [s for s in (*SOURCES, *HEADERS) if not (_ROOT / s).exists()]
+    if missing:
+        raise RuntimeError(f"sources not found (not a source checkout?): {', '.join(missing)}")
+    return _load(name=JIT_NAME, sources=[str(p) for p in _source_paths(_ROOT)],
+                 extra_cflags=list(CFLAGS), extra_include_paths=[str(_ROOT / "csrc" / "cpu")],
+                 verbose=os.environ.get("SPARSEFAST_VERBOSE_BUILD", "0") not in ("", "0"))
+
+
+def load():
+    """The compiled extension module; raises ``RuntimeError`` with the real error if it cannot be
+    imported nor built. ``SPARSEFAST_CPU_JIT=1`` skips the prebuilt module."""
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        problems = []
+        if os.environ.get("SPARSEFAST_CPU_JIT", "0") in ("", "0"):
+            try:
+                import importlib
+
+                mod = importlib.import_module(NAME)
+                if getattr(mod, "ABI_VERSION", None) == ABI_VERSION and not _stale(mod):
+                    _module = mod
+                    return mod
+                problems.append(f"prebuilt {NAME} is stale (ABI {getattr(mod, 'ABI_VERSION', '?')}, "
+                                f"want {ABI_VERSION}, or sources newer); rebuilding with ninja")
+            except ImportError as e:
+                problems.append(f"no prebuilt {NAME} ({e})")
+        try:
+            _module = _jit_build()
+            return _module
+        except Exception as e:  # noqa: BLE001 - keep the real error for unavailable_reason()
+            _error = (f"could not build the CPU extension ({type(e).__name__}: {str(e).strip()[-2000:]})"
+                      + (f"; {'; '.join(problems)}" if problems else ""))
+            raise RuntimeError(_error) from e
+
+
+def _stale(mod) -> bool:
+    """True when the prebuilt module is older than a source file (editable installs during development)."""
+    f = getattr(mod, "__file__", None)
+    if not f or not os.path.exists(f):
+        return False
+    built = os.path.getmtime(f)
+    try:
+        return any((_ROOT / s).exists() and os.path.getmtime(_ROOT / s) > built + 1 for s in (*SOURCES, *HEADERS))
+    except OSError:
+        return False

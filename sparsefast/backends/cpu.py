@@ -1,0 +1,381 @@
+"""The ``cpu`` backend: C++ kernels from ``csrc/cpu/`` (extension ``sparsefast._C_cpu``).
+
+Formats (see ``csrc/cpu/kernels.h``), all over the weight's reduction view ``(rows, K)``
+(conv: ``(O, kh*kw*C/groups)``, channel fastest):
+
+* index (mask only, cached per mask version): CSR ``rowptr`` int32 + 16-bit column indices, its
+  per-group transpose (``t_rowptr``, 16-bit row indices, ``t_perm`` = CSR position of each entry)
+  and, for N:M with n in {1, 2, 4, 8} and m <= 16, 4-bit in-group offsets (``meta``);
+* values (cached per weight version, i.e. re-gathered once per optimizer step): CSR-ordered kept
+  values, their transpose order (a permutation gather of those) and the N:M slot values.
+
+Kernels: forward SpMM and ``dX`` (SpMM through the transpose) vectorised over the batch — the dense
+operand is stored batch-transposed in 16..64-lane panels so each kept weight is loaded once and
+multiplies a vector of batch rows (or output pixels for conv); a gather kernel for batches of
+<= 4 rows; the masked ``dW`` is an SDDMM at the kept positions only (dense-shaped output, zeros
+elsewhere). Conv uses im2col into the same panels (implicit-GEMM reduction order). Threads: torch's
+OpenMP pool over nnz-balanced row partitions. ISA: AVX-512 / AVX2 / portable, chosen at run time
+(``describe()``; ``SPARSEFAST_CPU_ISA=generic|avx2|avx512`` forces a lower one).
+
+float32 and bfloat16 run natively (fp32 accumulation); float16 runs the float32 kernels on converted
+operands; float64 is not supported (``auto`` uses the reference).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _build_cpu
+from ..masks import Pattern, from_reduction_view, reduction_view
+from .base import Backend, ConvParams, OpQuery
+
+__all__ = ["CpuBackend", "crossover_density"]
+
+_MAX_IDX = 65536
+_MAX_NNZ = 2**31 - 1024
+
+
+def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_shape: Sequence[int],
+                      groups: int = 1) -> float:
+    """Highest unstructured density at which the cpu kernels still beat dense (MKL / oneDNN).
+
+    Measured (2026-11-23) on the 2-core AMD EPYC (Zen 4, AVX-512, AVX512-BF16) dev machine with torch
+    2.13: forward time of ``F.linear`` / ``F.conv2d`` on the masked weight vs this backend, swept over
+    density 0.1..0.7 for Linear 4096x4096 and 1024x1024 (M = 1, 16, 64, 256) and 3x3 convs (C=O=256 at
+    14x14, 128 at 28x28, 64 at 56x56), min of 5 single-thread CPU-time runs (the shared machine was
+    too loaded for stable wall-clock numbers); script: ``python csrc/cpu/measure.py crossover
+    --threads 1``. Measured crossovers (dense/sparse = 1), and the thresholds used (about 80% of
+    them, so ``auto`` does not pick a slower kernel near the edge):
+
+    ==========================  ==============================  =========
+    case                        measured crossover density      threshold
+    ==========================  ==============================  =========
+    linear fp32, M = 1          0.5 (4096²), 0.15 (1024²: the   0.4 / 0.1
+                                dense weight is cache-resident)
+    linear fp32, 2 <= M <= 64   > 0.7                           0.5
+    linear fp32, M = 256        0.6-0.7                         0.45
+    linear bf16, M = 1          0.45 (4096²), 0.17 (1024²)      0.35/0.1
+    linear bf16, M <= 16        0.35-0.4                        0.3
+    linear bf16, M >= 64        0.25-0.33                       0.2
+    conv3x3 fp32                0.33 (O >= 128), 0.22 (O = 64)  0.25/0.15
+    conv3x3 bf16                0.12-0.2 (O >= 128), < 0.1      0.12/0.05
+    ==========================  ==============================  =========
+    """
+    ws = tuple(int(v) for v in weight_shape)
+    bf16 = dtype == torch.bfloat16
+    if op == "conv":
+        og = ws[0] // max(groups, 1)
+        if bf16:
+            return 0.12 if og >= 128 else 0.05
+        return 0.25 if og >= 128 else 0.15
+    m = m_rows if m_rows is not None else 64
+    numel = 1
+    for v in ws:
+        numel *= v
+    if m <= 1:
+        if numel * (2 if bf16 else 4) <= (8 << 20):  # dense weight stays in cache: dense GEMV is fast
+            return 0.1
+        return 0.35 if bf16 else 0.4
+    if bf16:
+        return 0.3 if m <= 16 else 0.2
+    return 0.5 if m <= 64 else 0.45
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    devices = ("cpu",)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ext = None
+        self._err: str | None = None
+        try:
+            self._ext = _build_cpu.load()
+        except Exception as e:  # noqa: BLE001 - reported by unavailable_reason()
+            self._err = str(e)
+
+    # ---- availability -------------------------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        return self._err
+
+    @property
+    def ext(self):
+        if self._ext is None:
+            raise RuntimeError(f"sparsefast cpu backend is unavailable: {self._err}")
+        return self._ext
+
+    def describe(self) -> str:
+        """Which kernel path runs here, e.g. ``"avx512 kernels, 2 threads (OpenMP)"``."""
+        if self._ext is None:
+            return f"unavailable: {self._err}"
+        d = self._ext.describe()
+        par = "OpenMP" if d["openmp"] else "no OpenMP: single-threaded"
+        return (f"{d['isa']} kernels (compiled: {', '.join(d['isas'])}), {d['threads']} threads ({par}), "
+                f"panel {d['panel']} lanes, gather kernel for <= {d['small_max']} rows")
+
+    def set_isa(self, isa: str) -> None:
+        """Force the kernel ISA (``"generic"``, ``"avx2"``, ``"avx512"``, ``"auto"``) — for tests."""
+        self.ext.set_isa(isa)
+
+    def not_supported_reasons(self, q: OpQuery) -> list[str]:
+        reasons = []
+        if q.device.type != "cpu":
+            reasons.append(f"cpu runs on cpu tensors, not {q.device.type}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"cpu does not support dtype {q.dtype} (float32, bfloat16, float16 only)")
+        ws = tuple(q.weight_shape)
+        if q.op == "linear":
+            if len(ws) != 2:
+                reasons.append(f"linear weight must be 2-D, got {ws}")
+            else:
+                rows, k = ws
+                if k > _MAX_IDX or rows > _MAX_IDX:
+                    reasons.append(f"cpu uses 16-bit indices: in/out features must be <= {_MAX_IDX}, got {ws}")
+        elif q.op == "conv":
+            if len(ws) != 4:
+                reasons.append(f"conv weight must be 4-D, got {ws}")
+            else:
+                groups = q.conv.groups if q.conv is not None else 1
+                kred = ws[1] * ws[2] * ws[3]
+                if kred > _MAX_IDX or ws[0] // max(groups, 1) > _MAX_IDX:
+                    reasons.append(f"cpu uses 16-bit indices: C/groups*kh*kw and out_channels/groups must be "
+                                   f"<= {_MAX_IDX}, got weight {ws}")
+        else:
+            reasons.append(f"unknown op {q.op!r}")
+        numel = 1
+        for s in ws:
+            numel *= int(s)
+        if numel > _MAX_NNZ:
+            reasons.append(f"cpu uses 32-bit offsets: weight with {numel} elements is too large")
+        return reasons
+
+    def prefer_dense_reason(self, q: OpQuery) -> str | None:
+        """Dense (reference) is faster for ``q``: tiny layers, or density above the measured crossover
+        (:func:`crossover_density`); N:M Linear uses the compact N:M kernel where it wins (float32
+        always, bfloat16 for single rows). The reason names the kernel path that would run."""
+        path = self._ext.describe()["isa"] if self._ext is not None else "?"
+        ws = tuple(q.weight_shape)
+        numel = 1
+        for s in ws:
+            numel *= int(s)
+        if numel < 4096:
+            return f"tiny layer ({numel} weights): dense is faster than the {path} sparse kernels"
+        dt = str(q.dtype).replace("torch.", "")
+        groups = q.conv.groups if q.conv is not None else 1
+        if q.pattern.is_nm:
+            dens = q.pattern.density
+            if q.op == "linear" and dens <= 0.5:
+                if q.dtype != torch.bfloat16 or (q.m_rows is not None and q.m_rows <= 1):
+                    return None
+                return (f"{q.pattern} {dt} with {q.m_rows} rows: dense bf16 GEMM (AVX512-BF16) is faster than "
+                        f"the {path} sparse kernels (they win for 1 row)")
+            limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups)
+            if dens > limit:
+                return (f"{q.pattern} keeps {dens:.0%} > {limit:.0%} (measured crossover for {q.op} {dt}): "
+                        f"dense is faster than the {path} sparse kernels")
+            return None
+        if q.density is None:
+            return None
+        limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups)
+        if q.density > limit:
+            return (f"density {q.density:.0%} > {limit:.0%} (measured crossover for {q.op} {dt}, "
+                    f"{q.m_rows} rows): dense is faster than the {path} sparse kernels")
+        return None
+
+    # ---- formats ------------------------------------------------------------------------------
+    #: reduction rows per block of the column-blocked CSR (a 16/32-lane fp32 panel block: 16/32 KiB)
+    BLOCK = 256
+
+    @staticmethod
+    def _m2d(mask: torch.Tensor) -> torch.Tensor:
+        return reduction_view(mask).contiguous()
+
+    @staticmethod
+    def _w2d(weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach()
+        if w.dtype == torch.float16:
+            w = w.float()
+        return reduction_view(w).contiguous()
+
+    def _csr(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rowptr int32, col int16) of the reduction view of the mask."""
+        return self.cached("csr", (mask,), lambda: tuple(self.ext.build_csr(self._m2d(mask))))
+
+    def _blk(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Column-blocked CSR: (bp int32 (nblk, rows+1), bcol int16, perm int32 BCSR -> CSR position)."""
+        def build():
+            rowptr, col = self._csr(mask)
+            r, c = reduction_view(mask).shape
+            return tuple(self.ext.build_blocked(rowptr, col, r, c, self.BLOCK))
+        return self.cached("blk", (mask,), build)
+
+    def _csr_t(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-group transposes stacked ((groups*K) x rows/groups): (t_rowptr, t_col, t_perm -> CSR position)."""
+        def build():
+            rowptr, col = self._csr(mask)
+            m2 = reduction_view(mask)
+            return tuple(self.ext.build_transpose(rowptr, col, m2.shape[0], m2.shape[1], groups))
+        return self.cached("csrT", (mask,), build, groups)
+
+    def _blk_t(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocked transpose: (t_bp, t_bcol, t_permB -> position in the forward BCSR order)."""
+        def build():
+            t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
+            rows, cols = reduction_view(mask).shape
+            t_bp, t_bcol, perm_tb = self.ext.build_blocked(t_rowptr, t_col, groups * cols, rows // groups, self.BLOCK)
+            _, _, perm_b = self._blk(mask)
+            c2b = torch.empty_like(perm_b, dtype=torch.long)
+            c2b[perm_b.long()] = torch.arange(perm_b.numel(), dtype=torch.long)
+            t_perm_b = c2b[t_perm.long()[perm_tb.long()]].to(torch.int32)
+            return t_bp, t_bcol, t_perm_b
+        return self.cached("blkT", (mask,), build, groups)
+
+    @staticmethod
+    def _nm_ok(pattern: Pattern, cols: int) -> bool:
+        return (pattern.is_nm and pattern.n in (1, 2, 4, 8) and pattern.m <= 16 and cols % pattern.m == 0)
+
+    def _nm(self, mask: torch.Tensor, pattern: Pattern):
+        """(meta, valid-or-None) for the compact N:M format, or None if the mask does not fit it."""
+        def build():
+            m2 = self._m2d(mask)
+            if not self._nm_ok(pattern, m2.shape[1]):
+                return None
+            try:
+                return tuple(self.ext.build_nm(m2, pattern.n, pattern.m))
+            except RuntimeError:  # mask is not actually n:m -> CSR
+                return None
+        return self.cached("nm", (mask,), build, str(pattern))
+
+    # values: re-gathered once per weight version
+    def _vals(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """CSR-ordered kept values (compute dtype) for the gather (few-row) kernels."""
+        def build():
+            rowptr, col = self._csr(mask)
+            return self.ext.gather_csr(self._w2d(weight), rowptr, col)
+        return self.cached("vals", (weight, mask), build)
+
+    def _vals_b(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """BCSR-ordered kept values, fp32, straight from the dense weight."""
+        def build():
+            rowptr, _ = self._csr(mask)
+            bp, bcol, _ = self._blk(mask)
+            return self.ext.gather_blocked(reduction_view(weight.detach()), rowptr, bp, bcol)
+        return self.cached("valsB", (weight, mask), build)
+
+    def _vals_t(self, weight: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+        def build():
+            _, _, perm = self._csr_t(mask, groups)
+            return self.ext.gather_perm(self._vals(weight, mask), perm)
+        return self.cached("valsT", (weight, mask), build, groups)
+
+    def _vals_tb(self, weight: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+        def build():
+            _, _, perm = self._blk_t(mask, groups)
+            return self.ext.gather_perm(self._vals_b(weight, mask), perm)
+        return self.cached("valsTB", (weight, mask), build, groups)
+
+    #: batches up to this many rows use the compact N:M gather kernel (memory-bound regime)
+    NM_SMALL_MAX = 4
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> Any:
+        """Forward format of the panel (many-row) kernels: ``("bcsr", rowptr, bcol, vals_fp32, bp)``
+        — N:M masks too: with a lane panel in L1 the blocked CSR is faster than the compact N:M
+        layout, which serves the few-row calls (see :meth:`_vals_nm`)."""
+        rowptr, _ = self._csr(mask)
+        bp, bcol, _ = self._blk(mask)
+        return ("bcsr", rowptr, bcol, self._vals_b(weight, mask), bp)
+
+    def _vals_nm(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern):
+        """Compact N:M (meta, slot values) or None when the mask/pattern does not fit it."""
+        nm = self._nm(mask, pattern)
+        if nm is None:
+            return None
+        meta, valid = nm
+        return meta, self.cached("valsNM", (weight, mask), lambda: self.ext.gather_nm(
+            self._w2d(weight), meta, pattern.n, pattern.m, valid), str(pattern))
+
+    def _fwd_fmt(self, weight, mask, pattern, rows: int) -> tuple:
+        """(rowptr, col, meta, vals, n, m, bp) for the forward of a call with ``rows`` GEMM rows."""
+        if pattern.is_nm and rows <= self.NM_SMALL_MAX:
+            nm = self._vals_nm(weight, mask, pattern)
+            if nm is not None:
+                return None, None, nm[0], nm[1], pattern.n, pattern.m, None
+        if rows <= self.ext.small_max():
+            rowptr, col = self._csr(mask)
+            return rowptr, col, None, self._vals(weight, mask), 0, 0, None
+        _, rowptr, bcol, vals, bp = self.packed(weight, mask, pattern)
+        return rowptr, bcol, None, vals, 0, 0, bp
+
+    def _dx_fmt(self, weight, mask, groups: int, rows: int) -> tuple:
+        """(t_rowptr, t_col, t_vals, t_bp) of the transpose for a call with ``rows`` GEMM rows."""
+        t_rowptr, t_col, _ = self._csr_t(mask, groups)
+        if rows <= self.ext.small_max():
+            return t_rowptr, t_col, self._vals_t(weight, mask, groups), None
+        t_bp, t_bcol, _ = self._blk_t(mask, groups)
+        return t_rowptr, t_bcol, self._vals_tb(weight, mask, groups), t_bp
+
+    def _dw_fmt(self, mask, rows: int) -> tuple:
+        """(rowptr, col, bp) of the SDDMM index for a call with ``rows`` GEMM rows."""
+        rowptr, col = self._csr(mask)
+        if rows <= self.ext.small_max():
+            return rowptr, col, None
+        bp, bcol, _ = self._blk(mask)
+        return rowptr, bcol, bp
+
+    # ---- primitives ---------------------------------------------------------------------------
+    # A NaN/Inf in the dense operand spreads through pruned weights in masked-dense math (0 * Inf);
+    # the kernels skip pruned weights, so such calls (checked in ~1 us/4k elements) use dense math.
+    def linear_fwd(self, x, weight, mask, bias, pattern):
+        """x (B, K), weight/mask (N, K), bias (N,) or None -> (B, N)."""
+        if not self.ext.all_finite(x):
+            return F.linear(x, weight * mask, bias)
+        n, k = weight.shape
+        rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, x.shape[0])
+        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp)
+
+    def linear_dx(self, dy, weight, mask, pattern):
+        """dy (B, N) -> dx (B, K) = dy @ (W*M), through the transposed CSR."""
+        if not self.ext.all_finite(dy):
+            return dy @ (weight * mask)
+        n, k = weight.shape
+        t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, 1, dy.shape[0])
+        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp)
+
+    def linear_dw(self, dy, x, mask, pattern):
+        """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M, computed at kept positions only."""
+        n, k = mask.shape
+        rowptr, col, bp = self._dw_fmt(mask, x.shape[0])
+        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp)
+
+    @staticmethod
+    def _conv_args(weight_shape, conv: ConvParams) -> tuple:
+        return ([int(weight_shape[2]), int(weight_shape[3])], list(conv.stride), list(conv.padding),
+                list(conv.dilation), int(conv.groups))
+
+    def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
+        """x (B, C, H, W) -> (B, O, Ho, Wo) NCHW-contiguous."""
+        if not self.ext.all_finite(x):
+            return F.conv2d(x, weight * mask, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        o, cg, kh, kw = weight.shape
+        rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, 1 << 30)
+        return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn, mm, bias,
+                                 *self._conv_args(weight.shape, conv), bp)
+
+    def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
+        if not self.ext.all_finite(dy):
+            return torch.nn.grad.conv2d_input(list(input_shape), weight * mask, dy, conv.stride, conv.padding,
+                                              conv.dilation, conv.groups)
+        o, cg, kh, kw = weight.shape
+        t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, conv.groups, 1 << 30)
+        return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
+                                [int(s) for s in input_shape], *self._conv_args(weight.shape, conv), t_bp)
+
+    def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
+        o, cg, kh, kw = weight_shape
+        rowptr, col, bp = self._dw_fmt(mask, 1 << 30)
+        dw = self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,
+                              *self._conv_args(weight_shape, conv), bp)
+        return from_reduction_view(dw, tuple(weight_shape))
