@@ -1,0 +1,43 @@
+"""Pruning and sparse-training methods acting on sparse layers (any backend).
+
+Every method shares one protocol (:class:`~sparsefast.pruning.base.Pruner`)::
+
+    pruner = sparsefast.pruning.RigL(model, sparsity=0.9, distribution="erk", end_step=7500)
+    pruner.prune(batch=None, loss_fn=None)
+    for x, y in loader:
+        loss_fn(model(x), y).backward(); optimizer.step(); pruner.step(); optimizer.zero_grad()
+    pruner.masks(); pruner.sparsity(); pruner.state_dict(); pruner.load_state_dict(d)
+
+=================  ==========================  =====================================================
+class              family                      N:M
+=================  ==========================  =====================================================
+Magnitude          one-shot                    yes (top-n |W| per m-group)
+Random             at init                     yes (n random per group)
+GradualMagnitude   gradual (cubic)             refused (intermediate levels are not N:M)
+LotteryTicket      IMP + rewinding             refused (rate of remaining weights per round)
+LOBSTER            regularise + threshold      refused (global magnitude threshold)
+SNIP / GraSP       at init, data               yes (top-n score per group)
+SynFlow            at init, data-free          yes (one round)
+SET / RigL         dynamic sparse training     yes (drop/grow inside m-groups)
+DSR / SNFS         DST with reallocation       refused (weights move between layers)
+FreezeNet          freeze the non-trainable    yes (trainable set is N:M)
+EdgePopup          learned mask, frozen W      yes (top-n |score| per group)
+SRSTE              N:M from scratch            yes (default 2:4; unstructured also accepted)
+RobustTicket       adversarial OMP / A-IMP     OMP yes, A-IMP refused
+=================  ==========================  =====================================================
+
+``layer_densities(model, sparsity, distribution)`` gives the layer-wise densities of a distribution.
+"""
+from .base import Pruner
+from .distributions import DISTRIBUTIONS, flow_repair, layer_densities
+from .dst import DSR, SET, SNFS, RigL
+from .freeze import EdgePopup, FreezeNet
+from .lobster import LOBSTER
+from .lottery import LotteryTicket, RobustTicket
+from .magnitude import GradualMagnitude, Magnitude, Random
+from .pai import SNIP, GraSP, SynFlow
+from .srste import SRSTE
+
+__all__ = ["Pruner", "Magnitude", "Random", "GradualMagnitude", "LotteryTicket", "LOBSTER", "SNIP", "GraSP",
+           "SynFlow", "SET", "RigL", "DSR", "SNFS", "FreezeNet", "EdgePopup", "SRSTE", "RobustTicket",
+           "layer_densities", "flow_repair", "DISTRIBUTIONS"]

@@ -1,0 +1,492 @@
+"""The protocol every pruning method follows, and the helpers they share.
+
+.. code-block:: python
+
+    pruner = Method(model, sparsity=0.9, pattern="unstructured", distribution="erk", seed=0, ...)
+    pruner.prune(batch=None, loss_fn=None)   # masks now (at init / one-shot / one IMP round)
+    ...  loss.backward(); optimizer.step(); pruner.step(); optimizer.zero_grad()
+    pruner.masks(); pruner.sparsity(); pruner.state_dict(); pruner.load_state_dict(d)
+
+Rules every method keeps:
+
+* It acts on :class:`~sparsefast.SparseLinear` / :class:`~sparsefast.SparseConv2d` layers only. Plain
+  ``nn.Linear`` / ``nn.Conv2d`` layers are first swapped by :func:`sparsefast.sparsify` with an all-kept
+  unstructured mask (``sparsity=None``), so the model holds sparse layers from construction on (build the
+  optimizer *after* the pruner: the swap creates new Parameters).
+* Masks change only through ``layer.set_mask`` (validates, zeroes pruned weights); weights only through
+  in-place ops under ``torch.no_grad()``. No method knows which backend runs the layers.
+* All randomness comes from CPU ``torch.Generator`` objects seeded from ``(seed, purpose, step, layer)``,
+  never the global RNG, so the same seed gives the same masks on every backend and after a resume.
+* Bad arguments raise ``ValueError`` / ``TypeError`` before any weight or module is touched.
+
+N:M: with ``pattern="N:M"`` a layer keeps the top-n scores of each m-group (reduction order of
+:func:`sparsefast.masks.reduction_view`); ``sparsity`` is then implied (``1 − n/m``) and ``distribution``
+does not apply. Layers start as all-kept *unstructured* layers and switch to the N:M pattern when the
+method first gives them an N:M mask. Layers whose shape cannot hold the pattern are left alone with one
+warning naming them. Methods for which N:M has no meaning refuse it with a ``ValueError`` (see each class).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import masks as _masks
+from ..backends import SparsefastWarning
+from ..nn.layers import SparseModule
+from ..nn.swap import sparsify
+from . import distributions as _dist
+from ._grad import GradCapture
+
+__all__ = ["Pruner", "progress", "mix_seed"]
+
+
+def mix_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed derived deterministically from ``seed`` and ``keys`` (platform independent)."""
+    h = hashlib.blake2b(repr((int(seed),) + tuple(keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def progress(iterable: Iterable, *, total: int | None = None, desc: str | None = None,
+             enable: bool = True) -> Iterable:
+    """``tqdm`` progress bar around ``iterable`` when tqdm is installed and ``enable`` (tqdm hides itself
+    when stderr is not a terminal); the plain iterable otherwise."""
+    if not enable:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional dependency
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None)
+
+
+def _check_number(name: str, v: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    x = float(v)
+    ok = not math.isnan(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v}")
+    return x
+
+
+def _check_int(name: str, v: Any, lo: int = 0, *, none_ok: bool = False) -> int | None:
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------
+# score -> mask helpers (larger score = keep; -inf = never keep unless k forces it)
+# ------------------------------------------------------------------------------------------------
+def _check_finite_order(score: torch.Tensor, what: str) -> None:
+    if torch.isnan(score).any():
+        raise ValueError(f"{what}: scores contain NaN; cannot rank them to build a mask")
+
+
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the ``k`` largest *raw* scores (ties: lower flat index first)."""
+    flat = score.detach().reshape(-1).float()
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    k = max(0, min(int(k), flat.numel()))
+    if k:
+        out[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    return out.reshape(score.shape)
+
+
+def nm_top_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the ``n`` largest raw scores of each m-group in reduction order."""
+    rv = _masks.reduction_view(score.detach().float())
+    g = rv.reshape(-1, m)
+    idx = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :n]
+    out = torch.zeros_like(g, dtype=torch.bool)
+    out.scatter_(1, idx, True)
+    return _masks.from_reduction_view(out.reshape(rv.shape), score.shape)
+
+
+def nm_group_top(score: torch.Tensor, need: torch.Tensor, m: int) -> torch.Tensor:
+    """Bool mask choosing, in each m-group (reduction order), the ``need[g]`` largest raw scores."""
+    rv = _masks.reduction_view(score.detach().float())
+    g = rv.reshape(-1, m)
+    order = torch.sort(g, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m, device=g.device).expand_as(order).contiguous())
+    sel = ranks < need.reshape(-1, 1).to(g.device)
+    return _masks.from_reduction_view(sel.reshape(rv.shape), score.shape)
+
+
+def nm_group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept count of every m-group (reduction order), flat."""
+    return _masks.reduction_view(mask).reshape(-1, m).sum(dim=1)
+
+
+def _iter_batches(batch: Any, limit: int | None = None) -> Iterator[tuple]:
+    """A single ``(x, y)`` / ``(x,)`` / tensor batch, or an iterable of them (e.g. a DataLoader)."""
+    if isinstance(batch, torch.Tensor):
+        yield (batch,)
+        return
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        yield tuple(batch)
+        return
+    n = 0
+    for b in batch:
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        yield tuple(b)
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def _check_batch(method: str, batch: Any) -> None:
+    if batch is None:
+        raise ValueError(f"{method}.prune() needs data: pass batch=(x, y) (or an iterable of batches) and "
+                         "optionally loss_fn (default: cross-entropy)")
+    if isinstance(batch, (str, bytes)) or not (isinstance(batch, torch.Tensor) or hasattr(batch, "__iter__")):
+        raise TypeError(f"{method}.prune(): batch must be an (x, y) tuple of tensors or an iterable of such "
+                        f"batches, got {type(batch).__name__}")
+    if isinstance(batch, (tuple, list)) and len(batch) == 0:
+        raise ValueError(f"{method}.prune(): batch is empty")
+
+
+def batch_loss(model: nn.Module, b: tuple, loss_fn: Callable | None, *, transform: Callable | None = None) -> torch.Tensor:
+    """``loss_fn(model(x), y)`` for a batch ``(x, y)``; ``loss_fn(model(x))`` for ``(x,)``. Default loss:
+    cross-entropy (needs ``y``). ``transform`` is applied to the output first (GraSP's temperature)."""
+    x = b[0]
+    y = b[1] if len(b) > 1 else None
+    out = model(x)
+    if transform is not None:
+        out = transform(out)
+    if loss_fn is None:
+        if y is None:
+            raise ValueError("a batch without targets needs an explicit loss_fn(output)")
+        return F.cross_entropy(out, y)
+    return loss_fn(out, y) if y is not None else loss_fn(out)
+
+
+# ------------------------------------------------------------------------------------------------
+class Pruner:
+    """Base class of every pruning method (the shared protocol; see the module docstring).
+
+    Args (shared by all methods):
+        model: the model (modified in place: plain Linear/Conv2d layers become sparse layers).
+        sparsity: target fraction of pruned weights over the managed layers, in ``[0, 1)``. Optional with
+            an N:M pattern (implied ``1 − n/m``).
+        pattern: ``"unstructured"`` or ``"N:M"``. ``None``: the pattern the model's sparse layers already
+            share if it is N:M, else unstructured.
+        distribution: layer-wise sparsity rule (:mod:`sparsefast.pruning.distributions`); ``None`` = the
+            method's default (the one its paper uses).
+        seed: seed of every random choice.
+        filter_fn: ``filter_fn(name, module) -> bool`` selects the layers to prune (default: all
+            Linear/Conv2d and sparse layers).
+        backend: backend of the sparse layers created from plain ones (``"auto"``).
+        flow_repair: after an at-init mask, give cut-off neurons one random edge (unstructured only).
+        progress: show tqdm progress bars on long loops (if tqdm is installed).
+    """
+
+    #: ``True`` if N:M patterns are supported, else the reason they are refused.
+    supports_nm: bool | str = True
+    #: ``False`` for methods that can only produce N:M masks.
+    supports_unstructured: bool = True
+    default_distribution: str = "global"
+    #: unstructured needs ``sparsity=``; False for methods with their own stopping rule (LOBSTER)
+    requires_sparsity: bool = True
+
+    def __init__(self, model: nn.Module, *, sparsity: float | None = None, pattern: str | None = None,
+                 distribution: str | None = None, seed: int = 0,
+                 filter_fn: Callable[[str, nn.Module], bool] | None = None, backend: str = "auto",
+                 flow_repair: bool = False, progress: bool = True) -> None:
+        name = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} expects an nn.Module as its first argument, got {type(model).__name__}")
+        if type(model) in (nn.Linear, nn.Conv2d):
+            raise ValueError(f"{name}: the model is itself a plain {type(model).__name__}, which cannot be "
+                             "swapped in place; wrap it (e.g. nn.Sequential(layer)) or pass a SparseLinear/SparseConv2d")
+        self.seed = _check_int("seed", seed, 0)
+        if filter_fn is not None and not callable(filter_fn):
+            raise TypeError(f"filter_fn must be callable(name, module) -> bool, got {type(filter_fn).__name__}")
+        from .. import backends as _bk
+        _bk.check_requested(backend)
+
+        cands = [(n, m) for n, m in model.named_modules()
+                 if (isinstance(m, SparseModule) or type(m) in (nn.Linear, nn.Conv2d))
+                 and (filter_fn is None or filter_fn(n, m))]
+        if not cands:
+            raise ValueError(f"{name}: {type(model).__name__} has no prunable layers (nn.Linear / nn.Conv2d / "
+                             "SparseLinear / SparseConv2d" + (" accepted by filter_fn" if filter_fn else "") + ")")
+
+        # pattern
+        if pattern is None:
+            pats = {str(m._pattern) for _, m in cands if isinstance(m, SparseModule)}
+            pattern = pats.pop() if len(pats) == 1 and any(isinstance(m, SparseModule) for _, m in cands) else "unstructured"
+        pat = _masks.parse_pattern(pattern)
+        if pat.is_nm and self.supports_nm is not True:
+            raise ValueError(f"{name} does not support N:M patterns ({pattern}): {self.supports_nm}")
+        if not pat.is_nm and not self.supports_unstructured:
+            raise ValueError(f"{name} needs an N:M pattern such as '2:4', got {pattern!r}")
+        self.pattern = pat
+
+        # sparsity
+        if pat.is_nm:
+            implied = 1.0 - pat.n / pat.m
+            if sparsity is not None:
+                s = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
+                if abs(s - implied) > 1e-9:
+                    raise ValueError(f"{name}: pattern {pat} implies sparsity {implied:g}, got sparsity={sparsity}")
+            self.target_sparsity: float | None = implied
+        else:
+            if sparsity is None:
+                if self.requires_sparsity:
+                    raise ValueError(f"{name} with an unstructured pattern needs sparsity= (a fraction in [0, 1))")
+                self.target_sparsity = None
+            else:
+                self.target_sparsity = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
+
+        # distribution
+        if distribution is None:
+            distribution = self.default_distribution
+        self.distribution = _dist.check_distribution(distribution)
+
+        # N:M: layers that cannot hold the pattern are left alone (one warning each)
+        if pat.is_nm:
+            keep = []
+            for n, m in cands:
+                w = m.weight
+                red = _masks.reduction_view(w).shape[1] if w.dim() in (2, 4) else 0
+                ok = red % pat.m == 0 and (w.dim() != 4 or w.shape[1] % pat.m == 0)
+                if ok:
+                    keep.append((n, m))
+                else:
+                    warnings.warn(f"{name}: leaving layer {n or '<root>'!r} (weight {tuple(w.shape)}) unpruned: its "
+                                  f"reduction dim does not fit pattern {pat} (groups of {pat.m} consecutive input "
+                                  "channels)", SparsefastWarning, stacklevel=3)
+            if not keep:
+                raise ValueError(f"{name}: no layer of the model fits pattern {pat}")
+            cands = keep
+        self._check_hparams()
+
+        # --- from here on the model is modified --------------------------------------------------
+        plain = {n for n, m in cands if type(m) in (nn.Linear, nn.Conv2d)}
+        if plain:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SparsefastWarning)
+                sparsify(model, sparsity=None, pattern="unstructured", backend=backend,
+                         filter_fn=lambda n, m: n in plain)
+        mods = dict(model.named_modules())
+        self.model = model
+        self._layers: list[tuple[str, SparseModule]] = [(n, mods[n]) for n, _ in cands]
+        self._names = [n for n, _ in self._layers]
+        self._infos = [_dist.LayerInfo(n, tuple(l.weight.shape), "linear" if l.weight.dim() == 2 else "conv")
+                       for n, l in self._layers]
+        self.flow_repair = bool(flow_repair)
+        self.progress = bool(progress)
+        self._step = 0
+        self._pruned = False
+        self._capture = GradCapture(self._layers)
+
+    # ---- hooks for subclasses ------------------------------------------------------------------
+    def _check_hparams(self) -> None:
+        """Validate method-specific arguments (called before the model is touched)."""
+
+    def _wants_dense_grad(self, t: int) -> bool:
+        """Whether the update run by ``step()`` when the counter reaches ``t`` needs the dense gradient of
+        that training step (the capture is armed just before it)."""
+        return False
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, d: dict) -> None:
+        pass
+
+    # ---- protocol ------------------------------------------------------------------------------
+    def prune(self, batch: Any = None, loss_fn: Callable | None = None) -> None:
+        """Compute masks now. Subclasses implement :meth:`_prune`."""
+        self._prune(batch, loss_fn)
+        self._pruned = True
+        self._rearm()
+
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()``; scheduled methods update masks here."""
+        self._step += 1
+        self._on_step(self._step)
+        self._rearm()
+
+    def _on_step(self, t: int) -> None:
+        pass
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{layer name: bool mask}`` (copies) of every managed layer."""
+        return {n: l.mask.detach().clone() for n, l in self._layers}
+
+    def sparsity(self) -> float:
+        """Fraction of pruned weights over the managed layers."""
+        tot = sum(l.mask.numel() for _, l in self._layers)
+        kept = sum(int(l.mask.count_nonzero()) for _, l in self._layers)
+        return 1.0 - kept / max(tot, 1)
+
+    @property
+    def layers(self) -> list[tuple[str, SparseModule]]:
+        """``(name, sparse layer)`` of every managed layer, in module order."""
+        return list(self._layers)
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: step counter, masks and layer patterns, method state."""
+        return {"method": type(self).__name__, "step": self._step, "pruned": self._pruned, "seed": self.seed,
+                "masks": {n: l.mask.detach().clone() for n, l in self._layers},
+                "patterns": {n: l.pattern for n, l in self._layers}, **self._extra_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore from :meth:`state_dict` (masks are set through ``set_mask``)."""
+        if not isinstance(d, dict) or "step" not in d:
+            raise TypeError("load_state_dict expects a dict produced by state_dict()")
+        if d.get("method") != type(self).__name__:
+            raise ValueError(f"state dict is for {d.get('method')!r}, not {type(self).__name__}")
+        missing = set(self._names) - set(d["masks"])
+        if missing:
+            raise ValueError(f"state dict lacks masks for layer(s) {sorted(missing)}")
+        for n, l in self._layers:
+            m = d["masks"][n].to(l.weight.device)
+            self._set_layer_mask(l, m, _masks.parse_pattern(d["patterns"][n]))
+        self._step = int(d["step"])
+        self._pruned = bool(d["pruned"])
+        self.seed = int(d["seed"])
+        self._load_extra_state(d)
+        self._capture.clear()
+        self._rearm()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={len(self._layers)}, pattern={self.pattern}, "
+                f"target_sparsity={self.target_sparsity}, distribution={self.distribution}, step={self._step}, "
+                f"sparsity={self.sparsity():.4f})")
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _gen(self, *keys: Any) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, type(self).__name__, *keys))
+
+    def _rand(self, shape, *keys: Any, device=None) -> torch.Tensor:
+        """Uniform [0, 1) float32 from a seeded CPU generator, moved to ``device``."""
+        return torch.rand(tuple(shape), generator=self._gen(*keys)).to(device)
+
+    def _rearm(self) -> None:
+        if self._pruned and self._wants_dense_grad(self._step + 1):
+            self._capture.arm()
+        else:
+            self._capture.disarm()
+
+    def _require_pruned(self) -> None:
+        if not self._pruned:
+            raise RuntimeError(f"{type(self).__name__}: call prune() once (it sets the initial sparse masks) "
+                               "before step()")
+
+    @staticmethod
+    def _set_layer_mask(layer: SparseModule, mask: torch.Tensor, pattern: _masks.Pattern) -> None:
+        """``layer.set_mask(mask)``, switching the layer's pattern first when it differs (an all-kept
+        unstructured layer becoming N:M)."""
+        if layer._pattern == pattern:
+            layer.set_mask(mask)
+            return
+        setter = getattr(layer, "set_pattern", None)
+        if setter is not None:
+            setter(str(pattern), mask)
+            return
+        # The layers have no public pattern setter yet: validate against the new pattern first, then
+        # switch the two pattern attributes and set the mask (restored on any error).
+        _masks.validate_mask(mask, layer.weight, pattern, where=layer._name())
+        old = (layer._pattern, layer.pattern)
+        layer._pattern, layer.pattern = pattern, str(pattern)
+        try:
+            layer.set_mask(mask)
+        except Exception:
+            layer._pattern, layer.pattern = old
+            raise
+
+    def _apply(self, new: dict[str, torch.Tensor], *, zero_grown: bool = False) -> dict[str, torch.Tensor]:
+        """Set every layer's mask (target pattern). With ``zero_grown`` the weights at newly kept positions
+        are set to 0 (DST growth). Returns the grown positions per layer."""
+        grown = {}
+        for n, l in self._layers:
+            if n not in new:
+                continue
+            m = new[n].to(l.mask.device)
+            g = m & ~l.mask
+            self._set_layer_mask(l, m, self.pattern)
+            if zero_grown and bool(g.any()):
+                with torch.no_grad():
+                    l.weight.masked_fill_(g, 0)
+            grown[n] = g
+        return grown
+
+    def _densities(self, sparsity: float, scores: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        return _dist.compute_densities(self._infos, sparsity, self.distribution, scores)
+
+    def _allocate(self, scores: dict[str, torch.Tensor], sparsity: float | None = None, *,
+                  distribution: str | None = None, densities: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """Masks keeping the largest raw ``scores`` (``-inf``: never kept unless the budget forces it).
+
+        N:M: top-n of each m-group per layer. Unstructured: one global top-k (``"global"``) or the
+        per-layer densities of the distribution (each layer keeps at least one weight)."""
+        for n, s in scores.items():
+            _check_finite_order(s, f"{type(self).__name__} layer {n!r}")
+        if self.pattern.is_nm:
+            return {n: nm_top_mask(scores[n], self.pattern.n, self.pattern.m) for n in self._names}
+        sp = self.target_sparsity if sparsity is None else sparsity
+        dist = distribution or self.distribution
+        if densities is None and dist == "global":
+            N = sum(i.numel for i in self._infos)
+            keep = int(round((1.0 - sp) * N))
+            flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in self._names])
+            kept = torch.zeros_like(flat, dtype=torch.bool)
+            kept[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+            out, off = {}, 0
+            for n, l in self._layers:
+                k = l.weight.numel()
+                out[n] = kept[off:off + k].reshape(l.weight.shape).to(l.weight.device)
+                off += k
+            return out
+        if densities is None:
+            densities = _dist.compute_densities(self._infos, sp, dist)
+        out = {}
+        for n, l in self._layers:
+            k = max(1, int(round(densities[n] * l.weight.numel())))
+            out[n] = top_k_mask(scores[n], k).to(l.weight.device)
+        return out
+
+    def _maybe_flow_repair(self, new: dict[str, torch.Tensor], *keys: Any) -> dict[str, torch.Tensor]:
+        if self.flow_repair and not self.pattern.is_nm:
+            return _dist.flow_repair({n: new[n] for n in self._names}, self._gen("flow_repair", *keys))
+        return new
+
+    def _grads_or_warn(self, what: str) -> dict[str, torch.Tensor] | None:
+        g = self._capture.pop()
+        missing = [n for n in self._names if n not in g]
+        if missing:
+            warnings.warn(f"{type(self).__name__}: no dense gradient was recorded for layer(s) {missing} on step "
+                          f"{self._step} ({what} skipped). Call pruner.step() after loss.backward() and "
+                          "optimizer.step(), with the forward pass under autograd.", SparsefastWarning, stacklevel=3)
+            return None
+        return g
+
+    def _masked_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scores with currently pruned positions at -inf (pruned weights never return)."""
+        out = {}
+        for n, l in self._layers:
+            s = scores[n].float()
+            out[n] = torch.where(l.mask, s, torch.full_like(s, -math.inf))
+        return out

@@ -1,0 +1,301 @@
+"""Dynamic sparse training: SET, RigL, DSR, SNFS (sparse from scratch, masks change during training).
+
+Common behaviour: ``prune()`` draws the initial random masks at the layer densities of
+``distribution`` (``"erk"`` by default) from the seed; ``step()`` (after every optimizer step) runs a
+mask update at ``t = start_step + k·update_every`` while ``t < end_step``. An update drops active
+weights with the smallest ``|W|`` and grows as many inactive positions (the new weights start at 0,
+and, when ``optimizer=`` is given, their optimizer state, e.g. momentum, is zeroed). The density of
+every layer (SET, RigL) or of the model (DSR, SNFS) stays constant. ``last_update`` holds the dropped
+and grown masks of the latest update (for inspection).
+
+N:M (SET, RigL): drops are chosen by ``|W|`` over the whole layer, and every m-group then regrows exactly
+as many weights as it lost, inside the same group, so each group keeps exactly n. DSR and SNFS move
+weights *between* layers, which a fixed per-group count forbids: they refuse N:M.
+
+Dense gradients (RigL on update steps, SNFS on every step) come from
+:class:`~sparsefast.pruning._grad.GradCapture`: it is armed only before the training steps whose update
+needs it, and computes ``G = dYᵀX`` (conv: ``conv2d_weight``) from each layer's input and output gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import Pruner, _check_number, nm_group_counts, nm_group_top, top_k_mask
+from .schedules import ConstantSchedule, CosineDecay, UpdateEvery
+
+__all__ = ["SET", "RigL", "DSR", "SNFS"]
+
+
+def largest_remainder(total: int, shares: list[float], caps: list[int]) -> list[int]:
+    """Split ``total`` integers proportionally to ``shares`` (largest remainder), never above ``caps``;
+    what a capped entry cannot take goes to the others. Deterministic."""
+    n = len(shares)
+    out = [0] * n
+    left = int(total)
+    active = [i for i in range(n) if caps[i] > 0]
+    while left > 0 and active:
+        ssum = sum(max(shares[i], 0.0) for i in active)
+        if ssum <= 0:
+            w = {i: 1.0 / len(active) for i in active}
+        else:
+            w = {i: max(shares[i], 0.0) / ssum for i in active}
+        raw = {i: left * w[i] for i in active}
+        give = {i: min(int(math.floor(raw[i])), caps[i] - out[i]) for i in active}
+        rem = left - sum(give.values())
+        order = sorted(active, key=lambda i: (-(raw[i] - math.floor(raw[i])), i))
+        for i in order:
+            if rem <= 0:
+                break
+            if out[i] + give[i] < caps[i]:
+                give[i] += 1
+                rem -= 1
+        for i in active:
+            out[i] += give[i]
+        left = total - sum(out)
+        active = [i for i in active if out[i] < caps[i]]
+        if sum(give.values()) == 0:
+            break
+    return out
+
+
+class _DST(Pruner):
+    default_distribution = "erk"
+    _default_drop = 0.3
+
+    def __init__(self, model: nn.Module, *, update_every: int = 100, start_step: int = 0,
+                 end_step: int | None = None, drop_fraction: float | None = None, optimizer: Any = None,
+                 **kw: Any) -> None:
+        df = self._default_drop if drop_fraction is None else drop_fraction
+        self.drop_fraction = _check_number("drop_fraction", df, 0.0, 1.0)
+        self.updates = UpdateEvery(update_every, start_step, end_step)
+        self.drop_schedule = self._make_drop_schedule(self.drop_fraction, start_step, end_step)
+        self.optimizer = optimizer
+        self.last_update: dict[str, dict[str, torch.Tensor]] = {}
+        super().__init__(model, **kw)
+
+    def _make_drop_schedule(self, df: float, start: int, end: int | None):
+        return ConstantSchedule(df)
+
+    # ---- init ------------------------------------------------------------------------------------
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        scores = {n: self._rand(l.weight.shape, "init", n) for n, l in self._layers}
+        self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+
+    def _on_step(self, t: int) -> None:
+        self._require_pruned()
+        if self.updates.is_update(t):
+            self._update(t)
+
+    def _update(self, t: int) -> None:
+        raise NotImplementedError
+
+    # ---- shared drop / grow ----------------------------------------------------------------------
+    def _drop(self, layer, k: int) -> torch.Tensor:
+        """The ``k`` active weights with the smallest |W| (ties: lower index)."""
+        w = layer.weight.detach().abs().float()
+        s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
+        return top_k_mask(s, k) & layer.mask
+
+    def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+        """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n)."""
+        s = torch.where(after, torch.full_like(score, -math.inf), score.float())
+        if self.pattern.is_nm:
+            need = self.pattern.n - nm_group_counts(after, self.pattern.m)
+            return nm_group_top(s, need, self.pattern.m) & ~after
+        return top_k_mask(s, k) & ~after
+
+    def _commit(self, new: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
+                dropped: dict[str, torch.Tensor]) -> None:
+        self._apply(new)
+        with torch.no_grad():
+            for n, l in self._layers:
+                g = grown.get(n)
+                if g is None or not bool(g.any()):
+                    continue
+                l.weight.masked_fill_(g, 0)
+                if self.optimizer is not None:
+                    st = self.optimizer.state.get(l.weight, {})
+                    for v in st.values():
+                        if isinstance(v, torch.Tensor) and v.shape == l.weight.shape:
+                            v.masked_fill_(g, 0)
+        self.last_update = {n: {"dropped": dropped[n], "grown": grown[n]} for n in new}
+
+    def _drop_grow_per_layer(self, t: int, frac: float, grow_score: Callable[[str, Any], torch.Tensor]) -> None:
+        new, grown, dropped = {}, {}, {}
+        for n, l in self._layers:
+            nnz = int(l.mask.count_nonzero())
+            k = int(round(frac * nnz))
+            if k <= 0:
+                continue
+            d = self._drop(l, k)
+            after = l.mask & ~d
+            g = self._grow(after, grow_score(n, l), k)
+            new[n], grown[n], dropped[n] = after | g, g, d
+        self._commit(new, grown, dropped)
+
+    def _extra_state(self) -> dict:
+        return {"updates": self.updates.state_dict(), "drop_schedule": self.drop_schedule.state_dict()}
+
+    def _load_extra_state(self, d: dict) -> None:
+        self.updates.load_state_dict(d["updates"])
+        self.drop_schedule.load_state_dict(d["drop_schedule"])
+
+
+class SET(_DST):
+    """SET (Mocanu et al. 2018): every ``update_every`` steps each layer drops ``drop_fraction`` (ζ = 0.3)
+    of its active weights with the smallest ``|W|`` and regrows as many at uniformly random inactive
+    positions (seeded; new weights 0). Never needs a dense gradient. Supports N:M (regrowth inside the
+    groups that lost weights)."""
+
+    def _update(self, t: int) -> None:
+        self._drop_grow_per_layer(t, self.drop_schedule(t),
+                                  lambda n, l: self._rand(l.weight.shape, "grow", t, n, device=l.weight.device))
+
+
+class RigL(_DST):
+    """RigL (Evci et al. 2020): every ``update_every`` steps (ΔT = 100) until ``end_step`` (T_end, required;
+    0.75 of training in the paper), each layer drops ``α_t = α/2 (1 + cos(π t / T_end))`` (α =
+    ``drop_fraction`` = 0.3) of its active weights with the smallest ``|W|`` and regrows as many at the
+    inactive positions with the largest dense ``|G|`` (new weights 0). The dense gradient is computed only
+    for the training steps that precede an update. Supports N:M (drop by |W|, regrow in the same groups)."""
+
+    def __init__(self, model: nn.Module, *, end_step: int | None = None, **kw: Any) -> None:
+        if end_step is None:
+            raise ValueError("RigL needs end_step (T_end: mask updates stop there and the drop fraction decays "
+                             "to 0 along a cosine; the paper uses 0.75 of the training steps)")
+        super().__init__(model, end_step=end_step, **kw)
+
+    def _make_drop_schedule(self, df: float, start: int, end: int | None):
+        return CosineDecay(df, end, start)
+
+    def _wants_dense_grad(self, t: int) -> bool:
+        return self.updates.is_update(t)
+
+    def _update(self, t: int) -> None:
+        grads = self._grads_or_warn("RigL mask update")
+        if grads is None:
+            return
+        self._drop_grow_per_layer(t, self.drop_schedule(t), lambda n, l: grads[n].abs().to(l.weight.device))
+
+
+class DSR(_DST):
+    """Dynamic sparse reparameterisation (Mostafa & Wang 2019).
+
+    Every ``update_every`` steps: prune every active weight with ``|W| < H`` (one global threshold;
+    each layer keeps at least one weight), count them (K), adapt H towards pruning
+    ``N_p = drop_fraction·nnz`` per update (``H ← 2H`` if ``K < (1−δ)N_p``, ``H ← H/2`` if
+    ``K > (1+δ)N_p``, δ = ``tolerance`` = 0.1; initial ``threshold`` H = 1e-3), then regrow K weights at
+    random inactive positions, split between layers in proportion to their surviving nonzeros (largest
+    remainder, capped by free positions). Total density stays constant; layer densities move. No dense
+    gradient. Unstructured only.
+    """
+
+    supports_nm = "DSR moves weights between layers, which a fixed n per m-group forbids"
+    _default_drop = 0.1
+
+    def __init__(self, model: nn.Module, *, threshold: float = 1e-3, tolerance: float = 0.1, **kw: Any) -> None:
+        self.threshold = _check_number("threshold", threshold, 0.0, math.inf, lo_open=True)
+        self.tolerance = _check_number("tolerance", tolerance, 0.0, 1.0)
+        super().__init__(model, **kw)
+
+    def _update(self, t: int) -> None:
+        H = self.threshold
+        total_nnz = sum(int(l.mask.count_nonzero()) for _, l in self._layers)
+        target = self.drop_schedule(t) * total_nnz
+        after, dropped = {}, {}
+        for n, l in self._layers:
+            w = l.weight.detach().abs()
+            d = l.mask & (w < H)
+            if int(d.sum()) > 0 and int(d.sum()) == int(l.mask.sum()):
+                # keep the largest weight of a layer that would be emptied
+                keep = top_k_mask(torch.where(l.mask, w.float(), torch.full_like(w.float(), -math.inf)), 1)
+                d = d & ~keep
+            dropped[n], after[n] = d, l.mask & ~d
+        K = sum(int(d.sum()) for d in dropped.values())
+        if K < (1 - self.tolerance) * target:
+            self.threshold = H * 2
+        elif K > (1 + self.tolerance) * target:
+            self.threshold = H / 2
+        surv = [float(after[n].sum()) for n in self._names]
+        caps = [int((~after[n]).sum()) for n in self._names]
+        alloc = largest_remainder(K, surv, caps)
+        new, grown = {}, {}
+        for (n, l), r in zip(self._layers, alloc):
+            s = self._rand(l.weight.shape, "grow", t, n, device=l.weight.device)
+            g = self._grow(after[n], s, r) if r > 0 else torch.zeros_like(l.mask)
+            new[n], grown[n] = after[n] | g, g
+        self._commit(new, grown, dropped)
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "threshold": self.threshold}
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        self.threshold = float(d["threshold"])
+
+
+class SNFS(_DST):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019).
+
+    Every step the dense gradient feeds a momentum ``M ← β M + (1 − β) G`` (β = ``momentum`` = 0.9). Every
+    ``update_every`` steps: each layer drops ``p`` (``drop_fraction`` = 0.5, cosine-decayed to 0 at
+    ``end_step`` when given) of its active weights with the smallest ``|W|``; the K dropped weights are
+    regrown across layers in proportion to each layer's mean ``|M|`` over its active weights (largest
+    remainder, capped by free positions), inside each layer at the inactive positions with the largest
+    ``|M|`` (new weights 0). Needs the dense gradient on every step. Unstructured only.
+    """
+
+    supports_nm = "SNFS redistributes weights between layers, which a fixed n per m-group forbids"
+    _default_drop = 0.5
+
+    def __init__(self, model: nn.Module, *, momentum: float = 0.9, **kw: Any) -> None:
+        self.momentum = _check_number("momentum", momentum, 0.0, 1.0, hi_open=True)
+        super().__init__(model, **kw)
+        self._mom: dict[str, torch.Tensor] = {}
+
+    def _make_drop_schedule(self, df: float, start: int, end: int | None):
+        return CosineDecay(df, end, start)
+
+    def _wants_dense_grad(self, t: int) -> bool:
+        return True
+
+    def _on_step(self, t: int) -> None:
+        self._require_pruned()
+        grads = self._grads_or_warn("SNFS momentum update")
+        if grads is not None:
+            b = self.momentum
+            for n, l in self._layers:
+                g = grads[n].to(l.weight.device)
+                m = self._mom.get(n)
+                self._mom[n] = (1 - b) * g if m is None else m.mul_(b).add_(g, alpha=1 - b)
+        if self.updates.is_update(t) and len(self._mom) == len(self._layers):
+            self._update(t)
+
+    def _update(self, t: int) -> None:
+        p = self.drop_schedule(t)
+        after, dropped, contrib = {}, {}, []
+        for n, l in self._layers:
+            k = int(round(p * int(l.mask.count_nonzero())))
+            d = self._drop(l, k) if k > 0 else torch.zeros_like(l.mask)
+            dropped[n], after[n] = d, l.mask & ~d
+            mom = self._mom[n].abs()
+            contrib.append(float(mom[l.mask].mean()) if bool(l.mask.any()) else 0.0)
+        K = sum(int(d.sum()) for d in dropped.values())
+        caps = [int((~after[n]).sum()) for n in self._names]
+        alloc = largest_remainder(K, contrib, caps)
+        new, grown = {}, {}
+        for (n, l), r in zip(self._layers, alloc):
+            g = self._grow(after[n], self._mom[n].abs(), r) if r > 0 else torch.zeros_like(l.mask)
+            new[n], grown[n] = after[n] | g, g
+        self._commit(new, grown, dropped)
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "momentum_buffers": {n: v.clone() for n, v in self._mom.items()}}
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        self._mom = {n: v.clone() for n, v in d["momentum_buffers"].items()}

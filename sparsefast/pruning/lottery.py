@@ -1,0 +1,271 @@
+"""Iterative magnitude pruning with rewinding (lottery tickets) and its adversarial variant."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Pruner, _check_int, _check_number, progress
+
+__all__ = ["LotteryTicket", "RobustTicket"]
+
+_REWIND = ("weights", "lr", None)
+
+
+class LotteryTicket(Pruner):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; late rewinding Frankle et al.
+    2020; LR rewinding Renda et al. 2020).
+
+    A round = train (your loop, calling ``pruner.step()`` after each optimizer step), then ``prune()``:
+    removes a fraction ``rate`` (default 0.2) of the *remaining* weights by magnitude (``"global"`` by
+    default; with another distribution each layer moves towards its own final density), never more
+    than the target ``sparsity``, then rewinds:
+
+    * ``rewind="weights"`` (default): every parameter and buffer of the model (not the masks) goes back
+      to its value at step ``rewind_step`` of the first round (``0`` = the weights at construction), the
+      survivors of the sparse layers included; ``optimizer`` / ``scheduler`` states (if given) too.
+    * ``rewind="lr"``: the weights stay; only the ``scheduler`` (and the optimizer's learning rates) go
+      back to step ``rewind_step`` — retrain with the LR schedule restarted.
+    * ``rewind=None``: nothing is restored (fine-tuning).
+
+    ``rounds`` tells how many ``prune()`` calls reach the target; ``done`` whether it is reached.
+    :meth:`run` drives the rounds with a callback and a progress bar. N:M is refused (a rate of the
+    remaining weights per round is inherently unstructured; use :class:`Magnitude` with N:M for one shot).
+    """
+
+    default_distribution = "global"
+    _one_shot = False
+    supports_nm = "IMP prunes a fraction of the remaining weights per round, which N:M cannot express"
+
+    def __init__(self, model: nn.Module, *, sparsity: float | None = None, rate: float = 0.2,
+                 rewind: str | None = "weights", rewind_step: int = 0, optimizer: Any = None,
+                 scheduler: Any = None, **kw: Any) -> None:
+        self.rate = _check_number("rate", rate, 0.0, 1.0, lo_open=True, hi_open=True)
+        if rewind not in _REWIND:
+            raise ValueError(f"rewind must be one of 'weights', 'lr', None; got {rewind!r}")
+        if rewind == "lr" and scheduler is None and optimizer is None:
+            raise ValueError("rewind='lr' restores the learning-rate schedule: pass scheduler= (and/or optimizer=)")
+        self.rewind = rewind
+        self.rewind_step = _check_int("rewind_step", rewind_step, 0)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        super().__init__(model, sparsity=sparsity, **kw)
+        self.round = 0
+        self._round_step = 0
+        self._snapshot: dict | None = None
+        self._final_dens = None if self.distribution == "global" else self._densities(self.target_sparsity)
+        if self.rewind_step == 0 and self.rewind is not None:
+            self._take_snapshot()
+
+    # ---- snapshot / rewind -------------------------------------------------------------------------
+    def _mask_ids(self) -> set[int]:
+        return {id(l.mask) for _, l in self._layers}
+
+    def _take_snapshot(self) -> None:
+        mids = self._mask_ids()
+        snap = {"params": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers() if id(b) not in mids}}
+        if self.optimizer is not None:
+            snap["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        if self.scheduler is not None:
+            snap["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+        self._snapshot = snap
+
+    def _restore(self) -> None:
+        if self.rewind is None:
+            return
+        snap = self._snapshot
+        if snap is None:
+            raise RuntimeError(f"LotteryTicket: no weights saved at rewind_step={self.rewind_step} (the first "
+                               f"round ran only {self._step} steps); call pruner.step() after every optimizer step")
+        if self.rewind == "weights":
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in snap["params"]:
+                        p.copy_(snap["params"][n])
+                mids = self._mask_ids()
+                for n, b in self.model.named_buffers():
+                    if id(b) not in mids and n in snap["buffers"]:
+                        b.copy_(snap["buffers"][n])
+                for _, l in self._layers:
+                    l.weight.mul_(l.mask)
+            if self.optimizer is not None and "optimizer" in snap:
+                self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        if self.rewind in ("weights", "lr") and self.scheduler is not None and "scheduler" in snap:
+            self.scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
+            if self.optimizer is not None:
+                lrs = self.scheduler.get_last_lr() if hasattr(self.scheduler, "get_last_lr") else None
+                if lrs is not None:
+                    for g, lr in zip(self.optimizer.param_groups, lrs):
+                        g["lr"] = lr
+        elif self.rewind == "lr" and self.optimizer is not None and "optimizer" in snap:
+            for g, gs in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
+                g["lr"] = gs["lr"]
+
+    # ---- rounds ------------------------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        """Total number of ``prune()`` calls that reach the target sparsity."""
+        s = self.target_sparsity
+        if s <= 0:
+            return 0
+        return max(1, math.ceil(math.log(1.0 - s) / math.log(1.0 - self.rate) - 1e-9))
+
+    @property
+    def done(self) -> bool:
+        return self.round >= self.rounds
+
+    def _round_target(self) -> float:
+        return min(self.target_sparsity, 1.0 - (1.0 - self.rate) ** (self.round + 1))
+
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        if self.done:
+            return
+        if self.rewind is not None and self._snapshot is None:
+            self._restore()  # raises the explanation before any mask changes
+        target = self._round_target()
+        scores = self._masked_scores({n: l.weight.detach().abs() for n, l in self._layers})
+        if self.pattern.is_nm:
+            new = self._allocate({n: l.weight.detach().abs() for n, l in self._layers})
+        elif self.distribution == "global":
+            new = self._allocate(scores, target)
+        else:  # each layer moves towards its own final density
+            one_shot = target >= self.target_sparsity and self._one_shot
+            dens = {n: self._final_dens[n] if one_shot else
+                    max(self._final_dens[n], float(l.mask.float().mean()) * (1.0 - self.rate))
+                    for n, l in self._layers}
+            new = self._allocate(scores, densities=dens)
+        if not self.pattern.is_nm:
+            new = {n: new[n] & l.mask for n, l in self._layers}
+        self._apply(new)
+        self.round += 1
+        self._round_step = 0
+        self._restore()
+
+    def _on_step(self, t: int) -> None:
+        self._round_step += 1
+        if (self.rewind is not None and self._snapshot is None and self.round == 0
+                and self._round_step == self.rewind_step):
+            self._take_snapshot()
+
+    def run(self, train_fn: Callable[[nn.Module, int], Any], *, final_train: bool = True) -> nn.Module:
+        """Drive the remaining rounds: ``train_fn(model, round)`` trains (calling ``pruner.step()`` after
+        each optimizer step), then ``prune()``; with ``final_train`` the ticket is trained once more at
+        the end. Shows a progress bar over rounds. Returns the model."""
+        if not callable(train_fn):
+            raise TypeError("run() needs a callable train_fn(model, round)")
+        left = max(self.rounds - self.round, 0)
+        for _ in progress(range(left), total=left, desc=f"{type(self).__name__} rounds", enable=self.progress):
+            train_fn(self.model, self.round)
+            self.prune()
+        if final_train:
+            train_fn(self.model, self.round)
+        return self.model
+
+    def _extra_state(self) -> dict:
+        return {"round": self.round, "round_step": self._round_step, "snapshot": self._snapshot}
+
+    def _load_extra_state(self, d: dict) -> None:
+        self.round = int(d["round"])
+        self._round_step = int(d["round_step"])
+        self._snapshot = d["snapshot"]
+
+
+class RobustTicket(LotteryTicket):
+    """Robust tickets (Fu et al. 2023): draw the ticket from an adversarially trained model.
+
+    ``method="omp"`` (one-shot magnitude pruning): ``prune()`` removes the smallest weights to the target
+    sparsity in one round — call it on the adversarially pre-trained model. ``method="imp"`` (A-IMP):
+    rounds as :class:`LotteryTicket` (``rate`` of the remaining weights per round, rewinding to the
+    weights at ``rewind_step``, 0 = the pre-trained weights handed in), where your inner training is the
+    PGD min-max ``min_W max_{‖δ‖∞≤ε} L(f(M⊙W, x+δ), y)``: use :meth:`adversarial_batch` to get ``x+δ``.
+
+    Args: ``eps`` (8/255), ``alpha`` (PGD step, 2/255), ``pgd_steps`` (7), ``clamp`` (``(lo, hi)`` valid
+    input range or ``None``). :meth:`finetune` prepares downstream fine-tuning: ``"full"`` or
+    ``"linear"`` (linear probe: everything frozen except the head). OMP supports N:M (top-n ``|W|`` per
+    m-group); A-IMP is unstructured only.
+    """
+
+    supports_nm = "A-IMP prunes a fraction of the remaining weights per round (method='omp' supports N:M)"
+
+    def __init__(self, model: nn.Module, *, method: str = "omp", eps: float = 8 / 255, alpha: float = 2 / 255,
+                 pgd_steps: int = 7, clamp: tuple[float, float] | None = None, rate: float = 0.2,
+                 rewind: str | None = "weights", **kw: Any) -> None:
+        if method not in ("omp", "imp"):
+            raise ValueError(f"RobustTicket method must be 'omp' or 'imp', got {method!r}")
+        self.method = method
+        self.eps = _check_number("eps", eps, 0.0, math.inf)
+        self.alpha = _check_number("alpha", alpha, 0.0, math.inf)
+        self.pgd_steps = _check_int("pgd_steps", pgd_steps, 0)
+        if clamp is not None and (len(clamp) != 2 or clamp[0] >= clamp[1]):
+            raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp!r}")
+        self.clamp = clamp
+        self._pgd_calls = 0
+        if method == "omp":
+            self.supports_nm = True  # instance attribute: one shot to N:M is well defined
+            self._one_shot = True
+        super().__init__(model, rate=rate, rewind=rewind, **kw)
+
+    @property
+    def rounds(self) -> int:
+        if self.method == "omp":
+            return 1 if (self.target_sparsity or 0) > 0 else 0
+        return super().rounds
+
+    def _round_target(self) -> float:
+        return self.target_sparsity if self.method == "omp" else super()._round_target()
+
+    def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable | None = None) -> torch.Tensor:
+        """PGD (L∞) adversarial examples ``x + δ`` against the current (masked) model: random start
+        ``δ ~ U(−ε, ε)`` (seeded), ``pgd_steps`` ascent steps of size ``alpha`` on ``sign(∂L/∂δ)``,
+        projected to the ε-ball (and to ``clamp``). Weight gradients are not touched. Returns a detached
+        tensor shaped like ``x``."""
+        loss_fn = loss_fn or F.cross_entropy
+        self._pgd_calls += 1
+        g = self._gen("pgd", self._step, self._pgd_calls)
+        delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * self.eps).to(device=x.device, dtype=x.dtype)
+        x = x.detach()
+        for _ in range(self.pgd_steps):
+            delta.requires_grad_(True)
+            xa = x + delta
+            if self.clamp is not None:
+                xa = xa.clamp(*self.clamp)
+            loss = loss_fn(self.model(xa), y)
+            (gd,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = (delta + self.alpha * gd.sign()).clamp(-self.eps, self.eps)
+        xa = (x + delta).detach()
+        return xa.clamp(*self.clamp) if self.clamp is not None else xa
+
+    def finetune(self, mode: str = "full", head: str | nn.Module | None = None) -> list[nn.Parameter]:
+        """Prepare downstream fine-tuning and return the parameters to optimise. ``"full"``: every
+        parameter trains (masks stay). ``"linear"``: linear probe — every parameter is frozen except
+        those of ``head`` (a module or its name; default the last managed layer)."""
+        if mode not in ("full", "linear"):
+            raise ValueError(f"finetune mode must be 'full' or 'linear', got {mode!r}")
+        if mode == "full":
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            return [p for p in self.model.parameters()]
+        if head is None:
+            head_mod = self._layers[-1][1]
+        elif isinstance(head, str):
+            head_mod = self.model.get_submodule(head)
+        else:
+            head_mod = head
+        head_ids = {id(p) for p in head_mod.parameters()}
+        if not head_ids:
+            raise ValueError("finetune('linear'): the head has no parameters")
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in head_ids)
+        return [p for p in self.model.parameters() if id(p) in head_ids]
+
+    def _extra_state(self) -> dict:
+        return {**super()._extra_state(), "pgd_calls": self._pgd_calls}
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        self._pgd_calls = int(d.get("pgd_calls", 0))

@@ -1,0 +1,211 @@
+"""Pruning at initialisation: SNIP, GraSP, SynFlow (masks fixed after ``prune()``).
+
+Gradients: the three scores multiply the gradient by ``W``, which is exactly zero at pruned positions,
+so the *masked* weight gradient of the sparse layers (equal to the dense gradient at every kept
+position) gives the exact scores; no dense-gradient capture is needed. Already pruned weights score
+``-inf`` and never return. ``.grad`` of the model is never touched (``torch.autograd.grad``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, progress
+from .schedules import ExponentialDensity
+
+__all__ = ["SNIP", "GraSP", "SynFlow"]
+
+
+class _Scoring:
+    """Temporarily make the managed weights require grad (frozen layers included)."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        self.weights = weights
+
+    def __enter__(self):
+        self.req = [w.requires_grad for w in self.weights]
+        for w in self.weights:
+            w.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for w, r in zip(self.weights, self.req):
+            w.requires_grad_(r)
+
+
+def snip_grads(pruner: Pruner, batch: Any, loss_fn: Callable | None, batches: int) -> dict[str, torch.Tensor]:
+    """Sum over up to ``batches`` batches of ``∂L/∂W`` (float32) for every managed layer."""
+    weights = [l.weight for _, l in pruner._layers]
+    acc = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    nb = 0
+    with _Scoring(weights):
+        for b in _iter_batches(batch, batches):
+            loss = batch_loss(pruner.model, b, loss_fn)
+            gs = torch.autograd.grad(loss, weights, allow_unused=True)
+            for a, g in zip(acc, gs):
+                if g is not None:
+                    a.add_(g.float())
+            nb += 1
+    if nb == 0:
+        raise ValueError(f"{type(pruner).__name__}.prune(): the batch iterable yielded no batch")
+    return {n: a for n, a in zip(pruner._names, acc)}
+
+
+class SNIP(Pruner):
+    """SNIP (Lee et al. 2019): score ``|G ⊙ W|`` at initialisation on ``batches`` batches (default 1) of
+    ``batch`` (an ``(x, y)`` tuple or an iterable of them), keep the top ``1 − sparsity``
+    (``"global"`` by default). N:M: top-n score of each m-group. ``loss_fn(output, y)`` defaults to
+    cross-entropy. Requires data: ``prune()`` without ``batch`` raises ``ValueError``.
+    """
+
+    default_distribution = "global"
+
+    def __init__(self, model: nn.Module, *, batches: int = 1, **kw: Any) -> None:
+        self.batches = _check_int("batches", batches, 1)
+        super().__init__(model, **kw)
+
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        _check_batch(type(self).__name__, batch)
+        g = snip_grads(self, batch, loss_fn, self.batches)
+        scores = {n: (g[n] * l.weight.detach().float()).abs() for n, l in self._layers}
+        if not self.pattern.is_nm:
+            scores = self._masked_scores(scores)
+        self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+
+
+class GraSP(Pruner):
+    """GraSP (Wang et al. 2020): ``S = −W ⊙ (H g)`` with ``g`` the gradient and ``H g`` a Hessian-vector
+    product (double backward through the sparse layers), logits divided by ``temperature`` (200). As in
+    the paper and its code, the weights with the *highest* ``S`` are removed and the rest kept (i.e. keep
+    the largest ``W ⊙ Hg``). Data: ``batch`` (``(x, y)`` or an iterable; ~10 samples per class), using up
+    to ``batches`` batches. ``"global"`` by default; N:M keeps the n lowest ``S`` of each m-group.
+    """
+
+    default_distribution = "global"
+
+    def __init__(self, model: nn.Module, *, temperature: float = 200.0, batches: int = 1, **kw: Any) -> None:
+        self.temperature = _check_number("temperature", temperature, 0.0, math.inf, lo_open=True)
+        self.batches = _check_int("batches", batches, 1)
+        super().__init__(model, **kw)
+
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        _check_batch("GraSP", batch)
+        weights = [l.weight for _, l in self._layers]
+        T = self.temperature
+        tf = (lambda out: out / T)
+        data = list(_iter_batches(batch, self.batches))
+        if not data:
+            raise ValueError("GraSP.prune(): the batch iterable yielded no batch")
+        with _Scoring(weights):
+            g = [torch.zeros_like(w) for w in weights]
+            for b in data:  # pass 1: the gradient g (no graph)
+                gs = torch.autograd.grad(batch_loss(self.model, b, loss_fn, transform=tf), weights, allow_unused=True)
+                for a, gi in zip(g, gs):
+                    if gi is not None:
+                        a.add_(gi.detach())
+            hg = [torch.zeros_like(w) for w in weights]
+            for b in data:  # pass 2: H g = ∂(gradᵀ g)/∂W
+                gs = torch.autograd.grad(batch_loss(self.model, b, loss_fn, transform=tf), weights,
+                                         create_graph=True, allow_unused=True)
+                z = sum((gi * gc).sum() for gi, gc in zip(gs, g) if gi is not None)
+                hs = torch.autograd.grad(z, weights, allow_unused=True)
+                for a, h in zip(hg, hs):
+                    if h is not None:
+                        a.add_(h.detach())
+        # keep = lowest S = -W*Hg  <=>  largest W*Hg
+        scores = {n: (l.weight.detach() * h).float() for (n, l), h in zip(self._layers, hg)}
+        if not self.pattern.is_nm:
+            scores = self._masked_scores(scores)
+        self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+
+
+class SynFlow(Pruner):
+    """SynFlow (Tanaka et al. 2020): data-free iterative synaptic-flow pruning.
+
+    Every parameter and buffer is replaced by its absolute value (biases and norm shifts / running
+    means by 0 when ``zero_bias``, the default, so that all the flow goes through the weights, the
+    conservation property behind SynFlow's avoidance of layer collapse; ``zero_bias=False`` keeps
+    ``|b|`` as the authors' code does), the model (in eval mode) is fed an
+    all-ones input of ``input_shape`` (per sample, e.g. ``(1, 28, 28)``; or the shape of ``batch``'s
+    inputs, whose values are ignored), ``R = Σ output`` and the score is ``|∂R/∂W ⊙ W|``. Pruning is
+    iterated over ``iterations`` rounds (100) with density ``D^(k/iterations)`` after round ``k``
+    (:class:`~sparsefast.pruning.schedules.ExponentialDensity`); the original signed values are restored
+    at the end. ``"global"`` by default (the paper's); other distributions move each layer to
+    ``d_l^(k/iterations)``. N:M: one round (top-n score per m-group). Progress bar over rounds.
+    Runs in the model's dtype: very deep float16 models may overflow ``R``.
+    """
+
+    default_distribution = "global"
+
+    def __init__(self, model: nn.Module, *, iterations: int = 100, input_shape: tuple[int, ...] | None = None,
+                 zero_bias: bool = True, **kw: Any) -> None:
+        self.iterations = _check_int("iterations", iterations, 1)
+        self.zero_bias = bool(zero_bias)
+        if input_shape is not None:
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_shape):
+                raise ValueError(f"input_shape must be positive ints (one sample, no batch dim), got {input_shape!r}")
+            input_shape = tuple(input_shape)
+        self.input_shape = input_shape
+        super().__init__(model, **kw)
+
+    def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
+        shape = self.input_shape
+        if shape is None:
+            if batch is None:
+                raise ValueError("SynFlow is data-free but needs the input shape: pass input_shape=(C, H, W) "
+                                 "(one sample) or an example batch (only its shape is used)")
+            x0 = next(iter(_iter_batches(batch, 1)))[0]
+            shape = tuple(x0.shape[1:])
+        w0 = self._layers[0][1].weight
+        model = self.model
+        mids = {id(l.mask) for _, l in self._layers}
+        state = [t for t in list(model.parameters()) + list(model.buffers())
+                 if id(t) not in mids and t.is_floating_point()]
+        saved = [t.detach().clone() for t in state]
+        was_training = model.training
+        weights = [l.weight for _, l in self._layers]
+        rounds = 1 if self.pattern.is_nm else self.iterations
+        sched = ExponentialDensity(1.0 - self.target_sparsity, rounds)
+        final = None if self.distribution == "global" or self.pattern.is_nm else self._densities(self.target_sparsity)
+        try:
+            model.eval()
+            with torch.no_grad():
+                for t in state:
+                    t.abs_()
+                if self.zero_bias:
+                    for mod in model.modules():
+                        b = getattr(mod, "bias", None)
+                        if isinstance(b, torch.Tensor) and b.is_floating_point():
+                            b.zero_()
+                        rm = getattr(mod, "running_mean", None)
+                        if isinstance(rm, torch.Tensor):
+                            rm.zero_()
+            x = torch.ones((1, *shape), device=w0.device, dtype=w0.dtype)
+            for k in progress(range(1, rounds + 1), total=rounds, desc="SynFlow rounds", enable=self.progress):
+                with _Scoring(weights):
+                    R = model(x).sum()
+                    gs = torch.autograd.grad(R, weights, allow_unused=True)
+                scores = {n: ((g if g is not None else torch.zeros_like(l.weight)) * l.weight.detach()).abs().float()
+                          for (n, l), g in zip(self._layers, gs)}
+                if self.pattern.is_nm:
+                    new = self._allocate(scores)
+                else:
+                    scores = self._masked_scores(scores)
+                    if final is None:
+                        new = self._allocate(scores, 1.0 - sched(k))
+                    else:
+                        new = self._allocate(scores, densities={n: final[n] ** (k / rounds) for n in self._names})
+                    new = {n: new[n] & l.mask for n, l in self._layers}
+                self._apply(new)
+            if self.flow_repair and not self.pattern.is_nm:  # before the restore: repaired edges get W(0)
+                self._apply(self._maybe_flow_repair(self.masks(), "init"))
+        finally:
+            with torch.no_grad():
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+                for _, l in self._layers:
+                    l.weight.mul_(l.mask)
+            model.train(was_training)
