@@ -362,3 +362,23 @@ def test_nm_compact_kernels_direct(cb, isa, pattern):
         b = torch.randn(N, generator=g)
         y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None)
         _close(y, x.double() @ (w * mask).double().t() + b.double(), torch.float32, f"{pattern} M={M}")
+
+
+def test_nm_blocked_panel_path(cb):
+    """The optional K-blocked walk of the compact N:M panel kernel (tunable block_bytes)."""
+    p = parse_pattern("2:4")
+    g = torch.Generator().manual_seed(8)
+    N, K, M = 24, 512, 40
+    w = torch.randn(N, K, generator=g)
+    mask = nm_mask(w, 2, 4)
+    meta, valid = cb.ext.build_nm(mask, 2, 4)
+    vals = cb.ext.gather_nm(w, meta, 2, 4, valid)
+    x = torch.randn(M, K, generator=g)
+    ref = x.double() @ (w * mask).double().t()
+    old = cb.ext.describe()["block_bytes"]
+    try:
+        for bb in (0, 4096, 16384):
+            cb.ext.set_tunable("block_bytes", bb)
+            _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None), ref, torch.float32, f"bb={bb}")
+    finally:
+        cb.ext.set_tunable("block_bytes", old)

@@ -21,7 +21,9 @@ namespace sf_generic {
 }  // namespace sf_generic
 #undef SF_ISA
 
-#if SF_X86 && defined(__GNUC__) && !defined(SPARSEFAST_CPU_GENERIC_ONLY)
+// `#pragma GCC target` regions are a GCC feature (clang ignores them): other compilers build the
+// portable kernels only.
+#if SF_X86 && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSEFAST_CPU_GENERIC_ONLY)
 #define SF_HAVE_MV 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,prefer-vector-width=256")

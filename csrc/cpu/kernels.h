@@ -15,22 +15,22 @@
 //         holds the column offset in the group of slot 2i, the high nibble that of slot 2i+1.
 //         Padding slots (a group that keeps fewer than n) hold value 0.
 //
-// Dense operands of the "panel" kernels are batch-transposed: X is stored as panels
-// Xp[c][k][l] (c = lane panel, k = reduction row, l < PW lane), lanes = batch rows (Linear) or
-// output pixels (Conv2d), so one kept weight multiplies a vector of lanes (16 fp32 lanes a vector).
-// The "small" kernels (few batch rows) use row-major fp32 X (B x cols) and gather along cols.
+// Dense operands of the "panel" kernels are fp32 and batch-transposed: lanes = batch rows (Linear)
+// or output pixels (Conv2d), so one kept weight multiplies a vector of lanes (16 fp32 lanes a
+// vector). Linear lays X out as panels Xp[c][k][l] (c = lane panel, k = reduction row, l < PW);
+// conv uses a plain im2col buffer (k x lanes) read in PW-lane chunks; both are (pointer, ld).
+// The "small" kernels (a few batch rows) use row-major fp32 X (B x cols) and gather along cols.
 #pragma once
 #include <cstdint>
 
 namespace sfcpu {
 
 struct bf16_t { uint16_t bits; };
-struct fp16_t { uint16_t bits; };
 
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum DType : int { kF32 = 0, kBF16 = 1 };
 enum Isa : int { kGeneric = 0, kAVX2 = 1, kAVX512 = 2 };
 
-// Sparse matrix A (rows x cols) in CSR or NM form (meta != nullptr -> NM).
+// Sparse matrix A (rows x cols): N:M (meta != nullptr), BCSR (bp != nullptr) or CSR.
 struct SpMat {
   int64_t rows = 0, cols = 0;
   const int32_t* rowptr = nullptr;  // CSR (BCSR: still the CSR row pointer, used to balance threads)
@@ -103,23 +103,26 @@ struct KernelTable {
   // dense rows [r0, r1) of `out` (T, rows x cols): zeros except the entries of A (CSR or BCSR index)
   // taking fp32 `vals`; each row is built in `scratch` (cols floats) and written with streaming stores
   void (*dense_rows)(const SpMat& a, const float* vals, void* out, float* scratch, int64_t r0, int64_t r1);
-  // forward-like SpMM over one lane panel; A in CSR or NM form; element type fixed by the table
+  // SpMM over one lane panel; A in CSR / BCSR / N:M form; T (the table's dtype) is the value type
+  // of CSR and N:M (BCSR values are fp32)
   void (*spmm_panel)(const PanelArgs&);
-  // few batch rows: gather kernel, fp32 activations
+  // few batch rows (N:M: <= 16): gather kernels, fp32 activations
   void (*spmm_small)(const SmallArgs&);
   // masked weight gradient
   void (*sddmm_panel)(const SddmmArgs&);
   void (*sddmm_small)(const SddmmArgs&);
-  // rows (B x K) -> panels (nc x K x PW), zero padding lanes >= B; and back
+  // T rows (B x K) -> fp32 panels (nc x K x PW), zero padding lanes >= B; and back (fp32 -> T)
   void (*to_panels)(const PackArgs&);
   void (*from_panels)(const PackArgs&);
   // conv: im2col into a plain fp32 buffer (rows of g.PW lanes), r = (kh*KW + kw)*C + ci, lane over (img, ho, wo);
   // rows [r0, r1) of the reduction index
   void (*im2col)(const void* x, void* xp, const ConvGeom& g, int64_t r0, int64_t r1);
-  // col2im: dx (G images) += scatter of panels, planes (img*C + ci) in [p0, p1)
+  // col2im: fp32 dx (G images) += scatter of the im2col-shaped buffer, planes (img*C + ci) in [p0, p1)
+  // (may zero entries of that buffer it alone reads)
   void (*col2im)(const void* xp, void* dx, const ConvGeom& g, int64_t p0, int64_t p1);
-  // conv rows <-> panels: rows o in [o0, o1) of t (G images, row stride HW per image in t with
-  // image stride img_stride) <-> panels (nc x rows x PW) where lane = img*HW + hw
+  // conv rows <-> lanes: rows o in [o0, o1) of T tensor t (G images, row stride HW per image,
+  // image stride img_stride) <-> fp32 panels (nc x rows x PW), lane = img*HW + hw (conv passes
+  // PW >= G*HW: one plain buffer)
   void (*rows_to_panels)(const void* t, void* p, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
                          int64_t PW, int64_t o0, int64_t o1);
   void (*panels_to_rows)(const void* p, void* t, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,

@@ -234,7 +234,8 @@ def explain(obj, x: torch.Tensor | None = None) -> str:
         return "\n".join(lines)
     for name, verdict, reason in _consider(q):
         if verdict == "use":
-            lines.append(f"  -> {name}: chosen")
+            desc = getattr(_load(name), "describe", None)
+            lines.append(f"  -> {name}: chosen" + (f" [{desc()}]" if callable(desc) else ""))
         else:
             lines.append(f"     {name}: {verdict}" + (f" ({reason})" if reason else ""))
     for name in _REGISTRY:

@@ -1,24 +1,32 @@
 """The ``cpu`` backend: C++ kernels from ``csrc/cpu/`` (extension ``sparsefast._C_cpu``).
 
 Formats (see ``csrc/cpu/kernels.h``), all over the weight's reduction view ``(rows, K)``
-(conv: ``(O, kh*kw*C/groups)``, channel fastest):
+(conv: ``(O, kh*kw*C/groups)``, channel fastest). Index structures depend on the mask only and are
+cached per mask version; values are re-gathered once per weight version (one optimizer step):
 
-* index (mask only, cached per mask version): CSR ``rowptr`` int32 + 16-bit column indices, its
-  per-group transpose (``t_rowptr``, 16-bit row indices, ``t_perm`` = CSR position of each entry)
-  and, for N:M with n in {1, 2, 4, 8} and m <= 16, 4-bit in-group offsets (``meta``);
-* values (cached per weight version, i.e. re-gathered once per optimizer step): CSR-ordered kept
-  values, their transpose order (a permutation gather of those) and the N:M slot values.
+* CSR: ``rowptr`` int32 + 16-bit column indices, values in the compute dtype — for the gather
+  kernel that serves a single batch row (SpMV);
+* column-blocked CSR (BCSR): the same entries reordered block-major in blocks of 256 reduction
+  rows, fp32 values — for the lane-panel kernels (every other batch size, and conv): while one
+  block is processed its 256 X rows stay in L1 and the weights stream in order;
+* the per-group transposes of both (``t_perm`` maps each transposed entry to its source position,
+  so transposed values are one permutation gather) — for ``dX``;
+* compact N:M (n in {1, 2, 4, 8}, m <= 16): slot values + 4-bit in-group offsets (4.5 / 2.5 bytes
+  per kept float32 / bfloat16 weight) — for N:M calls with <= 4 rows, where the product is
+  memory-bound; an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers.
 
 Kernels: forward SpMM and ``dX`` (SpMM through the transpose) vectorised over the batch — the dense
-operand is stored batch-transposed in 16..64-lane panels so each kept weight is loaded once and
-multiplies a vector of batch rows (or output pixels for conv); a gather kernel for batches of
-<= 4 rows; the masked ``dW`` is an SDDMM at the kept positions only (dense-shaped output, zeros
-elsewhere). Conv uses im2col into the same panels (implicit-GEMM reduction order). Threads: torch's
-OpenMP pool over nnz-balanced row partitions. ISA: AVX-512 / AVX2 / portable, chosen at run time
-(``describe()``; ``SPARSEFAST_CPU_ISA=generic|avx2|avx512`` forces a lower one).
+operand is laid out batch-transposed in 16/32-lane fp32 panels, so each kept weight is loaded once
+and multiplies a vector of batch rows (or output pixels for conv: im2col of a few images at a time
+into a cache-resident buffer); the masked ``dW`` is an SDDMM at the kept positions only (up to 256
+lanes per reduction), written into the dense-shaped gradient row by row with streaming stores.
+Threads: torch's OpenMP pool (``at::parallel_for``) over nnz-balanced row partitions. ISA: AVX-512 /
+AVX2 / portable builds of the same kernels in one binary, chosen at run time (:meth:`describe`;
+``SPARSEFAST_CPU_ISA=generic|avx2|avx512`` forces a lower one).
 
 float32 and bfloat16 run natively (fp32 accumulation); float16 runs the float32 kernels on converted
-operands; float64 is not supported (``auto`` uses the reference).
+operands; float64 is not supported (``auto`` uses the reference). ``auto`` routes to dense where it
+is faster (:func:`crossover_density`, measured).
 """
 from __future__ import annotations
 
