@@ -23,5 +23,6 @@ def test_pruning_digits_quick(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| method | 90% |" in md and "| RigL |" in md and "| SRSTE |" in md
     assert "What the papers report" in md
+    assert '"runs"' in (tmp_path / "results.json").read_text()
     png = tmp_path / "results.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
