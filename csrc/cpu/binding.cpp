@@ -88,8 +88,9 @@ void set_isa(const std::string& name) {
   }
   const int want = isa_from_name(name);
   TORCH_CHECK(want >= 0, "sparsefast cpu: unknown ISA '", name, "' (generic, avx2, avx512, auto)");
-  TORCH_CHECK(sfcpu::kernel_table(want, 0) != nullptr, "sparsefast cpu: ISA ", name, " was not compiled in");
+  TORCH_CHECK(sfcpu::isa_compiled(want), "sparsefast cpu: ISA ", name, " was not compiled in");
   TORCH_CHECK(want <= sfcpu::best_isa(), "sparsefast cpu: this CPU does not support ", name);
+  TORCH_CHECK(sfcpu::kernel_table(want, 0) != nullptr, "sparsefast cpu: no kernels for ISA ", name);
   g_isa.store(want);
 }
 

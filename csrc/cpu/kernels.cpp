@@ -47,21 +47,32 @@ namespace sf_avx512 {
 #endif
 
 namespace {
+// A table is only built for an ISA this CPU runs: make_table() itself is compiled under the ISA's
+// `#pragma GCC target`, so even filling in the table may use wider registers (seen: AVX-512 stores
+// in sf_avx512::make_table on an AVX2-only EPYC -> SIGILL at first use).
 struct Tables {
   KernelTable t[3][2];
+  bool compiled[3];
   bool have[3];
   Tables() {
+    compiled[0] = true;
+    compiled[1] = compiled[2] = (SF_HAVE_MV != 0);
     have[0] = have[1] = have[2] = false;
     t[0][0] = sf_generic::make_table<float>("generic");
     t[0][1] = sf_generic::make_table<bf16_t>("generic");
     have[0] = true;
 #if SF_HAVE_MV
-    t[1][0] = sf_avx2::make_table<float>("avx2");
-    t[1][1] = sf_avx2::make_table<bf16_t>("avx2");
-    have[1] = true;
-    t[2][0] = sf_avx512::make_table<float>("avx512");
-    t[2][1] = sf_avx512::make_table<bf16_t>("avx512");
-    have[2] = true;
+    const int best = best_isa();
+    if (best >= kAVX2) {
+      t[1][0] = sf_avx2::make_table<float>("avx2");
+      t[1][1] = sf_avx2::make_table<bf16_t>("avx2");
+      have[1] = true;
+    }
+    if (best >= kAVX512) {
+      t[2][0] = sf_avx512::make_table<float>("avx512");
+      t[2][1] = sf_avx512::make_table<bf16_t>("avx512");
+      have[2] = true;
+    }
 #endif
   }
 };
@@ -75,6 +86,11 @@ const KernelTable* kernel_table(int isa, int dtype) {
   if (isa < 0 || isa > 2 || dtype < 0 || dtype > 1) return nullptr;
   const Tables& tb = tables();
   return tb.have[isa] ? &tb.t[isa][dtype] : nullptr;
+}
+
+bool isa_compiled(int isa) {
+  if (isa < 0 || isa > 2) return false;
+  return tables().compiled[isa];
 }
 
 int best_isa() {

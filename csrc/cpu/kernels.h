@@ -130,7 +130,10 @@ struct KernelTable {
 };
 
 // Tables for (isa, dtype); nullptr when the ISA was not compiled in.
+// nullptr when `isa` was not compiled in or this CPU cannot run it
 const KernelTable* kernel_table(int isa, int dtype);
+// whether kernels for `isa` are in this build (whether or not this CPU can run them)
+bool isa_compiled(int isa);
 // Best ISA this CPU (and OS) supports among those compiled in.
 int best_isa();
 const char* isa_name(int isa);
