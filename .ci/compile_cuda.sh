@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # CI step: compile csrc/ (the sparsefast._C CUDA extension) for sm_80 and sm_90a with this machine's
-# nvcc against a CUDA build of torch, and check the binary holds both targets and the sparse
-# tensor-core instructions. It cannot run the kernels (no GPU): tests/test_cuda_backend.py does the
-# CPU-side checks and the gpu-marked tests run on a GPU machine (benchmarks/gpu_check.sh).
+# nvcc against a CUDA build of torch, check the binary holds both targets and the sparse
+# tensor-core instructions, then run the kernel report on the built .so
+# (`python -m sparsefast kernels --report --only cuda --cuda-objects <.so>`): every kernel's
+# `// kernel-report:` expectations in csrc/ (sparse MMA, 128-bit loads, no local memory / spills in
+# hot kernels) must hold, else this step fails. It cannot run the kernels (no GPU):
+# tests/test_cuda_backend.py does the CPU-side checks and the gpu-marked tests run on a GPU machine
+# (benchmarks/gpu_check.sh).
 #
 # The system-wide torch is a CPU build, so this uses its own clean venv (no --system-site-packages),
 # created once and reused while it holds a CUDA torch:
 #   SPARSEFAST_CUDA_VENV  (default /tmp/sparsefast-cudavenv)
 #   SPARSEFAST_CUDA_TORCH (default torch==2.14.1, a CUDA 13 build from the local package index)
 #   CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), MAX_JOBS (default 2)
+#   PYTHON (default python3): the interpreter that runs the kernel report from the repo (needs only
+#          the sparsefast sources and their imports; torch may be the CPU build)
+#   SPARSEFAST_CUDA_REPORT_JSON: also write the kernel report there (JSON)
 # Exits non-zero on any failure.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,6 +93,16 @@ for arch in $(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' ' '); do
   fi
 done
 [ "$fail" -eq 0 ] || exit 1
+
+say "kernel report (cuobjdump on the built .so; expectations from the // kernel-report: lines in csrc/)"
+ARCHS=$(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' '\n' | sed -e 's/+PTX//' -e 's/[^0-9]//g' | grep -v '^$' | paste -sd, -)
+report=(--report --only cuda --cuda-objects "$SO" --arch "$ARCHS" --require-compiled)
+[ -n "${SPARSEFAST_CUDA_REPORT_JSON:-}" ] && report+=(--json "$SPARSEFAST_CUDA_REPORT_JSON")
+# cuobjdump: the same one as above (kernel_report looks in $CUDA_HOME/bin, then PATH)
+if ! (cd "$ROOT" && PATH="$(dirname "$CUOBJDUMP"):$PATH" "${PYTHON:-python3}" -m sparsefast kernels "${report[@]}"); then
+  echo "compile_cuda: the kernel report failed (see the problems above)" >&2
+  exit 1
+fi
 
 say "import check"
 cd "$OUT"  # not the repo root: its sparsefast/ package would shadow the built one

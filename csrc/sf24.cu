@@ -12,8 +12,17 @@ namespace sf {
 namespace {
 
 // =================================================================================================
+// pack: re-run once per weight version (every training step): no spills allowed
+// kernel-report: sf24_pack_kernel< hot
 // pack: one thread per metadata word = rows (r0, r0 + 8) x 16 dense columns (8 groups)
 // =================================================================================================
+// v_i for i in 0..3, 0 for any other i, as masks: "if (i == q) val = v[q]" loops get turned into a
+// runtime-indexed v[i], which puts v in local memory.
+__device__ __forceinline__ uint32_t pick4(int i, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return (a & (0u - (uint32_t)(i == 0))) | (b & (0u - (uint32_t)(i == 1))) | (c & (0u - (uint32_t)(i == 2))) |
+         (d & (0u - (uint32_t)(i == 3)));
+}
+
 template <typename T>
 __global__ void sf24_pack_kernel(const T* __restrict__ w, const uint8_t* __restrict__ keep, int64_t R,
                                  int64_t C, int64_t Cp, int64_t nwords, T* __restrict__ vals,
@@ -25,40 +34,32 @@ __global__ void sf24_pack_kernel(const T* __restrict__ w, const uint8_t* __restr
   const int64_t s = (word / 16) % ksteps;
   const int64_t t = word / 16 / ksteps;
   const int64_t c0 = s * 32 + (j % 2) * 16;
+  // Values move as raw 16-bit patterns in 32-bit registers (+0.0 is 0x0000 in fp16 and bf16): no
+  // addressable T arrays, so nothing lands in local memory.
+  static_assert(sizeof(T) == 2, "SF24 packs 16-bit values");
+  const uint16_t* __restrict__ wb = reinterpret_cast<const uint16_t*>(w);
   uint32_t out = 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t r = t * 16 + j / 2 + 8 * half;
-    T stored[8];
+    uint32_t words[4];  // stored slots (2g, 2g+1) = low / high half of words[g]
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
-      uint32_t k4 = 0;
-      T v[4];
+      uint32_t k4 = 0, v[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int64_t c = c0 + 4 * g + q;
         const bool in = r < R && c < C;
-        v[q] = in ? w[r * C + c] : from_f32<T>(0.f);
+        v[q] = in ? (uint32_t)wb[r * C + c] : 0u;
         k4 |= (in && keep[r * C + c]) ? (1u << q) : 0u;
       }
       int src[2];
       const uint32_t nib = sf24_encode_group(k4, src);
       out |= nib << (16 * half + 4 * g);
-#pragma unroll
-      for (int sl = 0; sl < 2; ++sl) {
-        T val = from_f32<T>(0.f);
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          if (src[sl] == q) val = v[q];
-        stored[2 * g + sl] = val;
-      }
+      words[g] = pick4(src[0], v[0], v[1], v[2], v[3]) | (pick4(src[1], v[0], v[1], v[2], v[3]) << 16);
     }
     // 8 stored values = 16 bytes, contiguous in vals (r, c0/2 .. c0/2 + 7); Cp/2 % 8 == 0 keeps it aligned
-    uint4 pk;
-    T* pv = reinterpret_cast<T*>(&pk);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) pv[i] = stored[i];
-    *reinterpret_cast<uint4*>(vals + r * (Cp / 2) + c0 / 2) = pk;
+    *reinterpret_cast<uint4*>(vals + r * (Cp / 2) + c0 / 2) = make_uint4(words[0], words[1], words[2], words[3]);
   }
   meta[word] = out;
 }
@@ -75,14 +76,21 @@ __global__ void sf24_unpack_kernel(const T* __restrict__ vals, const uint32_t* _
   T out[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) out[q] = from_f32<T>(0.f);
-  // a stored zero in a filler slot must not overwrite a kept value at the same index: add, not assign
+  // a stored zero in a filler slot must not overwrite a kept value at the same index: add, not assign.
+  // (Compare against every q instead of indexing acc[q]: a runtime index would put acc in local memory.)
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   bool hit[4] = {false, false, false, false};
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    const int q = sf24_nibble_idx(nib, s);
-    acc[q] += to_f32<T>(vals[sf24_val_offset(r, c, s, Cp)]);
-    hit[q] = true;
+    const int qs = sf24_nibble_idx(nib, s);
+    const float v = to_f32<T>(vals[sf24_val_offset(r, c, s, Cp)]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (q == qs) {
+        acc[q] += v;
+        hit[q] = true;
+      }
+    }
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q)
@@ -112,6 +120,16 @@ struct Cfg {
 using CfgBig = Cfg<128, 128, 64, 2, 4, 1, 3>;   // M >= 128-ish: 8 warps, warp tile 64 x 32
 using CfgMid = Cfg<64, 64, 64, 2, 2, 1, 4>;     // mid M: 4 warps, warp tile 32 x 32
 using CfgSmall = Cfg<16, 32, 256, 1, 1, 4, 4>;  // M <= 32 (memory-bound): 16 features per block, k split
+
+// Compile-time evidence (python -m sparsefast kernels --only cuda; format: sparsefast/kernel_report.py).
+// Every config of the GEMM: sparse tensor cores (HMMA.SP on sm_80 and sm_90), 16-byte cp.async tile
+// loads, no spills (per-step path). dyn_smem = Cfg::SMEM (the dynamic shared memory of the launch).
+// kernel-report: sf24_gemm_kernel< tensor_core=sparse vector_loads hot
+// kernel-report: sf24_gemm_kernel<.*Cfg<128,128,64, dyn_smem=89088
+// kernel-report: sf24_gemm_kernel<.*Cfg<64,64,64, dyn_smem=59392
+// kernel-report: sf24_gemm_kernel<.*Cfg<16,32,256, dyn_smem=87040
+static_assert(CfgBig::SMEM == 89088 && CfgMid::SMEM == 59392 && CfgSmall::SMEM == 87040,
+              "update the kernel-report dyn_smem lines above");
 
 template <typename T, typename OutT, class C, bool CONV>
 __global__ void __launch_bounds__(C::NT, 1) sf24_gemm_kernel(const Sf24GemmArgs a) {

@@ -32,6 +32,11 @@ constexpr int H_E_BYTES = (H_BM / 16) * H_KS * 16 * 4;    // 1024
 constexpr int H_STAGE_BYTES = H_B_BYTES + H_A_BYTES + H_E_BYTES;  // B first: keeps 1024-B alignment
 constexpr int H_SMEM = H_STAGES * H_STAGE_BYTES + 1024;   // + slack to align the base to 1024
 static_assert(H_STAGE_BYTES % 1024 == 0, "stage size must keep the B tiles 1024-byte aligned");
+static_assert(H_SMEM == 111616, "update the kernel-report dyn_smem line below");
+
+// Compile-time evidence (format: sparsefast/kernel_report.py): checked on sm_90a only (the sm_80 build
+// is the empty stub): sparse warpgroup MMA (HGMMA...SP), 16-byte cp.async loads, no spills.
+// kernel-report: sf24_gemm_sm90_kernel< archs=90 tensor_core=sparse wgmma vector_loads hot dyn_smem=111616
 
 #if SF_SM90A_DEVICE
 // 128-byte swizzle of a K-major tile whose rows are 128 B: 16-byte chunk c of row r

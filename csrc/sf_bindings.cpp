@@ -217,6 +217,10 @@ at::Tensor csr_spmm(const at::Tensor& row_ptr, const at::Tensor& col, const at::
                   aligned16(xT),
               "csr_spmm: xT must be a contiguous (C x ldm) tensor with ldm % 8 == 0");
   if (bias) TORCH_CHECK(bias->numel() == R && bias->scalar_type() == xT.scalar_type(), "csr_spmm: bad bias");
+  // csr.cu launches ceil(M / (32 lanes * one 16-byte vector)) blocks along grid.y (at most 65535)
+  const int64_t cols_per_block = 32 * (16 / xT.element_size());
+  TORCH_CHECK(M >= 0 && (M + cols_per_block - 1) / cols_per_block <= 65535, "csr_spmm: M = ", M,
+              " dense columns exceed the kernel's grid limit of ", 65535 * cols_per_block, " for ", xT.scalar_type());
   c10::cuda::CUDAGuard guard(xT.device());
   const auto b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   auto yT = at::empty({R, xT.size(1)}, xT.options());

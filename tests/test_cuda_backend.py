@@ -256,6 +256,31 @@ def test_build_script_standalone(tmp_path):
             mod.load()
 
 
+def test_kernel_report_annotations_are_valid():
+    """The ``// kernel-report:`` lines of csrc/ parse, use only known keys, and cover every kernel family
+    with the claims CI checks on the built extension (.ci/compile_cuda.sh)."""
+    from sparsefast import kernel_report as kr
+    ann = kr.csrc_annotations(ROOT / "csrc")
+    assert ann, "no kernel-report annotations in csrc/"
+    for rx, exp, where in ann:
+        _, errs = kr.validate_expect(exp)
+        assert not errs, (where, errs)
+    want = {
+        "sf24_gemm_kernel<bf16,bf16,Cfg<128,128,64,2,4,1,3>,false>": dict(tensor_core="sparse", hot=True,
+                                                                           vector_loads=True, dyn_smem=89088),
+        "sf24_gemm_kernel<fp16,fp16,Cfg<16,32,256,1,1,4,4>,true>": dict(tensor_core="sparse", dyn_smem=87040),
+        "sf24_gemm_kernel<bf16,fp32,Cfg<64,64,64,2,2,1,4>,true>": dict(hot=True, dyn_smem=59392),
+        "sf24_gemm_sm90_kernel<bf16,bf16,false>": dict(archs=[90], tensor_core="sparse", wgmma=True, hot=True),
+        "csr_spmm_kernel<bf16,16>": dict(vector_loads=True, hot=True),
+        "csr_sddmm_kernel<fp32,1>": dict(vector_loads=True, hot=True),
+        "sf24_pack_kernel<bf16>": dict(hot=True),
+    }
+    for name, sub in want.items():
+        exp, errs = kr.match_annotations(ann, name)
+        assert not errs and {k: exp.get(k) for k in sub} == sub, (name, exp)
+    assert kr.match_annotations(ann, "sf24_unpack_kernel<bf16>")[0] == {}
+
+
 def _backend_with_cap(cap=(9, 0)) -> CudaBackend:
     b = CudaBackend()
     b._cap[0] = cap
@@ -278,8 +303,15 @@ def test_not_supported_reasons():
         _q("conv", (64, 16, 3, 3), conv=ConvParams(groups=2))))
     assert any("% 8" in r for r in b.not_supported_reasons(_q("conv", (64, 12, 3, 3), conv=ConvParams())))
     assert b.not_supported_reasons(_q("conv", (64, 16, 3, 3), conv=ConvParams())) == []
-    assert any("unstructured conv2d" in r for r in b.not_supported_reasons(
-        _q("conv", (64, 16, 3, 3), pat="unstructured", conv=ConvParams())))
+    # unstructured conv2d: im2col + CSR SpMM, any groups/stride/padding/dilation; 16-bit column limit
+    assert b.not_supported_reasons(_q("conv", (64, 16, 3, 3), pat="unstructured", conv=ConvParams())) == []
+    assert b.not_supported_reasons(_q("conv", (64, 1, 3, 3), pat="unstructured", conv=ConvParams(groups=64))) == []
+    assert any("16-bit" in r for r in b.not_supported_reasons(
+        _q("conv", (64, 8192, 3, 3), pat="unstructured", conv=ConvParams())))
+    assert any("16-bit" in r for r in b.not_supported_reasons(
+        _q("conv", (64, 1024, 3, 3), pat="unstructured", conv=ConvParams(groups=8))))  # 8192*9 im2col rows
+    assert any("grid limit" in r for r in b.not_supported_reasons(
+        _q("conv", (64, 16, 3, 3), pat="unstructured", dtype=torch.float32, m=10**7, conv=ConvParams())))
     assert any("16-bit" in r for r in b.not_supported_reasons(_q(ws=(16, 70000), pat="unstructured")))
     assert any("sm_75" in r for r in _backend_with_cap((7, 5)).not_supported_reasons(_q()))
     assert fits_24(parse_pattern("1:2")) and not fits_24(parse_pattern("unstructured"))
@@ -294,8 +326,18 @@ def test_prefer_dense_reason(monkeypatch):
     assert b.prefer_dense_reason(_q(ws=(4096, 4096), pat="unstructured", density=0.3, m=16))
     assert b.prefer_dense_reason(_q(ws=(4096, 4096), pat="unstructured", density=0.05, m=8192))
     assert b.prefer_dense_reason(_q(ws=(4096, 4096), pat="unstructured", density=None))
+    # unstructured conv: im2col + CUDA-core SpMM loses to cuDNN except at <= 1% density with wide layers
+    cq = lambda ws, d, groups=1: _q("conv", ws, pat="unstructured", density=d, m=8192,  # noqa: E731
+                                    conv=ConvParams(groups=groups))
+    assert "0.01" in b.prefer_dense_reason(cq((256, 256, 3, 3), 0.1))
+    assert "cuDNN" in b.prefer_dense_reason(cq((1024, 1024, 3, 3), 0.05))
+    assert "output channels" in b.prefer_dense_reason(cq((256, 256, 3, 3), 0.005))
+    assert "output channels" in b.prefer_dense_reason(cq((1024, 64, 3, 3), 0.005, groups=16))
+    assert b.prefer_dense_reason(cq((1024, 1024, 3, 3), None))
+    assert b.prefer_dense_reason(cq((1024, 1024, 3, 3), 0.005)) is None
     monkeypatch.setenv("SPARSEFAST_CUDA_NEVER_DENSE", "1")
     assert b.prefer_dense_reason(_q(ws=(256, 256))) is None
+    assert b.prefer_dense_reason(cq((256, 256, 3, 3), 0.5)) is None
 
 
 # ================================================================================================
@@ -458,6 +500,234 @@ def test_float32_split_is_exact_enough(fake_backend):
 
 
 # ================================================================================================
+# unstructured conv2d: the Python composition (im2col -> SpMM, SpMM on the transpose -> col2im,
+# SDDMM on the im2col matrix) over a torch emulation of the two CSR kernels' contracts
+# ================================================================================================
+def _csr_dense(csr, vals=None) -> torch.Tensor:
+    """Decode an SFCSR structure (+ values) to a dense float64 (R, C) matrix, checking its invariants."""
+    R, C = csr.R, csr.C
+    assert csr.row_ptr.dtype == torch.int32 and csr.row_ptr.numel() == R + 1 and csr.col.dtype == torch.int16
+    assert csr.row_order.dtype == torch.int32 and sorted(csr.row_order.tolist()) == list(range(R))
+    cols = csr.col.long() & 0xFFFF
+    assert bool((cols < C).all()), "column index out of range"
+    rp = csr.row_ptr.long()
+    rows = torch.repeat_interleave(torch.arange(R), rp[1:] - rp[:-1])
+    W = torch.zeros(R, C, dtype=torch.float64)
+    v = torch.ones(cols.numel(), dtype=torch.float64) if vals is None else vals.double()
+    assert v.numel() == cols.numel()
+    W.index_put_((rows, cols), v, accumulate=True)  # a duplicate entry would show up as a sum
+    return W
+
+
+def _emu_spmm(csr, vals, xT, M, bias):
+    """csr_spmm's contract in float64: columns >= M of the result are NaN (the kernel leaves them
+    unspecified), so a composition that reads them fails."""
+    assert xT.is_contiguous() and xT.dim() == 2 and xT.shape[0] == csr.C, (tuple(xT.shape), csr.C)
+    assert xT.shape[1] % 8 == 0 and xT.shape[1] >= M and vals.dtype == xT.dtype
+    yT = torch.full((csr.R, xT.shape[1]), float("nan"), dtype=torch.float64)
+    yT[:, :M] = _csr_dense(csr, vals) @ xT[:, :M].double()
+    if bias is not None:
+        assert bias.dtype == xT.dtype and bias.numel() == csr.R
+        yT[:, :M] += bias.double()[:, None]
+    return yT.to(xT.dtype)
+
+
+def _emu_sddmm(csr, aT, bT, M):
+    """csr_sddmm's contract in float64, summing whole 16-byte vectors past M as the kernel does (so
+    padding that is not zero changes the result)."""
+    assert aT.is_contiguous() and bT.is_contiguous() and aT.dtype == bT.dtype
+    assert aT.shape == (csr.R, aT.shape[1]) and bT.shape == (csr.C, aT.shape[1]) and aT.shape[1] % 8 == 0
+    V = 16 // aT.element_size()
+    mv = min(-(-M // V) * V, aT.shape[1])
+    full = aT[:, :mv].double() @ bT[:, :mv].double().t()
+    keep = _csr_dense(csr) != 0
+    return torch.where(keep, full, torch.zeros((), dtype=torch.float64)).to(aT.dtype)
+
+
+@pytest.fixture
+def emu_backend(monkeypatch):
+    """A CudaBackend whose two CSR kernel calls are the torch emulation; ``_C`` stays None so any other
+    kernel call fails loudly."""
+    b = CudaBackend()
+    monkeypatch.setattr(b, "_spmm", _emu_spmm)
+    monkeypatch.setattr(b, "_sddmm", _emu_sddmm)
+    return b
+
+
+# N, C, H, W, O, KH, KW, stride, padding, dilation, groups
+UCONV_CASES = [
+    (2, 3, 7, 6, 5, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (1, 4, 9, 11, 6, 3, 2, (2, 1), (0, 1), (1, 1), 1),
+    (3, 6, 10, 9, 4, 3, 3, (2, 3), (2, 1), (2, 1), 2),
+    (2, 8, 8, 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), 8),     # depthwise
+    (2, 6, 5, 7, 12, 1, 1, (1, 1), (0, 0), (1, 1), 3),    # grouped pointwise
+    (1, 5, 13, 4, 7, 5, 3, (3, 2), (2, 0), (1, 1), 1),    # stride leaves input rows unused
+    (2, 4, 6, 6, 8, 2, 2, (2, 2), (0, 0), (1, 1), 4),
+    (1, 2, 4, 4, 3, 4, 4, (1, 1), (0, 0), (1, 1), 1),     # 1x1 output
+    (1, 16, 12, 10, 9, 3, 3, (1, 2), (3, 3), (3, 2), 1),  # dilation > 1, padding > kernel reach
+]
+
+
+def _uconv_mask(w, g, density, empty_rows=True):
+    m = torch.rand(w.shape, generator=g) < density
+    if empty_rows and w.shape[0] > 1:
+        m[1] = False  # an output channel with nothing kept
+    if empty_rows and w.shape[1] > 1:
+        m[:, 0] = False  # an input channel no weight reads: empty rows in the transposed structure
+    return m
+
+
+def _check_uconv(b, case, dtype, density, channels_last=False, seed=0):
+    N, C, H, W, O, KH, KW, st, pd, dl, G = case
+    g = torch.Generator().manual_seed(seed + sum(map(hash, map(str, case))) % 1000)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(O, C // G, KH, KW, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(O, generator=g, dtype=torch.float64).to(dtype)
+    m = _uconv_mask(w, g, density)
+    cp = ConvParams(st, pd, dl, G)
+    p = parse_pattern("unstructured")
+    wm = torch.where(m, w, torch.zeros((), dtype=dtype))
+    ref_y = F.conv2d(x.double(), wm.double(), bias.double(), st, pd, dl, G)
+    y = b.conv_fwd(x, w, m, bias, p, cp)
+    assert y.shape == ref_y.shape and y.dtype == dtype
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    _close(y, ref_y, rtol)
+    dy = torch.randn(ref_y.shape, generator=g, dtype=torch.float64).to(dtype)
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, wm.double(), dy.double(), st, pd, dl, G)
+    dx = b.conv_dx(dy, w, m, p, cp, x.shape)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    _close(dx, ref_dx, rtol)
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), st, pd, dl, G) * m
+    dw = b.conv_dw(dy, x, m, p, cp, w.shape)
+    assert dw.shape == w.shape and dw.dtype == dtype
+    _close(dw, ref_dw, rtol)
+    assert bool((dw[~m] == 0).all()), "pruned positions received gradient"
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("case", UCONV_CASES, ids=lambda c: "-".join(map(str, c[:7])) + f"-g{c[-1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unstructured_conv_composition(emu_backend, case, dtype):
+    _check_uconv(emu_backend, case, dtype, density=0.4)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
+def test_unstructured_conv_composition_densities(emu_backend, density):
+    _check_uconv(emu_backend, UCONV_CASES[2], torch.float64, density)
+
+
+def test_unstructured_conv_channels_last_and_cache(emu_backend):
+    b = emu_backend
+    _check_uconv(b, UCONV_CASES[0], torch.float32, 0.5, channels_last=True)
+    # the kept values are re-gathered after an in-place weight update (version counter), the structures
+    # are cached per mask and per groups value
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    w = torch.randn(8, 2, 3, 3, generator=g)
+    m = torch.rand(w.shape, generator=g) < 0.5
+    p = parse_pattern("unstructured")
+    for groups in (2, 1, 2):
+        cp = ConvParams((1, 1), (1, 1), (1, 1), groups)
+        wg = w if groups == 2 else torch.cat([w, w], 1)
+        mg = m if groups == 2 else torch.cat([m, m], 1)
+        y = b.conv_fwd(x, wg, mg, None, p, cp)
+        _close(y, F.conv2d(x, wg * mg, None, 1, 1, 1, groups), 1e-6)
+    w.mul_(-3)
+    _close(b.conv_fwd(x, w, m, None, p, ConvParams((1, 1), (1, 1), (1, 1), 2)),
+           F.conv2d(x, w * m, None, 1, 1, 1, 2), 1e-6)
+
+
+def test_conv_csr_structures():
+    """The block-diagonal CSR decodes to the reduction-view matrix of every group, the transposed one to
+    its transpose, and ``flat`` picks the kept weights in CSR order."""
+    g = torch.Generator().manual_seed(4)
+    G, O, Cg, KH, KW = 3, 6, 2, 2, 3
+    w = torch.randn(O, Cg, KH, KW, generator=g, dtype=torch.float64)
+    m = torch.rand(w.shape, generator=g) < 0.5
+    from sparsefast.backends.cuda import build_conv_csr, build_conv_csr_t
+    K = Cg * KH * KW
+    bd = torch.zeros(O, G * K, dtype=torch.float64)
+    rv = masks.reduction_view(w * m)
+    for o in range(O):
+        gi = o // (O // G)
+        bd[o, gi * K:(gi + 1) * K] = rv[o]
+    csr = build_conv_csr(m, G)
+    assert (csr.R, csr.C) == (O, G * K)
+    assert torch.equal(_csr_dense(csr, w.reshape(-1)[csr.flat]), bd)
+    csr_t = build_conv_csr_t(m, G)
+    assert (csr_t.R, csr_t.C) == (G * K, O)
+    assert torch.equal(_csr_dense(csr_t, w.reshape(-1)[csr_t.flat]), bd.t())
+
+
+def test_im2col_order_matches_reduction_view():
+    """im2col_t's rows are in the weights' reduction order ((group, kh, kw, c), channel fastest): the
+    reduction-view weight times it is the convolution."""
+    from sparsefast.backends.cuda import im2col_t, nchw_t
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64)
+    cp = ConvParams((2, 1), (1, 2), (1, 2), 3)
+    w = torch.randn(6, 2, 3, 2, generator=g, dtype=torch.float64)
+    xT = im2col_t(x, 3, 2, cp, zero_pad=True)
+    y = F.conv2d(x, w, None, cp.stride, cp.padding, cp.dilation, 3)
+    M = y.shape[0] * y.shape[2] * y.shape[3]
+    assert xT.shape == (6 * 3 * 2, (M + 7) // 8 * 8) and bool((xT[:, M:] == 0).all())
+    rv = masks.reduction_view(w)  # (6, 12): per output channel its group's (kh, kw, c) columns
+    for gi in range(3):
+        yT = rv[2 * gi:2 * gi + 2] @ xT[12 * gi:12 * (gi + 1)]
+        assert torch.allclose(yT, nchw_t(y[:, 2 * gi:2 * gi + 2], zero_pad=True), atol=1e-12)
+
+
+def test_unstructured_conv_bad_input(emu_backend):
+    b, p = emu_backend, parse_pattern("unstructured")
+    w = torch.randn(6, 2, 3, 3)
+    m = torch.rand(w.shape) < 0.5
+    with pytest.raises(ValueError, match="does not fit"):
+        b.conv_fwd(torch.randn(1, 5, 8, 8), w, m, None, p, ConvParams(groups=2))
+    with pytest.raises(ValueError, match="does not fit"):
+        b.conv_fwd(torch.randn(1, 8, 8, 8), w, m, None, p, ConvParams(groups=4))
+    with pytest.raises(ValueError, match="smaller than"):
+        b.conv_fwd(torch.randn(1, 4, 2, 8), w, m, None, p, ConvParams(groups=2))
+    with pytest.raises(ValueError, match="dy has shape"):
+        b.conv_dx(torch.randn(1, 6, 5, 5), w, m, p, ConvParams(groups=2), (1, 4, 8, 8))
+    with pytest.raises(ValueError, match="dy has shape"):
+        b.conv_dw(torch.randn(1, 6, 5, 5), torch.randn(1, 4, 8, 8), m, p, ConvParams(groups=2), w.shape)
+
+
+def test_unstructured_conv_emulation_detects_errors(monkeypatch, emu_backend):
+    """The composition tests can fail: a wrong reduction order or uninitialised SDDMM padding is caught."""
+    import sparsefast.backends.cuda as cu
+    case = UCONV_CASES[0]
+    real = cu.im2col_t
+
+    def swapped(x, kh, kw, conv, zero_pad):  # (c, kh, kw) order, as F.unfold gives it
+        t = real(x, kh, kw, conv, zero_pad)
+        G, C = conv.groups, x.shape[1]
+        return t.view(G, kh * kw, C // G, -1).transpose(1, 2).reshape(t.shape).contiguous()
+    monkeypatch.setattr(cu, "im2col_t", swapped)
+    with pytest.raises(AssertionError):
+        _check_uconv(emu_backend, case, torch.float64, 0.5)
+    monkeypatch.setattr(cu, "im2col_t", lambda x, kh, kw, conv, zero_pad: _garbage_pad(real(x, kh, kw, conv, False),
+                                                                                      x, kh, kw, conv))
+    with pytest.raises(AssertionError, match="relative error"):  # M = 9: the SDDMM's last vector reads column 9
+        _check_uconv(emu_backend, (1, 3, 4, 4, 4, 2, 2, (1, 1), (0, 0), (1, 1), 1), torch.float64, 0.5)
+    monkeypatch.setattr(cu, "im2col_t", real)
+    _check_uconv(emu_backend, (1, 3, 4, 4, 4, 2, 2, (1, 1), (0, 0), (1, 1), 1), torch.float64, 0.5)
+
+
+def _garbage_pad(t, x, kh, kw, conv):
+    """im2col without zeroed padding columns (what zero_pad=False gives), made visible with NaN."""
+    B, _, H, W = x.shape
+    from sparsefast.backends.cuda import conv_out_size
+    ho, wo = conv_out_size((H, W), (kh, kw), conv)
+    t[:, B * ho * wo:] = float("nan")
+    return t
+
+
+# ================================================================================================
 # GPU: the real kernels
 # ================================================================================================
 def _gpu_backend() -> CudaBackend:
@@ -583,6 +853,41 @@ def test_gpu_conv_24(case, dtype):
     _ref_close(b.conv_dx(dy, w, m, p, cp, x.shape), ref.conv_dx, dy, w, m, p, cp, x.shape,
                rtol=tol if sparse_dx else tol_cudnn)
     _ref_close(b.conv_dw(dy, x, m, p, cp, w.shape), ref.conv_dw, dy, x, m, p, cp, w.shape, rtol=tol_cudnn)
+
+
+UCONV_GPU_CASES = [
+    (4, 32, 15, 15, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 24, 17, 13, 48, 3, 3, (2, 1), (1, 2), (1, 2), 3),
+    (3, 64, 9, 9, 64, 3, 3, (1, 1), (1, 1), (1, 1), 64),
+    (2, 16, 8, 8, 40, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", UCONV_GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("density", [0.02, 0.3])
+def test_gpu_conv_unstructured(case, dtype, density):
+    """The unstructured conv path (im2col + csr_spmm, csr_spmm on the transpose + fold, csr_sddmm) on
+    the real kernels against the float64 reference."""
+    b = _gpu_backend()
+    ref = ReferenceBackend()
+    N, C, H, W, O, KH, KW, st, pd, dl, G = case
+    g = torch.Generator().manual_seed(N * C + O)
+    p = parse_pattern("unstructured")
+    cp = ConvParams(st, pd, dl, G)
+    x = torch.randn(N, C, H, W, generator=g).to(dtype).cuda()
+    w = torch.randn(O, C // G, KH, KW, generator=g).to(dtype).cuda()
+    bias = torch.randn(O, generator=g).to(dtype).cuda()
+    m = _uconv_mask(w.cpu(), g, density).cuda()
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    y = b.conv_fwd(x, w, m, bias, p, cp)
+    _ref_close(y, ref.conv_fwd, x, w, m, bias, p, cp, rtol=tol)
+    dy = torch.randn_like(y)
+    _ref_close(b.conv_dx(dy, w, m, p, cp, x.shape), ref.conv_dx, dy, w, m, p, cp, x.shape, rtol=tol)
+    dw = b.conv_dw(dy, x, m, p, cp, w.shape)
+    _ref_close(dw, ref.conv_dw, dy, x, m, p, cp, w.shape, rtol=tol)
+    assert bool((dw[~m] == 0).all())
 
 
 @pytest.mark.gpu

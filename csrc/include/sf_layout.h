@@ -74,22 +74,24 @@ SF_HD int64_t sf24_meta_words(int64_t R, int64_t C) {
 // ---------------------------------------------------------------------------------------------
 // keep4: bit j set when column j of the group is kept. Returns the nibble; slot_src[s] is the column
 // (0..3) whose value goes to stored slot s, or -1 when slot s must hold 0.
+// (No dynamically indexed array: in device code that would live in local memory.)
 SF_HD uint32_t sf24_encode_group(uint32_t keep4, int* slot_src) {
-  int idx[2];
-  int n = 0;
+  int i0 = -1, i1 = -1;  // the first two kept columns
   for (int j = 0; j < 4; ++j) {
     if ((keep4 >> j) & 1u) {
-      if (n < 2) idx[n] = j;
-      ++n;
+      if (i0 < 0)
+        i0 = j;
+      else if (i1 < 0)
+        i1 = j;
     }
   }
-  if (n >= 2) {
-    slot_src[0] = idx[0];
-    slot_src[1] = idx[1];
-    return (uint32_t)idx[0] | ((uint32_t)idx[1] << 2);
+  if (i1 >= 0) {
+    slot_src[0] = i0;
+    slot_src[1] = i1;
+    return (uint32_t)i0 | ((uint32_t)i1 << 2);
   }
-  if (n == 1) {
-    int a = idx[0];
+  if (i0 >= 0) {
+    int a = i0;
     if (a < 3) {
       slot_src[0] = a;
       slot_src[1] = -1;

@@ -10,6 +10,9 @@ Formats
   int16 (C <= 65536), ``vals`` (nnz) in the weight dtype, ``row_order`` int32 (rows by decreasing nnz:
   the Sputnik row swizzle). The structure is cached per mask (building it syncs once: ``nonzero``); the
   values are re-gathered per weight version (no sync), so a training step re-packs with one gather.
+  Conv weights use the (O, g*K) **block-diagonal** matrix of their reduction views (K = C/g*kh*kw in
+  ``(kh, kw, c)`` order, :func:`sparsefast.masks.reduction_view`; group ``i``'s columns shifted by ``i*K``),
+  so every group runs in one launch; its transpose (g*K, O) serves the input gradient.
 
 Primitives
 ----------
@@ -22,10 +25,21 @@ linear_dw          2:4: cuBLAS ``dyᵀx`` then ``*= M`` (half the outputs are ke
                    cannot skip work). unstructured: SDDMM at the kept positions only.
 conv_fwd           2:4: implicit GEMM over the NHWC input (``in_channels % 8 == 0``, ``groups == 1``), bias
                    fused; the result comes back in the input's memory format (free for channels_last).
-conv_dx            stride 1 with a mask that is also 2:4 along the output channels at every tap: the same
-                   implicit GEMM on flip(W)ᵀ (dgrad as a forward conv). Otherwise cuDNN on the masked weight.
-conv_dw            cuDNN weight gradient then ``*= M`` (general path).
+                   unstructured (any stride/padding/dilation/groups): im2col into the kernels' transposed
+                   layout (one strided gather, rows ``(group, kh, kw, c)``, columns ``(b, ho, wo)``), then the
+                   SpMM with the block-diagonal CSR, bias fused.
+conv_dx            2:4, stride 1, with a mask that is also 2:4 along the output channels at every tap: the
+                   same implicit GEMM on flip(W)ᵀ (dgrad as a forward conv). Other 2:4 masks: cuDNN on the
+                   masked weight. unstructured: SpMM with the transposed CSR over dy, then col2im (``F.fold``).
+conv_dw            2:4: cuDNN weight gradient then ``*= M``. unstructured: SDDMM of dy with the im2col matrix
+                   at the kept positions only (groups > 1: the block-diagonal (O, g*K) result, each output
+                   channel's own block kept; g times the weight's size in scratch memory).
 =================  =======================================================================================
+
+Unstructured conv materialises the im2col matrix (kh*kw times the input); ``prefer_dense_reason`` sends it
+to cuDNN unless the mask is very sparse and the layer wide (see :meth:`CudaBackend.prefer_dense_reason`).
+The two CSR kernels are called only through :meth:`CudaBackend._spmm` / :meth:`CudaBackend._sddmm`, so the
+composition around them is tested on CPU against ``F.conv2d`` / ``torch.nn.grad`` with a torch emulation.
 
 dtypes: float16 and bfloat16 natively (fp32 accumulation). **float32** on the 2:4 tensor cores is computed
 as three bf16 products of a hi/lo split (``x_hi w_hi + x_lo w_hi + x_hi w_lo``, fp32 accumulation):
@@ -41,7 +55,10 @@ why (``SPARSEFAST_CUDA_SELFCHECK=0`` skips the checks).
 
 Limits: every call is CUDA-graph safe (no host syncs, all memory from torch's allocator) once a mask's
 structures are cached. ``prefer_dense_reason`` is conservative until GPU measurements tune it
-(``SPARSEFAST_CUDA_NEVER_DENSE=1`` disables it for benchmarking).
+(``SPARSEFAST_CUDA_NEVER_DENSE=1`` disables it for benchmarking). Unstructured: 16-bit column indices
+(linear: both weight dims <= 65536; conv: out_channels and in_channels*kh*kw <= 65536) and the SpMM grid
+(at most 65535*128 GEMM rows -- batch rows or output pixels -- in float32, twice that in 16-bit types);
+calls outside these limits are reported by ``not_supported_reasons`` (``auto`` goes elsewhere).
 """
 from __future__ import annotations
 
@@ -58,6 +75,8 @@ from ..masks import Pattern
 __all__ = ["CudaBackend", "fits_24"]
 
 _MAX_CSR_DIM = 65536  # uint16 column indices
+#: csr_spmm's grid.y = ceil(M / (32 lanes * one 16-byte vector)) must stay <= 65535 (csrc/csr.cu)
+_MAX_SPMM_ROWS = {torch.float32: 65535 * 32 * 4, torch.float16: 65535 * 32 * 8, torch.bfloat16: 65535 * 32 * 8}
 
 
 def fits_24(pattern: Pattern) -> bool:
@@ -91,18 +110,92 @@ def _to_u16_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 32768, x - 65536, x).to(torch.int16)
 
 
-def build_csr(mask: torch.Tensor, flat_of: torch.Tensor | None = None) -> Csr:
+def build_csr(mask: torch.Tensor, flat_of: torch.Tensor | None = None, col_offset: torch.Tensor | None = None,
+              n_cols: int | None = None) -> Csr:
     """SFCSR structure of a 2-D bool mask (R, C). ``flat_of`` optionally maps positions of ``mask``'s flat
-    storage to positions in another tensor (used for the transposed structure). Syncs once (nonzero)."""
+    storage to positions in another tensor (used for the transposed and conv structures). ``col_offset``
+    (R,) optionally shifts every column of a row (block-diagonal matrices: grouped conv), and ``n_cols``
+    is then the logical column count (default C). Syncs once (nonzero)."""
     R, C = mask.shape
+    n_cols = C if n_cols is None else int(n_cols)
+    if n_cols > _MAX_CSR_DIM:
+        raise ValueError(f"SFCSR stores 16-bit column indices: {n_cols} columns > {_MAX_CSR_DIM}")
     counts = mask.sum(1, dtype=torch.int32)
     row_ptr = torch.zeros(R + 1, dtype=torch.int32, device=mask.device)
     row_ptr[1:] = torch.cumsum(counts, 0, dtype=torch.int32)
     idx = mask.reshape(-1).nonzero().squeeze(1)  # row-major order == CSR order
-    col = _to_u16_bits(idx % C)
+    c = idx % C
+    if col_offset is not None:
+        c = c + col_offset.to(device=idx.device, dtype=torch.int64)[idx // C]
+    col = _to_u16_bits(c)
     row_order = torch.sort(counts, descending=True, stable=True).indices.to(torch.int32)
     flat = idx if flat_of is None else flat_of[idx]
-    return Csr(row_ptr, col, row_order, flat, R, C)
+    return Csr(row_ptr, col, row_order, flat, R, n_cols)
+
+
+def conv_out_size(hw: Sequence[int], k: Sequence[int], conv: ConvParams) -> tuple[int, int]:
+    """Output (Ho, Wo) of a conv2d with kernel ``k`` on an input of spatial size ``hw``."""
+    return tuple((h + 2 * p - d * (kk - 1) - 1) // s + 1  # type: ignore[return-value]
+                 for h, kk, s, p, d in zip(hw, k, conv.stride, conv.padding, conv.dilation))
+
+
+def build_conv_csr(mask: torch.Tensor, groups: int) -> Csr:
+    """SFCSR of a conv mask (O, C/g, kh, kw) as the block-diagonal (O, g*K) matrix, K = C/g*kh*kw: row o
+    of group ``o // (O/g)`` holds its reduction-view columns ((kh, kw, c) order, channel fastest) shifted by
+    ``group * K``, so one SpMM over the im2col matrix (rows (group, kh, kw, c)) runs every group.
+    ``flat`` indexes the weight's (logical, row-major) flat storage."""
+    O = mask.shape[0]
+    Og, K = O // groups, mask[0].numel()
+    pos = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
+    m_rv = _masks.reduction_view(mask).contiguous()
+    p_rv = _masks.reduction_view(pos).reshape(-1)
+    offs = torch.arange(O, device=mask.device) // Og * K
+    return build_csr(m_rv, flat_of=p_rv, col_offset=offs, n_cols=groups * K)
+
+
+def build_conv_csr_t(mask: torch.Tensor, groups: int) -> Csr:
+    """SFCSR of the transpose of :func:`build_conv_csr`'s matrix: (g*K, O), row (group, k) holding the
+    output channels of its group (the input-gradient SpMM)."""
+    O = mask.shape[0]
+    Og, K = O // groups, mask[0].numel()
+    pos = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
+    m_t = _masks.reduction_view(mask).reshape(groups, Og, K).transpose(1, 2).reshape(groups * K, Og)
+    p_t = _masks.reduction_view(pos).reshape(groups, Og, K).transpose(1, 2).reshape(-1)
+    offs = torch.arange(groups * K, device=mask.device) // K * Og
+    return build_csr(m_t.contiguous(), flat_of=p_t, col_offset=offs, n_cols=O)
+
+
+def im2col_t(x: torch.Tensor, kh: int, kw: int, conv: ConvParams, zero_pad: bool) -> torch.Tensor:
+    """The transposed im2col matrix of ``x`` (B, C, H, W) for the SFCSR kernels: a contiguous
+    (C*kh*kw, ldm) tensor, ldm = round_up(M, 8), M = B*Ho*Wo; row ``(group, i, j, c)`` (channel fastest
+    inside a group: the reduction order of :func:`sparsefast.masks.reduction_view`), column
+    ``(b, ho, wo)``. One strided gather from the (padded) input, any memory format. Columns >= M are zero
+    when ``zero_pad`` (the SDDMM sums whole 16-byte vectors), else left uninitialised (the SpMM ignores
+    them)."""
+    B, C, H, W = x.shape
+    G = conv.groups
+    Cg = C // G
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    Ho, Wo = conv_out_size((H, W), (kh, kw), conv)
+    M = B * Ho * Wo
+    ldm = (M + 7) // 8 * 8
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+    sB, sC, sH, sW = xp.stride()
+    patches = xp.as_strided((B, G, Cg, kh, kw, Ho, Wo), (sB, Cg * sC, sC, dh * sH, dw * sW, sh * sH, sw * sW),
+                            xp.storage_offset())
+    out = x.new_zeros(C * kh * kw, ldm) if (zero_pad and ldm != M) else x.new_empty(C * kh * kw, ldm)
+    out[:, :M].unflatten(1, (B, Ho, Wo)).unflatten(0, (G, kh, kw, Cg)).copy_(patches.permute(1, 3, 4, 2, 0, 5, 6))
+    return out
+
+
+def nchw_t(t: torch.Tensor, zero_pad: bool) -> torch.Tensor:
+    """(B, O, Ho, Wo) -> contiguous (O, ldm) with column ``(b, ho, wo)``, ldm = round_up(B*Ho*Wo, 8)."""
+    B, O, Ho, Wo = t.shape
+    M = B * Ho * Wo
+    ldm = (M + 7) // 8 * 8
+    out = t.new_zeros(O, ldm) if (zero_pad and ldm != M) else t.new_empty(O, ldm)
+    out[:, :M].unflatten(1, (B, Ho, Wo)).copy_(t.transpose(0, 1))
+    return out
 
 
 def _like(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -111,6 +204,12 @@ def _like(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
         return y
     return y.contiguous()
+
+
+def _in_format_of(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A dense copy of ``y`` (any strides) in ``ref``'s memory format (channels_last or contiguous)."""
+    cl = ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+    return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 class CudaBackend(Backend):
@@ -243,15 +342,27 @@ class CudaBackend(Backend):
                 if ws[1] % 8:
                     reasons.append(f"cuda 2:4 conv2d needs in_channels/groups % 8 == 0, got {ws[1]}")
         else:
-            if q.op != "linear":
-                reasons.append("cuda has no unstructured conv2d kernel (use an N:M pattern, or triton/reference)")
-            elif max(q.weight_shape) > _MAX_CSR_DIM:
-                reasons.append(f"cuda unstructured kernels use 16-bit indices: both weight dims must be <= "
-                               f"{_MAX_CSR_DIM}, got {tuple(q.weight_shape)}")
+            ws = q.weight_shape
+            if q.op == "linear":
+                if max(ws) > _MAX_CSR_DIM:
+                    reasons.append(f"cuda unstructured kernels use 16-bit indices: both weight dims must be <= "
+                                   f"{_MAX_CSR_DIM}, got {tuple(ws)}")
+            else:
+                conv = q.conv or ConvParams()
+                o, cg, kh, kw = ws
+                red = conv.groups * cg * kh * kw  # im2col rows (the block-diagonal CSR's columns)
+                if max(o, red) > _MAX_CSR_DIM:
+                    reasons.append(f"cuda unstructured conv uses 16-bit indices: out_channels and in_channels*kh*kw "
+                                   f"must be <= {_MAX_CSR_DIM}, got {o} and {red}")
+            lim = _MAX_SPMM_ROWS.get(q.dtype, _MAX_SPMM_ROWS[torch.float32])
+            if q.m_rows is not None and q.m_rows > lim:
+                reasons.append(f"cuda SpMM grid limit: at most {lim} GEMM rows (batch rows / output pixels) in "
+                               f"{str(q.dtype).replace('torch.', '')}, got {q.m_rows}")
         return reasons
 
     def prefer_dense_reason(self, q: OpQuery) -> str | None:
-        """Conservative routing until GPU measurements tune it (see PERF.md targets)."""
+        """Conservative routing until GPU measurements tune it (see PERF.md targets); unstructured conv:
+        :meth:`_conv_unstructured_dense_reason`. ``explain()`` prints the returned reason."""
         if os.environ.get("SPARSEFAST_CUDA_NEVER_DENSE", "0") not in ("", "0"):
             return None
         ws = q.weight_shape
@@ -267,6 +378,8 @@ class CudaBackend(Backend):
             if o < 64 or c * kh * kw < 256:
                 return f"conv weight {tuple(ws)}: too small for the sparse implicit GEMM to beat cuDNN"
             return None
+        if q.op == "conv":
+            return self._conv_unstructured_dense_reason(q)
         # unstructured: CUDA-core SpMM against tensor-core cuBLAS
         d = q.density
         if d is None:
@@ -276,6 +389,28 @@ class CudaBackend(Backend):
         if d > limit:
             return (f"density {d:.3f} > {limit} at {m if m < (1 << 30) else 'unknown'} rows: CUDA-core SpMM loses "
                     "to dense tensor cores there")
+        return None
+
+    @staticmethod
+    def _conv_unstructured_dense_reason(q: OpQuery) -> str | None:
+        """Unstructured conv = im2col (a kh*kw times larger copy of the input, written and read once) +
+        CUDA-core SpMM (each kept weight reads one im2col row) against cuDNN's tensor-core implicit GEMM.
+        Estimate (H100-class: ~2.5 TB/s HBM, dense bf16 ~400 TFLOP/s, the SpMM bound by L2 gathers): the
+        im2col copy alone costs as much as the whole dense conv below ~320 output channels per group, and
+        the SpMM needs density below ~2%: so this path is chosen only for density <= 1% with >= 512 output
+        channels per group (not yet measured on a GPU; ``SPARSEFAST_CUDA_NEVER_DENSE=1`` forces it)."""
+        conv = q.conv or ConvParams()
+        og = q.weight_shape[0] // max(conv.groups, 1)
+        d = q.density
+        why = ("unstructured conv on cuda is im2col (kh*kw x the input, materialised) + CUDA-core SpMM, "
+               "cuDNN's tensor-core conv wins")
+        if d is None:
+            return f"mask density unknown: {why} except at very high sparsity"
+        if d > 0.01:
+            return f"density {d:.3f} > 0.01: {why} at this density"
+        if og < 512:
+            return (f"{og} output channels per group < 512: the im2col copy alone costs about as much as cuDNN's "
+                    "whole conv")
         return None
 
     # ---- packing ------------------------------------------------------------------------------
@@ -293,8 +428,21 @@ class CudaBackend(Backend):
     def pack(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> Any:
         if pattern.is_nm:
             return self._pack24(_masks.reduction_view(weight).contiguous(), _masks.reduction_view(mask).contiguous())
+        if weight.dim() == 4:
+            # the conv structure's CSR order is the same for every groups value (only the columns shift)
+            return weight.reshape(-1)[self._conv_csr(mask, 1).flat]
         csr = self._csr(mask)
         return weight.reshape(-1)[csr.flat]
+
+    def _conv_csr(self, mask: torch.Tensor, groups: int) -> Csr:
+        if groups < 1 or mask.shape[0] % groups:
+            raise ValueError(f"conv weight with {mask.shape[0]} output channels does not split into {groups} groups")
+        return self.cached(f"conv_csr{groups}", (mask,), lambda: build_conv_csr(mask, groups))
+
+    def _conv_csr_t(self, mask: torch.Tensor, groups: int) -> Csr:
+        if groups < 1 or mask.shape[0] % groups:
+            raise ValueError(f"conv weight with {mask.shape[0]} output channels does not split into {groups} groups")
+        return self.cached(f"conv_csr_t{groups}", (mask,), lambda: build_conv_csr_t(mask, groups))
 
     def _csr(self, mask: torch.Tensor) -> Csr:
         return self.cached("csr", (mask,), lambda: build_csr(mask))
@@ -320,6 +468,18 @@ class CudaBackend(Backend):
     def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.cached("masked", (weight, mask), lambda: weight * mask)
 
+    # ---- kernel calls (CPU tests replace these two with a torch emulation of the same contract) ----
+    def _spmm(self, csr: Csr, vals: torch.Tensor, xT: torch.Tensor, M: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``yT (R, ldm) = W_csr (R, csr.C) @ xT (csr.C, ldm)[:, :M] (+ bias)`` (``csr_spmm``): ``xT``
+        contiguous, ldm % 8 == 0; columns >= M of the result are unspecified."""
+        return self._C.csr_spmm(csr.row_ptr, csr.col, vals, csr.row_order, csr.C, xT, M, bias)
+
+    def _sddmm(self, csr: Csr, aT: torch.Tensor, bT: torch.Tensor, M: int) -> torch.Tensor:
+        """Dense ``(R, csr.C)`` with ``out[r, c] = aT[r] . bT[c]`` at the stored positions, zero elsewhere
+        (``csr_sddmm``): ``aT (R, ldm)``, ``bT (csr.C, ldm)`` contiguous, ldm % 8 == 0, zero in columns >= M
+        (the kernel sums whole 16-byte vectors)."""
+        return self._C.csr_sddmm(csr.row_ptr, csr.col, csr.row_order, csr.C, aT, bT, M)
+
     # ---- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _transposed_padded(t: torch.Tensor, zero_pad: bool) -> torch.Tensor:
@@ -339,7 +499,7 @@ class CudaBackend(Backend):
         csr = self._csr(mask)
         M = x.shape[0]
         xT = self._transposed_padded(x, zero_pad=False)
-        yT = self._C.csr_spmm(csr.row_ptr, csr.col, vals, csr.row_order, csr.C, xT, M, bias)
+        yT = self._spmm(csr, vals, xT, M, bias)
         return yT[:, :M].t().contiguous()
 
     def linear_dx(self, dy, weight, mask, pattern):
@@ -352,7 +512,7 @@ class CudaBackend(Backend):
         vals_t = self.cached("vals_t", (weight, mask), lambda: weight.reshape(-1)[csr_t.flat])
         M = dy.shape[0]
         dyT = self._transposed_padded(dy, zero_pad=False)
-        dxT = self._C.csr_spmm(csr_t.row_ptr, csr_t.col, vals_t, csr_t.row_order, csr_t.C, dyT, M, None)
+        dxT = self._spmm(csr_t, vals_t, dyT, M, None)
         return dxT[:, :M].t().contiguous()
 
     def linear_dw(self, dy, x, mask, pattern):
@@ -362,15 +522,79 @@ class CudaBackend(Backend):
         M = dy.shape[0]
         dyT = self._transposed_padded(dy, zero_pad=True)
         xT = self._transposed_padded(x, zero_pad=True)
-        return self._C.csr_sddmm(csr.row_ptr, csr.col, csr.row_order, csr.C, dyT, xT, M)
+        return self._sddmm(csr, dyT, xT, M)
 
     # ---- conv ---------------------------------------------------------------------------------
     def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
+        if not pattern.is_nm:
+            return self._conv_fwd_csr(x, weight, mask, bias, conv)
         p = self.packed(weight, mask, pattern)
         o, _, kh, kw = weight.shape
         y = self._C.sf24_conv2d(x, p.vals, p.vals_lo, p.meta, o, kh, kw, list(conv.stride), list(conv.padding),
                                 list(conv.dilation), bias, self._path(x, x.shape[0] * x.shape[2] * x.shape[3]))
         return _like(y, x)
+
+    # ---- unstructured conv: im2col + SpMM; SpMM on the transpose + col2im; SDDMM ----------------------
+    @staticmethod
+    def _conv_shapes(x_shape: Sequence[int], weight_shape: Sequence[int], conv: ConvParams,
+                     what: str) -> tuple[int, int]:
+        """(Ho, Wo) after checking that an input of ``x_shape`` fits the weight; ``ValueError`` otherwise."""
+        if len(x_shape) != 4:
+            raise ValueError(f"cuda conv2d {what}: expected a 4-D (B, C, H, W) input, got shape {tuple(x_shape)}")
+        o, cg, kh, kw = (int(v) for v in weight_shape)
+        if conv.groups < 1 or o % conv.groups or int(x_shape[1]) != cg * conv.groups:
+            raise ValueError(f"cuda conv2d {what}: input {tuple(x_shape)} does not fit weight {(o, cg, kh, kw)} "
+                             f"with groups={conv.groups}")
+        ho, wo = conv_out_size([int(v) for v in x_shape[-2:]], (kh, kw), conv)
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"cuda conv2d {what}: input {tuple(x_shape)} is smaller than the {kh}x{kw} kernel "
+                             f"(dilation {tuple(conv.dilation)}, padding {tuple(conv.padding)})")
+        return ho, wo
+
+    def _conv_vals(self, weight: torch.Tensor, mask: torch.Tensor, csr: Csr, tag: str) -> torch.Tensor:
+        """Kept weight values in ``csr``'s order, re-gathered per weight version (no sync)."""
+        return self.cached(tag, (weight, mask), lambda: weight.reshape(-1)[csr.flat], id(csr))
+
+    def _conv_fwd_csr(self, x, weight, mask, bias, conv: ConvParams):
+        ho, wo = self._conv_shapes(x.shape, weight.shape, conv, "forward")
+        o, _, kh, kw = weight.shape
+        B = x.shape[0]
+        M = B * ho * wo
+        csr = self._conv_csr(mask, conv.groups)
+        vals = self._conv_vals(weight, mask, csr, f"conv_vals{conv.groups}")
+        yT = self._spmm(csr, vals, im2col_t(x, kh, kw, conv, zero_pad=False), M, bias)  # (O, ldm)
+        return _in_format_of(yT[:, :M].unflatten(1, (B, ho, wo)).transpose(0, 1), x)
+
+    def _conv_dx_csr(self, dy, weight, mask, conv: ConvParams, input_shape: Sequence[int]):
+        ho, wo = self._conv_shapes(input_shape, weight.shape, conv, "dX")
+        B, C, H, W = (int(v) for v in input_shape)
+        o, cg, kh, kw = weight.shape
+        if tuple(dy.shape) != (B, o, ho, wo):
+            raise ValueError(f"cuda conv2d dX: dy has shape {tuple(dy.shape)}, expected {(B, o, ho, wo)}")
+        M, G = B * ho * wo, conv.groups
+        csr_t = self._conv_csr_t(mask, G)
+        vals_t = self._conv_vals(weight, mask, csr_t, f"conv_vals_t{G}")
+        dcolsT = self._spmm(csr_t, vals_t, nchw_t(dy, zero_pad=False), M, None)  # (G*kh*kw*cg, ldm)
+        cols = (dcolsT[:, :M].unflatten(1, (B, ho * wo)).unflatten(0, (G, kh * kw, cg))
+                .permute(3, 0, 2, 1, 4).reshape(B, C * kh * kw, ho * wo))  # F.fold's order: (c, kh, kw)
+        dx = torch.nn.functional.fold(cols, (H, W), (kh, kw), dilation=conv.dilation, padding=conv.padding,
+                                      stride=conv.stride)
+        return _in_format_of(dx, dy)
+
+    def _conv_dw_csr(self, dy, x, mask, conv: ConvParams, weight_shape: Sequence[int]):
+        ho, wo = self._conv_shapes(x.shape, weight_shape, conv, "dW")
+        o, cg, kh, kw = (int(v) for v in weight_shape)
+        B = x.shape[0]
+        if tuple(dy.shape) != (B, o, ho, wo):
+            raise ValueError(f"cuda conv2d dW: dy has shape {tuple(dy.shape)}, expected {(B, o, ho, wo)}")
+        if tuple(mask.shape) != (o, cg, kh, kw):
+            raise ValueError(f"cuda conv2d dW: mask shape {tuple(mask.shape)} != weight shape {(o, cg, kh, kw)}")
+        M, G, K = B * ho * wo, conv.groups, cg * kh * kw
+        csr = self._conv_csr(mask, G)
+        out = self._sddmm(csr, nchw_t(dy, zero_pad=True), im2col_t(x, kh, kw, conv, zero_pad=True), M)  # (O, G*K)
+        if G > 1:  # each output channel's own block of the block-diagonal result
+            out = out.view(G, o // G, G, K).diagonal(dim1=0, dim2=2).permute(2, 0, 1).reshape(o, K)
+        return _masks.from_reduction_view(out, (o, cg, kh, kw))
 
     def _conv_dx_sparse_ok(self, dy, weight, mask, conv: ConvParams, input_shape: Sequence[int]) -> bool:
         """Stride-1 dgrad is a forward conv of dy with W' = flip(W)ᵀ (in/out channels swapped, reduction
@@ -393,7 +617,9 @@ class CudaBackend(Backend):
         return self.cached("conv_t_ok", (mask,), check)
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
-        if pattern.is_nm and self._conv_dx_sparse_ok(dy, weight, mask, conv, input_shape):
+        if not pattern.is_nm:
+            return self._conv_dx_csr(dy, weight, mask, conv, input_shape)
+        if self._conv_dx_sparse_ok(dy, weight, mask, conv, input_shape):
             def build() -> Packed24:
                 wt = weight.flip(2, 3).transpose(0, 1)  # (c, o, kh, kw)
                 mt = mask.flip(2, 3).transpose(0, 1)
@@ -408,6 +634,8 @@ class CudaBackend(Backend):
                                           conv.padding, conv.dilation, conv.groups)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
+        if not pattern.is_nm:
+            return self._conv_dw_csr(dy, x, mask, conv, weight_shape)
         gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation,
                                          conv.groups)
         return gw.mul_(mask)
