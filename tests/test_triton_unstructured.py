@@ -267,6 +267,18 @@ def test_prefer_dense_follows_the_cost_model(impl):
     assert t_sparse < t_dense
 
 
+def test_explain_compute_bound_90_percent_says_why_dense():
+    """explain() on a compute-bound 90 %-sparse Linear names the bound and the reason dense wins."""
+    from sparsefast import backends
+    text = backends.explain(_q("linear", (4096, 4096), 8192, 0.1))
+    line = next(l for l in text.splitlines() if "triton:" in l)
+    assert "dense-faster" in line and "compute-bound" in line and "M=8192" in line
+    assert "skip no multiply-adds" in line and "roofline ceiling" in line and "masked-dense" in line
+    assert "-> reference: chosen" in text
+    mem = U.Impl().prefer_dense_reason(_q("linear", (4096, 4096), 16, 0.95))
+    assert "bound by memory traffic" in mem and "compute-bound" not in mem
+
+
 def test_not_supported_reasons(impl):
     assert impl.not_supported_reasons(_q("linear", (64, 64), 8)) == []
     assert "2-D" in impl.not_supported_reasons(_q("linear", (4, 4, 4), 8))[0]
@@ -285,6 +297,43 @@ def test_aot_specs_are_complete():
         assert list(s.signature) == list(s.kernel.arg_names)
         assert all(s.signature[k] == "constexpr" for k in s.constexprs)
         assert set(s.options) == {"num_warps", "num_stages"}
+
+
+def test_aot_specs_cover_what_the_launchers_run(monkeypatch):
+    """The kernel report compiles exactly the variants the launchers pick on a GPU (row block BM from
+    M, configs kept by the spill-free pruning), and each carries a valid, truthful ``expect``."""
+    from sparsefast.kernel_report import validate_expect
+    monkeypatch.setattr(U, "interpreting", lambda: False)  # GPU-side config choice
+    specs = {s.name: s for s in U.aot_compile_configs()}
+    tag = lambda c: f"BN{c.kwargs['BN']}-w{c.num_warps}s{c.num_stages}"  # noqa: E731
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        t, fp32 = U._TY[dt], U._fma_dot(dt)
+        for M in (1, 16, 17, 40, 64, 65, 300, 8192):
+            bm = U._bm(M, U._mm_cap(dt))
+            for kind, names in (("fwd", ("fwd-linear", "fwd-conv", "fwd-dgrad")), ("dx", ("dx",))):
+                kept = [c for c in U._gemm_configs(kind) if U._keep_config(bm, c, fp32)]
+                assert kept
+                for c in kept:
+                    for n in names:
+                        assert f"{n}-{t}-BM{bm}-{tag(c)}" in specs
+            b = U._bm(M, U._dw_cap(dt))
+            kept = [c for c in U._gemm_configs("dw") if U._keep_config(b, c, fp32, "dw")]
+            assert kept
+            for c in kept:
+                for n in ("dw-linear", "dw-conv"):
+                    assert f"{n}-{t}-BM{b}-{tag(c)}" in specs
+            if M <= 64:
+                bmx = U._gather_rows(M)
+                assert f"xt-{t}-BMX{bmx}" in specs
+                for c in U._gemm_configs("gather"):
+                    assert f"gather-{t}-BMX{bmx}-BR{c.kwargs['BR']}-w{c.num_warps}s{c.num_stages}" in specs
+    for name, s in specs.items():
+        exp, errs = validate_expect(s.expect)
+        assert exp and not errs, (name, errs)
+        if name.startswith(("fwd", "dx", "dw")):
+            assert exp["hot"] and exp["tensor_core"] == ("fp32" not in name), name
+        if name.startswith(("gather", "xt")):
+            assert exp["tensor_core"] is False and exp["hot"], name
 
 
 _AOT_SCRIPT = textwrap.dedent("""

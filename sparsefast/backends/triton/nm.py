@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import triton
@@ -39,6 +39,9 @@ from ...formats import nm as fmt
 from ...masks import Pattern, is_transposable_nm, reduction_view
 from ..base import Backend, ConvParams, OpQuery
 from . import interpreting
+from ._common import DTYPE_NAMES as _TY, AotSpec, specialize
+from ._common import cuda_sms as _num_sms
+from ._common import prec as _prec
 
 SUPPORTED_M = (4, 8, 16)
 SUPPORTED_N = (1, 2, 4, 8)
@@ -47,28 +50,6 @@ SMALL_M = 64
 #: smallest weight (elements) worth a sparse launch under ``auto``
 MIN_WEIGHT_NUMEL = 1 << 20
 
-
-def _fix_interpreter_loops() -> None:
-    """Triton 3.6's interpreter turns a loop bound (``range(0, n)`` with a runtime ``n``) into a
-    Python int with ``int(1-element array)``, which numpy >= 2.4 refuses. Wrap its tensor patcher
-    so ``__index__`` takes the single element. Idempotent (shares the ``_sparsefast_compat`` marker
-    with the same fix in ``unstructured.py``); only used under TRITON_INTERPRET=1."""
-    from triton.runtime import interpreter as it
-
-    orig = it._patch_lang_tensor
-    if getattr(orig, "_sparsefast_compat", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sparsefast_compat = True  # type: ignore[attr-defined]
-    it._patch_lang_tensor = patched
-
-
-if interpreting():
-    _fix_interpreter_loops()
 _INTERPRET = tl.constexpr(interpreting())
 
 
@@ -315,11 +296,6 @@ def _m_class(m: int) -> int:
     return min(max(16, triton.next_power_of_2(max(m, 1))), 4096)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _pick_split(tiles: int, red_tiles: int, sms: int, max_split: int = 8) -> int:
     """Smallest power-of-two split of the reduction giving >= 2 waves of programs (each split
     keeps >= 4 reduction tiles)."""
@@ -439,12 +415,6 @@ def _max_split(kind: str, M: int, N: int, K: int, dev_index: int) -> int:
 
 def _gemm_split(kind: str, M: int, N: int, K: int, dev: torch.device):
     return lambda: _max_split(kind, M, N, K, dev.index)
-
-
-def _prec(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _max_tiles(a: int, b: int) -> int:
@@ -627,23 +597,6 @@ class Impl(Backend):
 # ------------------------------------------------------------------------------------------------
 # ahead-of-time compilation (no GPU needed)
 # ------------------------------------------------------------------------------------------------
-class AotSpec(NamedTuple):
-    """One compilable kernel variant: ``triton.compile(ASTSource(kernel, signature, constexprs,
-    attrs), target=GPUTarget("cuda", arch, 32), options=options)``. ``attrs``: 16-divisibility hints
-    keyed by ``(arg_index,)``; ``options``: ``num_warps``/``num_stages``; ``name``: a label such as
-    ``"fwd small 2:4 bf16 split4 BM16 BN64 BK128 w4 s3"``; ``expect``: what the compiled code must
-    show, checked by :mod:`sparsefast.kernel_report` (tensor cores, wgmma on sm_90, no spills)."""
-
-    kernel: Any
-    signature: dict
-    constexprs: dict
-    options: dict
-    attrs: dict
-    name: str
-    expect: dict | None = None
-
-
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _PTR_TY = {"m_ptr": "*u8", "k_ptr": "*u8", "bm_ptr": "*u8", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
 #: per kernel: int args the runtime sees as multiples of 16, and strides it sees as 1 (for
 #: 4096-wide layers, contiguous row-major / channels-last tensors); pointers are 16-aligned
@@ -659,12 +612,9 @@ def _spec(kernel, dtype: torch.dtype, cfg: triton.Config, fixed: dict, name: str
           expect: dict | None = None) -> AotSpec:
     """AotSpec for ``kernel`` with config ``cfg`` plus constexprs ``fixed``, hinted per _AOT_HINTS."""
     aligned, ones = _AOT_HINTS[kernel.__name__]
-    ce = {**cfg.kwargs, **fixed, **{a: 1 for a in ones}}
     t = _TY[dtype]
-    sig = {a: "constexpr" if a in ce else _PTR_TY.get(a, f"*{t}") if a.endswith("_ptr") else "i32"
-           for a in kernel.arg_names}
-    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
-             for a in kernel.arg_names if a not in ce and (a.endswith("_ptr") or a in aligned)}
+    ints = {a: 1 if a in ones else 16 if a in aligned else 3 for a in kernel.arg_names}
+    sig, ce, attrs = specialize(kernel, lambda a: _PTR_TY.get(a, f"*{t}"), ints, {**cfg.kwargs, **fixed})
     label = " ".join(f"{k}{v}" for k, v in cfg.kwargs.items() if k != "SPLIT_K")
     return AotSpec(kernel, sig, ce, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), attrs,
                    f"{name} {label} w{cfg.num_warps} s{cfg.num_stages}", expect)
@@ -679,7 +629,7 @@ _EXPECT_MMA = dict(tensor_core=True, hot=True)
 def aot_compile_configs(patterns: Sequence[str] = ("2:4",), dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
                         split_k: int = 4) -> list[AotSpec]:
     """Every autotune config of every N:M kernel (linear, pack, conv) for each pattern x dtype, as
-    a list of :class:`AotSpec` -- NamedTuples ``(kernel, signature, constexprs, options, attrs, name)``
+    a list of :class:`AotSpec` -- NamedTuples ``(kernel, signature, constexprs, options, attrs, name, expect)``
     whose first three fields are what ``triton.compile(ASTSource(kernel, signature, constexprs,
     attrs), target=GPUTarget("cuda", 90, 32), options=options)`` needs. Argument hints mirror what
     the runtime specializes for 4096-wide contiguous layers (16-divisible sizes/strides, unit

@@ -45,7 +45,6 @@ Compute-bound shapes (M ≥ 4096) and the full training step run dense work thro
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -59,30 +58,9 @@ from ...formats.unstructured import CHUNK, INT32_MAX, UnstructuredIndex, Unstruc
 from ...masks import Pattern
 from ..base import Backend, ConvParams, OpQuery
 from . import interpreting
+from ._common import DTYPE_NAMES as _TY, AotSpec, cuda_sms, prec as _prec, specialize
 
 __all__ = ["Impl", "aot_compile_configs", "AotSpec"]
-
-
-def _interpreter_numpy_compat() -> None:
-    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls ``int()`` on them for
-    ``range(lo, hi)`` loop bounds, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be
-    converted"). Make ``__index__`` take the single element. Idempotent; interpreter only."""
-    from triton.runtime import interpreter as _it
-
-    orig = _it._patch_lang_tensor
-    if getattr(orig, "_sparsefast_compat", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sparsefast_compat = True  # type: ignore[attr-defined]
-    _it._patch_lang_tensor = patched
-
-
-if interpreting():
-    _interpreter_numpy_compat()
 
 
 # ================================================================================================
@@ -435,44 +413,77 @@ def _gemm_configs(kind: str) -> list[triton.Config]:
             for bn, w, s in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4))]
 
 
+#: rows of x per program of the tile-decode kernels (``BM``). Only these are launched, so the
+#: ahead-of-time report (:func:`aot_compile_configs`) compiles exactly the run-time variants. No 32:
+#: for 17..64 rows a program covers them in one 64-row block either way (the decoded weight tile, the
+#: expensive part, is the same), and 64 rows get wgmma on sm_90 where 32 would get mma.sync.
+M_BUCKETS = (16, 64, 128)
+
+
 def _bm(M: int, cap: int = 128) -> int:
-    """Rows of x per program: the next power of two of M in [16, cap] (interpreter: 16)."""
+    """Rows of x per program: the smallest of :data:`M_BUCKETS` holding M (else the largest), at most
+    ``cap`` (interpreter: 16)."""
     if interpreting():
         return 16
-    return max(16, min(cap, triton.next_power_of_2(max(M, 1))))
+    return min(cap, next((b for b in M_BUCKETS if b >= M), M_BUCKETS[-1]))
 
 
-def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False) -> bool:
-    """Tiles that fit the registers (from the sm_80/sm_90 compile reports): 128×128 needs 8 warps, and
-    fp32 (FMA dot, no tensor cores) at most 4096 outputs per program."""
+def _fma_dot(dtype: torch.dtype) -> bool:
+    """fp32 with TF32 off (torch's default): ``tl.dot`` is an FMA loop on CUDA cores whose operand
+    tiles and accumulator all live in registers, so those kernels get smaller tiles."""
+    return dtype == torch.float32 and _prec(dtype) == "ieee"
+
+
+def _mm_cap(dtype: torch.dtype) -> int:
+    """Largest ``BM`` of the forward / dx kernels: 64 for the fp32 FMA dot (128-row fp32 tiles spill
+    on sm_90: 8-16 B local memory per thread in the kernel report), else 128."""
+    return 64 if _fma_dot(dtype) else 128
+
+
+def _dw_cap(dtype: torch.dtype) -> int:
+    """Largest ``BM`` (rows of M per reduction step) of the masked-dW kernel: 32 for the fp32 FMA
+    dot (registers), else 64."""
+    return 32 if _fma_dot(dtype) else 64
+
+
+def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "fwd") -> bool:
+    """Configs that compile without register spills for sm_80 and sm_90 (``python -m sparsefast
+    kernels``; ``fp32`` means the FMA dot, :func:`_fma_dot`). fwd / dx (tile ``BM × BN``): 128×128
+    needs 8 warps, fp32 at most 4096 outputs per program. dW (tile ``BN × 64``, ``BM`` rows of M per
+    step): fp32 with 32-row steps and 64+ weight rows needs 8 warps (4 warps spill 48-56 B in the conv
+    variant). The launchers prune the autotune candidates with this, and :func:`aot_compile_configs`
+    compiles exactly the kept ones."""
+    if kind == "dw":
+        return not (fp32 and BM >= 32 and cfg.kwargs["BN"] >= 64 and cfg.num_warps < 8)
     tile = BM * cfg.kwargs.get("BN", 0)
     return tile <= (4096 if fp32 else 8192) or (not fp32 and cfg.num_warps >= 8)
 
 
-def _prune(configs, nargs, **kwargs):
-    a = nargs.get("a_ptr", nargs.get("dy_ptr"))
-    fp32 = getattr(a, "dtype", None) == torch.float32 and kwargs.get("PREC") == "ieee"
-    kept = [c for c in configs if _keep_config(kwargs.get("BM", 16), c, fp32)]
-    return kept or configs
+def _pruner(kind: str):
+    def prune(configs, nargs, **kwargs):
+        a = nargs.get("a_ptr", nargs.get("dy_ptr"))
+        fp32 = getattr(a, "dtype", None) == torch.float32 and kwargs.get("PREC") == "ieee"
+        kept = [c for c in configs if _keep_config(kwargs.get("BM", 16), c, fp32, kind)]
+        return kept or configs
+    return prune
+
+
+_prune = _pruner("fwd")
 
 
 _fwd = triton.autotune(_gemm_configs("fwd"), key=["M_BUCKET", "NG", "K", "CPS", "IS_CONV", "TRANSPOSED", "CA_GE64"],
                        prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 _dx = triton.autotune(_gemm_configs("dx"), key=["M_BUCKET", "N", "K", "RPS"],
                       prune_configs_by={"early_config_prune": _prune})(_dx_kernel)
-_dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64"])(_dw_kernel)
+_dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64"],
+                      prune_configs_by={"early_config_prune": _pruner("dw")})(_dw_kernel)
 _gather = triton.autotune(_gemm_configs("gather"), key=["BMX", "R"])(_gather_kernel)
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a small "GPU", so the split paths get exercised on tiny shapes
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split(programs: int, steps: int, device: torch.device, min_steps: int = 4) -> int:
@@ -482,13 +493,6 @@ def _split(programs: int, steps: int, device: torch.device, min_steps: int = 4) 
     if programs >= sms or steps < 2 * min_steps:
         return 1
     return max(1, min(-(-2 * sms // max(programs, 1)), steps // min_steps))
-
-
-def _prec(dtype: torch.dtype) -> str:
-    """fp32 follows torch's matmul setting (TF32 only when torch allows it); 16-bit types ignore it."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 #: Issued instructions per unit of work, read off the sm_90 SASS of the inner loops (see
@@ -631,7 +635,7 @@ def _run_fwd(a: torch.Tensor, p: UnstructuredPacked, bias: torch.Tensor | None, 
     """``out = A @ Pᵀ (+ bias)`` with ``_fwd_kernel``; ``out`` is written through its strides
     ((b, c, h, w) for conv, (m, n) for Linear). Splits K over programs when the grid is small."""
     K, C = p.index.cols, p.index.chunks
-    BM = _bm(M)
+    BM = _bm(M, _mm_cap(a.dtype))
     split = _split(triton.cdiv(M, BM) * G * triton.cdiv(NG, 64), C, a.device)
     cps = triton.cdiv(C, split)
     split = triton.cdiv(C, cps)
@@ -670,7 +674,7 @@ def _run_dx(dy: torch.Tensor, p: UnstructuredPacked) -> torch.Tensor:
     M, N = dy.shape
     K, C = p.index.cols, p.index.chunks
     out = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    BM = _bm(M)
+    BM = _bm(M, _mm_cap(dy.dtype))
     bn = 64 if not interpreting() else 16
     split = _split(triton.cdiv(M, BM) * C, triton.cdiv(N, bn), dy.device)
     rps = triton.cdiv(triton.cdiv(N, split), 128) * 128  # a multiple of every BN
@@ -690,7 +694,7 @@ def _run_dw(dy: torch.Tensor, a: torch.Tensor, index: UnstructuredIndex, out: to
     """Masked weight gradient into ``out`` (weight-shaped, any strides) with ``_dw_kernel``. Splits M
     over programs (fp32 partials, summed) when the tile grid is small."""
     K, C = index.cols, index.chunks
-    BM = _bm(M, 32 if a.dtype == torch.float32 else 64)  # fp32: FMA dot, smaller tiles (registers)
+    BM = _bm(M, _dw_cap(a.dtype))
     tiles = G * triton.cdiv(NG, 64) * C
     split = _split(tiles, triton.cdiv(M, BM), a.device)
     mps = triton.cdiv(triton.cdiv(M, split), BM) * BM
@@ -772,14 +776,30 @@ class Impl(Backend):
         4096×4096 at ≤ 50 % density); compute-bound shapes (M ≥ 4096) always get a reason here."""
         if q.m_rows is None or q.device.type != "cuda":
             return None
-        t_dense, t_sparse = _cost_model(q)
-        if t_sparse < t_dense:
+        c = _cost_terms(q)
+        if c["t_sparse"] < c["t_dense"]:
             return None
-        d = 0.5 if q.density is None else q.density
-        return (f"dense is faster for M={q.m_rows}, weight {tuple(q.weight_shape)}, density {d:.3g}: the "
-                f"unstructured kernels model {t_sparse * 1e6:.1f} us vs dense {t_dense * 1e6:.1f} us "
-                "(they do the dense tile's MMA work plus per-tile decoding, so they only win where dense "
-                "is bound by the weight's memory traffic)")
+        d, us = c["density"], 1e6
+        dt = str(q.dtype).replace("torch.", "")
+        head = (f"dense is faster for M={q.m_rows}, weight {tuple(q.weight_shape)}, density {d:.3g} ({dt}): the "
+                f"unstructured kernels model {c['t_sparse'] * us:.1f} us vs dense {c['t_dense'] * us:.1f} us")
+        if c["t_flops"] >= c["t_dense_mem"]:
+            gather = ("" if c["t_gather"] < math.inf else
+                      "; the CUDA-core gather kernel, which does skip them, only runs for Linear with M <= 64")
+            ceiling = _roofline_ceiling(q, d)
+            ideal = "" if ceiling is None else f" (roofline ceiling {ceiling:.2g}x dense, sparsefast.roofline)"
+            return (f"{head}. The call is compute-bound: its 2*M*N*K = {c['flops'] / 1e9:.4g} GFLOP take "
+                    f"{c['t_flops'] * us:.1f} us on {c['unit']} vs {c['t_dense_mem'] * us:.1f} us of dense memory "
+                    "traffic, and the tile-decode kernels skip no multiply-adds -- there is no tensor-core "
+                    "instruction for unstructured sparsity, so each decoded weight tile is multiplied densely, "
+                    f"zeros included, plus ~{DECODE_OPS:g} issued instructions of decoding per weight element "
+                    f"and 128-row block of x{gather}. Only skipping the pruned products could win here{ideal}, "
+                    "and this backend has no such kernel for compute-bound shapes, so auto runs masked-dense "
+                    "work (cuBLAS/cuDNN) instead (never slower than dense)")
+        return (f"{head}. Dense is bound by memory traffic here ({c['t_dense_mem'] * us:.1f} us), but at this "
+                f"density the packed weight ({d:.3g}*{torch.empty((), dtype=q.dtype).element_size()} + 1/8 bytes per "
+                f"element, {c['t_sparse_mem'] * us:.1f} us of traffic) plus the decoding or gather work "
+                "does not undercut it")
 
     # ---- packing ------------------------------------------------------------------------------
     def index(self, mask: torch.Tensor, kind: str = "fwd", groups: int = 1) -> UnstructuredIndex:
@@ -902,9 +922,9 @@ _H100 = dict(tc16=650e12, tf32=330e12, fp32=50e12, bw=3.0e12, sms=132)
 _ISSUE_PER_SM = 128 * 1.75e9   # lane-instructions per second per SM (4 schedulers × 32 lanes)
 
 
-def _cost_model(q: OpQuery) -> tuple[float, float]:
-    """(dense seconds, sparse seconds) for the forward of ``q`` under the model in
-    :meth:`Impl.prefer_dense_reason`."""
+def _cost_terms(q: OpQuery) -> dict[str, Any]:
+    """Every term of the cost model in :meth:`Impl.prefer_dense_reason` for the forward of ``q``
+    (seconds; ``flops`` in FLOP; ``unit``: what runs the dense multiply-adds)."""
     R, K = _matrix_shape(q.weight_shape)
     M, N = int(q.m_rows or 1), R
     e = torch.empty((), dtype=q.dtype).element_size()
@@ -912,67 +932,49 @@ def _cost_model(q: OpQuery) -> tuple[float, float]:
     sms = _num_sms(q.device) if q.device.type == "cuda" and torch.cuda.is_available() else _H100["sms"]
     scale = sms / _H100["sms"]
     if q.dtype == torch.float32:
-        peak = _H100["tf32"] if torch.backends.cuda.matmul.allow_tf32 else _H100["fp32"]
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        peak, unit = (_H100["tf32"], "TF32 tensor cores") if tf32 else (_H100["fp32"], "CUDA cores (fp32 FMA)")
     else:
-        peak = _H100["tc16"]
+        peak, unit = _H100["tc16"], "tensor cores"
     peak, bw, alu = peak * scale, _H100["bw"] * scale, sms * _ISSUE_PER_SM
     flops = 2.0 * M * N * K
-    t_dense = max(flops / peak, e * (M * K + N * K + M * N) / bw)
-    t_decode = max(flops / peak, DECODE_OPS * N * K * math.ceil(M / 128) / alu)
+    t_flops = flops / peak
+    t_dense_mem = e * (M * K + N * K + M * N) / bw
+    t_decode = max(t_flops, DECODE_OPS * N * K * math.ceil(M / 128) / alu)
     t_gather = math.inf
     if M <= 64 and q.op == "linear":
         t_gather = GATHER_OPS.get(q.dtype, 6.5) * d * N * K * _gather_rows(M) / alu
-    sparse_bytes = e * (M * K + M * N) + N * K * (d * e + 1 / 8)
-    return t_dense, max(min(t_decode, t_gather), sparse_bytes / bw)
+    t_sparse_mem = (e * (M * K + M * N) + N * K * (d * e + 1 / 8)) / bw
+    return dict(M=M, N=N, K=K, density=d, flops=flops, unit=unit, t_flops=t_flops, t_dense_mem=t_dense_mem,
+                t_dense=max(t_flops, t_dense_mem), t_decode=t_decode, t_gather=t_gather, t_sparse_mem=t_sparse_mem,
+                t_sparse=max(min(t_decode, t_gather), t_sparse_mem))
+
+
+def _cost_model(q: OpQuery) -> tuple[float, float]:
+    """(dense seconds, sparse seconds) for the forward of ``q`` under the model in
+    :meth:`Impl.prefer_dense_reason`."""
+    c = _cost_terms(q)
+    return c["t_dense"], c["t_sparse"]
+
+
+def _roofline_ceiling(q: OpQuery, density: float) -> float | None:
+    """Best speedup over dense any zero-skipping design could reach for ``q``'s forward
+    (:mod:`sparsefast.roofline`, H100), or None where it cannot say (conv: the query has no image size
+    for the activation bytes)."""
+    if q.op != "linear":
+        return None
+    try:
+        from ... import roofline
+        R, K = _matrix_shape(q.weight_shape)
+        return roofline.predict_linear("fwd", int(q.m_rows or 1), K, R, dtype=q.dtype, pattern="unstructured",
+                                       density=density).ratio
+    except Exception:  # noqa: BLE001 - an explanation must never fail a dispatch
+        return None
 
 
 # ================================================================================================
 # Ahead-of-time compilation list
 # ================================================================================================
-class AotSpec(NamedTuple):
-    """One compilable kernel variant::
-
-        triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                                                 attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=options)
-
-    ``signature`` maps every argument name to a Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``);
-    ``constexprs`` maps names to values; ``attrs`` maps ``(arg_index,)`` to
-    ``[["tt.divisibility", 16]]`` — the specialisation Triton's launcher applies at run time (integer
-    arguments equal to 1 become constexprs, multiples of 16 and 16-byte aligned pointers get the
-    divisibility hint), taken from a representative call."""
-
-    kernel: Any
-    signature: dict
-    constexprs: dict
-    options: dict
-    name: str
-    attrs: dict
-
-
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _specialize(kernel, pointers: dict[str, str], ints: dict[str, int], constexprs: dict) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of ``kernel`` called with these pointer types and int values,
-    specialised the way ``triton.runtime.jit`` does it."""
-    sig, const, attrs = {}, dict(constexprs), {}
-    for i, a in enumerate(kernel.arg_names):
-        if a in constexprs:
-            sig[a] = "constexpr"
-        elif a in pointers:
-            sig[a] = pointers[a]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif ints[a] == 1:
-            sig[a] = "constexpr"
-            const[a] = 1
-        else:
-            sig[a] = "i32"
-            if ints[a] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, const, attrs
-
-
 def _example_ints(kind: str, bm: int) -> dict[str, int]:
     """Integer arguments of a representative call: Linear 4096×4096 with M = ``bm`` (contiguous
     tensors), or a 3×3 / stride-1 / pad-1 conv, 64→64 channels on 56×56 NCHW maps."""
@@ -1006,61 +1008,83 @@ def _example_ints(kind: str, bm: int) -> dict[str, int]:
     raise ValueError(kind)
 
 
+#: What the compiled kernels must show (checked by ``python -m sparsefast kernels``, keys in
+#: :data:`sparsefast.kernel_report.EXPECT_KEYS`). Every GEMM config below is a run-time autotune
+#: candidate, so all are ``hot`` (no spills allowed). The tile-decode kernels in 16-bit types multiply
+#: the decoded tiles on tensor cores; on sm_90 Triton emits wgmma when the MMA's M dimension (``BM``
+#: for fwd/dx, ``BN`` for dW, whose MMA is dyᵀ·A) is at least 64, else mma.sync. fp32 with
+#: ``input_precision="ieee"`` (torch's default, TF32 off) is an FMA dot on CUDA cores: tensor_core=False.
+#: The gather kernel is CUDA-core by design (nnz × M FMAs) and, like the transpose feeding it, reads
+#: with 128-bit loads. index (per mask change) and pack (per optimizer step) are plain CUDA-core
+#: kernels; pack is on the training step's path, so it is hot too.
+def _expect_mma(dtype: torch.dtype, mma_m: int) -> dict:
+    if dtype == torch.float32:
+        return dict(tensor_core=False, hot=True)
+    return dict(tensor_core=True, wgmma=mma_m >= 64, hot=True)
+
+
+_EXPECT_GATHER = dict(tensor_core=False, vector_loads=True, hot=True)
+
+
 def aot_compile_configs(dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
-                        m_buckets: Sequence[int] = (16, 64, 128)) -> list[AotSpec]:
+                        m_buckets: Sequence[int] = M_BUCKETS) -> list[AotSpec]:
     """Every kernel variant this backend launches on a GPU, one :class:`AotSpec` per autotune config.
 
-    Returns ``[AotSpec(kernel, signature, constexprs, options, name, attrs), ...]`` — a NamedTuple
-    whose first three fields are what ``triton.compiler.ASTSource(fn=, signature=, constexprs=)``
-    takes; ``options`` is ``{"num_warps": w, "num_stages": s}`` for ``triton.compile``; ``attrs`` is
-    ``ASTSource``'s ``attrs`` (divisibility hints); ``name`` is readable, e.g.
-    ``"fwd-linear-bf16-BM16-BN64-w4s3"``. Covers the index and pack kernels, the forward (Linear, conv,
-    conv input gradient), Linear dx and masked dW (Linear, conv) for each dtype, each row block ``BM``
-    in ``m_buckets`` and every autotune config, specialised like a representative call
-    (:func:`_example_ints`)."""
+    Returns ``[AotSpec(kernel, signature, constexprs, options, attrs, name, expect), ...]`` (see
+    :class:`~sparsefast.backends.triton._common.AotSpec`); ``name`` is readable, e.g.
+    ``"fwd-linear-bf16-BM16-BN64-w4s3"``. Covers the index and pack kernels, the gather path (x
+    transpose + gather), the forward (Linear, conv, conv input gradient), Linear dx and masked dW
+    (Linear, conv) for each dtype, each row block ``BM`` the launcher uses (:data:`M_BUCKETS`, capped
+    by :func:`_dw_cap` for dW) and every autotune config the launcher's pruning keeps
+    (:func:`_keep_config`), specialised like a representative call (:func:`_example_ints`) with
+    ``PREC="ieee"`` (fp32: torch's default leaves TF32 off; with TF32 on, fp32 runs the tensor-core
+    variants of the same kernels, not compiled here)."""
     specs: dict[str, AotSpec] = {}
 
-    def add(name, kernel, kind, bm, pointers, constexprs, cfg=None):
-        sig, const, attrs = _specialize(kernel, pointers, _example_ints(kind, bm), constexprs)
+    def add(name, kernel, kind, bm, pointers, constexprs, cfg=None, expect=None):
+        sig, const, attrs = specialize(kernel, pointers, _example_ints(kind, bm), constexprs)
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4, "num_stages": 1}
-        specs.setdefault(name, AotSpec(kernel, sig, const, opts, name, attrs))
+        specs.setdefault(name, AotSpec(kernel, sig, const, opts, attrs, name, expect))
 
     add("index", _index_kernel, "index", 16, {"mask_ptr": "*u8", "bm_ptr": "*i32", "cnt_ptr": "*i32"},
-        {"BR": _INDEX_BR})
+        {"BR": _INDEX_BR}, expect=dict(tensor_core=False))
     add("pack-cols", _pack_kernel, "pack", 16, {"w_ptr": "*u8", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": "*i16"},
-        {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": True})
+        {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": True}, expect=dict(tensor_core=False))
     for dt in dtypes:
         t = _TY[dt]
         add(f"pack-{t}", _pack_kernel, "pack", 16,
             {"w_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}"},
-            {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": False})
-        for bmx in (16, 32, 64):
+            {"BR": _PACK_BR, "CPP": _PACK_CPP, "COLS": False}, expect=dict(tensor_core=False, hot=True))
+        for bmx in (16, 32, 64):  # _gather_rows(M) for M <= 64
             add(f"xt-{t}-BMX{bmx}", _xt_kernel, "xt", bmx, {"x_ptr": f"*{t}", "xt_ptr": f"*{t}", "flags_ptr": "*i32"},
-                {"BMX": bmx, "BK": _XT_BK})
+                {"BMX": bmx, "BK": _XT_BK}, expect=_EXPECT_GATHER)
             for cfg in _gemm_configs("gather"):
                 ptrs = {"xt_ptr": f"*{t}", "flags_ptr": "*i32", "rp_ptr": "*i32", "col_ptr": "*i16", "v_ptr": f"*{t}",
                         "perm_ptr": "*i32", "bias_ptr": f"*{t}", "out_ptr": f"*{t}"}
                 add(f"gather-{t}-BMX{bmx}-BR{cfg.kwargs['BR']}-w{cfg.num_warps}s{cfg.num_stages}", _gather_kernel,
-                    "gather", bmx, ptrs, dict(BMX=bmx, HAS_BIAS=True, **cfg.kwargs), cfg)
+                    "gather", bmx, ptrs, dict(BMX=bmx, HAS_BIAS=True, **cfg.kwargs), cfg, _EXPECT_GATHER)
         prec = "ieee"  # fp32: torch's default leaves TF32 off for matmuls
-        for bm in m_buckets:
-            tag = lambda cfg: f"BN{cfg.kwargs['BN']}-w{cfg.num_warps}s{cfg.num_stages}"  # noqa: E731
-            for cfg in [c for c in _gemm_configs("fwd") if _keep_config(bm, c, dt == torch.float32)]:
+        fp32 = dt == torch.float32
+        tag = lambda cfg: f"BN{cfg.kwargs['BN']}-w{cfg.num_warps}s{cfg.num_stages}"  # noqa: E731
+        for bucket in m_buckets:
+            bm = min(bucket, 64 if fp32 else 128)  # _mm_cap (PREC="ieee")
+            for cfg in [c for c in _gemm_configs("fwd") if _keep_config(bm, c, fp32)]:
                 for kind, is_conv, tr in (("fwd-linear", False, False), ("fwd-conv", True, False),
                                           ("fwd-dgrad", True, True)):
                     ptrs = {"a_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}",
                             "bias_ptr": f"*{t}", "out_ptr": f"*{t}"}
                     c = dict(M_BUCKET=bm, BM=bm, IS_CONV=is_conv, TRANSPOSED=tr, CA_GE64=is_conv, HAS_BIAS=not tr,
                              PREC=prec, **cfg.kwargs)
-                    add(f"{kind}-{t}-BM{bm}-{tag(cfg)}", _fwd_kernel, kind, bm, ptrs, c, cfg)
-            for cfg in [c for c in _gemm_configs("dx") if _keep_config(bm, c, dt == torch.float32)]:
+                    add(f"{kind}-{t}-BM{bm}-{tag(cfg)}", _fwd_kernel, kind, bm, ptrs, c, cfg, _expect_mma(dt, bm))
+            for cfg in [c for c in _gemm_configs("dx") if _keep_config(bm, c, fp32)]:
                 ptrs = {"dy_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}", "out_ptr": f"*{t}"}
                 add(f"dx-{t}-BM{bm}-{tag(cfg)}", _dx_kernel, "dx", bm, ptrs,
-                    dict(M_BUCKET=bm, BM=bm, PREC=prec, **cfg.kwargs), cfg)
-            for cfg in _gemm_configs("dw"):
+                    dict(M_BUCKET=bm, BM=bm, PREC=prec, **cfg.kwargs), cfg, _expect_mma(dt, bm))
+            b = min(bucket, 32 if fp32 else 64)  # _dw_cap (PREC="ieee")
+            for cfg in [c for c in _gemm_configs("dw") if _keep_config(b, c, fp32, "dw")]:
                 for kind, is_conv in (("dw-linear", False), ("dw-conv", True)):
-                    b = min(bm, 32 if dt == torch.float32 else 64)
                     ptrs = {"dy_ptr": f"*{t}", "a_ptr": f"*{t}", "bm_ptr": "*i32", "out_ptr": f"*{t}"}
                     add(f"{kind}-{t}-BM{b}-{tag(cfg)}", _dw_kernel, kind, b, ptrs,
-                        dict(M_BUCKET=b, BM=b, IS_CONV=is_conv, CA_GE64=is_conv, PREC=prec, **cfg.kwargs), cfg)
+                        dict(M_BUCKET=b, BM=b, IS_CONV=is_conv, CA_GE64=is_conv, PREC=prec, **cfg.kwargs), cfg,
+                        _expect_mma(dt, cfg.kwargs["BN"]))
     return list(specs.values())
