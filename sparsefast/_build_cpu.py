@@ -11,12 +11,17 @@ Used two ways:
 
 One build runs on any x86-64 CPU: no ``-march=native``; ``kernels.cpp`` compiles the kernels for
 generic x86-64, AVX2+FMA and AVX-512 with ``#pragma GCC target`` and picks one at run time.
-Threads come from torch's own OpenMP pool (``at::parallel_for``), so no ``-fopenmp`` runtime of our
-own is linked (``-fopenmp-simd`` only enables the ``omp simd`` loop hints).
+Threads come from torch's own OpenMP pool (``at::parallel_for``). Its OpenMP implementation is inline
+in ATen's headers (``#pragma omp parallel``), so the extension must be compiled with ``-fopenmp``:
+without it the pragma is ignored and every "parallel" loop runs on one thread (seen: 2 threads set,
+CPU time == wall time). Linking ``-fopenmp`` names ``libgomp.so.1``, which resolves to the copy torch
+already loaded (same soname), so there is one OpenMP runtime and one pool. Compilers without OpenMP
+(e.g. Apple clang) get ``-fopenmp-simd`` only and run single-threaded; :meth:`describe` says so.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +31,7 @@ JIT_NAME = "sparsefast_C_cpu"
 ABI_VERSION = 4
 SOURCES = ("csrc/cpu/binding.cpp", "csrc/cpu/kernels.cpp")
 HEADERS = ("csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h")
+_OPENMP = sys.platform.startswith("linux") and os.environ.get("SPARSEFAST_CPU_NO_OPENMP", "0") in ("", "0")
 CFLAGS = [
     "-O3",
     "-ffp-contract=fast",      # fuse a*b+c into FMA in the vector-extension kernels
@@ -33,7 +39,8 @@ CFLAGS = [
     "-fno-math-errno",
     "-Wno-psabi",
     "-Wno-maybe-uninitialized",
-]
+] + (["-fopenmp"] if _OPENMP else [])
+LDFLAGS = ["-fopenmp"] if _OPENMP else []
 
 _ROOT = Path(__file__).resolve().parent.parent
 _lock = threading.Lock()
@@ -59,7 +66,7 @@ def extensions(root: Path) -> list:
     if not all((root / s).exists() for s in SOURCES):
         return []
     return [CppExtension(NAME, srcs, include_dirs=[str(root / "csrc" / "cpu")],
-                         extra_compile_args={"cxx": list(CFLAGS)})]
+                         extra_compile_args={"cxx": list(CFLAGS)}, extra_link_args=list(LDFLAGS))]
 
 
 def _jit_build():
@@ -69,7 +76,7 @@ def _jit_build():
     if missing:
         raise RuntimeError(f"sources not found (not a source checkout?): {', '.join(missing)}")
     return _load(name=JIT_NAME, sources=[str(p) for p in _source_paths(_ROOT)],
-                 extra_cflags=list(CFLAGS), extra_include_paths=[str(_ROOT / "csrc" / "cpu")],
+                 extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), extra_include_paths=[str(_ROOT / "csrc" / "cpu")],
                  verbose=os.environ.get("SPARSEFAST_VERBOSE_BUILD", "0") not in ("", "0"))
 
 

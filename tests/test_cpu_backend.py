@@ -159,6 +159,52 @@ def test_conv_primitives(cb, isa, dtype, pattern):
         _close(dw, wd.grad * mask, dtype, f"conv dw {what}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threaded_paths_match(cb, dtype):
+    """2 threads with parallelism forced on (min_par_work 0) and small conv blocks, so conv runs the
+    per-thread image-block path (own scratch, per-part dW partial sums) for several batch sizes, incl.
+    block counts that do not split evenly, and Linear splits rows across threads."""
+    d0 = cb.ext.describe()
+    nt = torch.get_num_threads()
+    p = parse_pattern("unstructured")
+    try:
+        torch.set_num_threads(2)
+        cb.ext.set_tunable("min_par_work", 0)
+        cb.ext.set_tunable("conv_lanes", 16)  # one image per block
+        for B, gr, s in [(1, 1, 1), (2, 1, 1), (3, 2, 2), (4, 1, 1), (5, 1, 2), (8, 2, 1)]:
+            g = torch.Generator().manual_seed(100 + B)
+            C, O, H = 8, 12, 6
+            cp = ConvParams((s, s), (1, 1), (1, 1), gr)
+            w = torch.randn(O, C // gr, 3, 3, generator=g).to(dtype)
+            mask = torch.rand(w.shape, generator=g) < 0.3
+            x = torch.randn(B, C, H, H, generator=g).to(dtype)
+            b = torch.randn(O, generator=g).to(dtype)
+            xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+            ry = F.conv2d(xd, wd * mask, b.double(), cp.stride, cp.padding, cp.dilation, gr)
+            dy = torch.randn(ry.shape, generator=g).to(dtype)
+            ry.backward(dy.double())
+            what = f"threads=2 B={B} groups={gr} stride={s} {dtype}"
+            _close(cb.conv_fwd(x, w, mask, b, p, cp), ry.detach(), dtype, f"conv fwd {what}")
+            _close(cb.conv_dx(dy, w, mask, p, cp, x.shape), xd.grad, dtype, f"conv dx {what}")
+            dw = cb.conv_dw(dy, x, mask, p, cp, w.shape)
+            assert bool((dw[~mask] == 0).all()), f"conv dw not zero off-mask {what}"
+            _close(dw, wd.grad * mask, dtype, f"conv dw {what}")
+        g = torch.Generator().manual_seed(7)
+        w = torch.randn(50, 70, generator=g).to(dtype)
+        mask = torch.rand(50, 70, generator=g) < 0.2
+        for M in (1, 3, 40):
+            x = torch.randn(M, 70, generator=g).to(dtype)
+            dy = torch.randn(M, 50, generator=g).to(dtype)
+            ry, rdx, rdw = _ref_linear(x, w, mask, None, dy)
+            _close(cb.linear_fwd(x, w, mask, None, p), ry, dtype, f"linear fwd threads=2 M={M}")
+            _close(cb.linear_dx(dy, w, mask, p), rdx, dtype, f"linear dx threads=2 M={M}")
+            _close(cb.linear_dw(dy, x, mask, p), rdw, dtype, f"linear dw threads=2 M={M}")
+    finally:
+        torch.set_num_threads(nt)
+        for k in ("min_par_work", "conv_lanes"):
+            cb.ext.set_tunable(k, d0[k])
+
+
 def test_batch_sizes_and_layouts(cb):
     """Every batch size around the gather/panel switch and panel boundaries; non-contiguous input."""
     g = torch.Generator().manual_seed(5)

@@ -122,7 +122,14 @@ py::dict describe() {
   d["best_isa"] = std::string(sfcpu::isa_name(sfcpu::best_isa()));
   d["isas"] = compiled_isas();
   d["threads"] = at::get_num_threads();
+#if defined(_OPENMP)
+  // at::parallel_for's OpenMP path is inline in ATen's headers: it only runs threads when this file
+  // was compiled with -fopenmp
   d["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+#else
+  d["openmp"] = !static_cast<bool>(AT_PARALLEL_OPENMP);  // native/TBB pools work without -fopenmp
+#endif
+  d["bf16_dot"] = sfcpu::cpu_has_bf16_dot();
   d["panel"] = g_panel.load();
   d["small_max"] = g_small_max.load();
   d["conv_lanes"] = g_conv_lanes.load();
@@ -899,6 +906,26 @@ int64_t conv_block(int64_t B, int64_t HoWo) {
   return std::max<int64_t>(1, std::min<int64_t>(B, g_conv_lanes.load() / std::max<int64_t>(HoWo, 1)));
 }
 
+// Image blocks of G images. With T > 1 threads and enough blocks, each thread takes a contiguous
+// range of blocks with its own scratch (parts = T): the im2col / SpMM / layout phases of a block then
+// run serially on that thread (pick_threads is 1 inside a parallel region), with no barrier between
+// phases and no activation buffer shared between cores -- splitting each phase across the cores
+// instead made 2 threads slower than 1 (measured: 3x3 conv, 16x256x14x14). Otherwise (few blocks,
+// e.g. batch 1) the blocks run in order and every phase is parallel. f(b0, Gb, part, first_of_part).
+int conv_parts(int64_t B, int64_t G, double work) {
+  const int T = pick_threads(work);
+  const int64_t nb = (B + G - 1) / G;
+  return (T > 1 && (nb >= 2 * T || nb % T == 0)) ? T : 1;
+}
+template <typename F>
+void run_image_blocks(int64_t B, int64_t G, int parts, F&& f) {
+  const int64_t nb = (B + G - 1) / G;
+  run_parts(parts, [&](int t) {
+    const int64_t j0 = nb * t / parts, j1 = nb * (t + 1) / parts;
+    for (int64_t j = j0; j < j1; ++j) f(j * G, std::min(G, B - j * G), t, j == j0);
+  });
+}
+
 sfcpu::ConvGeom conv_geom(const ConvCfg& k, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t G,
                           int64_t img_stride, int64_t PW) {
   sfcpu::ConvGeom g;
@@ -963,26 +990,28 @@ Tensor conv_fwd(const Tensor& x_in, int64_t O, int64_t Kred, const std::optional
   // block, so copies never split at panel edges); the kernels read it in PW-lane chunks
   const int64_t G = conv_block(B, HoWo);
   const int64_t PW = panel_width(G * HoWo), Ppmax = (G * HoWo + 15) / 16 * 16;
-  Tensor xcol = at::empty({Kred * Ppmax}, x.options().dtype(at::kFloat));
-  Tensor ycol = at::empty({Og * Ppmax}, x.options().dtype(at::kFloat));
+  const int parts = conv_parts(B, G, static_cast<double>(nnz_of(A)) * B * HoWo);
+  Tensor xcol = at::empty({parts, Kred * Ppmax}, x.options().dtype(at::kFloat));
+  Tensor ycol = at::empty({parts, Og * Ppmax}, x.options().dtype(at::kFloat));
   const char* xb = static_cast<const char*>(x.data_ptr());
   char* yb = static_cast<char*>(y.data_ptr());
-  for (int64_t b0 = 0; b0 < B; b0 += G) {
-    const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+  run_image_blocks(B, G, parts, [&](int64_t b0, int64_t Gb, int t, bool) {
+    float* xc = xcol.data_ptr<float>() + t * Kred * Ppmax;
+    float* yc = ycol.data_ptr<float>() + t * Og * Ppmax;
+    const int64_t P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
       const void* xsrc = xb + (b0 * Ct * H * W + gi * Cg * H * W) * esz;
-      run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xcol.data_ptr(), g, r0, r1); });
+      run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xc, g, r0, r1); });
       const SpMat Ag = A.meta ? nm_sub_rows(A, gi * Og, Og, esz) : sub_rows(A, gi * Og, Og);
       const float* bptr = bf.defined() ? bf.data_ptr<float>() + gi * Og : nullptr;
-      spmm_panels(Ag, plain_lanes(xcol.data_ptr<float>(), Pp, P, PW), plain_lanes(ycol.data_ptr<float>(), Pp, P, PW),
-                  bptr, ct);
+      spmm_panels(Ag, plain_lanes(xc, Pp, P, PW), plain_lanes(yc, Pp, P, PW), bptr, ct);
       void* ydst = yb + (b0 * O * HoWo + gi * Og * HoWo) * esz;
       run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
-        kt.panels_to_rows(ycol.data_ptr(), ydst, Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+        kt.panels_to_rows(yc, ydst, Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
       });
     }
-  }
+  });
   return ot == ct ? y : y.to(ot);
 }
 
@@ -1006,27 +1035,27 @@ Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_row
   const int64_t esz = dy.element_size();
   const int64_t G = conv_block(B, HoWo);
   const int64_t PW = panel_width(G * HoWo), Ppmax = (G * HoWo + 15) / 16 * 16;
-  Tensor dycol = at::empty({Og * Ppmax}, dy.options().dtype(at::kFloat));
-  Tensor dxcol = at::empty({Kred * Ppmax}, dy.options().dtype(at::kFloat));
+  const int parts = conv_parts(B, G, static_cast<double>(nnz_of(At)) * B * HoWo);
+  Tensor dycol = at::empty({parts, Og * Ppmax}, dy.options().dtype(at::kFloat));
+  Tensor dxcol = at::empty({parts, Kred * Ppmax}, dy.options().dtype(at::kFloat));
   const char* db = static_cast<const char*>(dy.data_ptr());
   char* xb = static_cast<char*>(dx.data_ptr());
-  for (int64_t b0 = 0; b0 < B; b0 += G) {
-    const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+  run_image_blocks(B, G, parts, [&](int64_t b0, int64_t Gb, int t, bool) {  // blocks write disjoint images of dx
+    float* dyc = dycol.data_ptr<float>() + t * Og * Ppmax;
+    float* dxc = dxcol.data_ptr<float>() + t * Kred * Ppmax;
+    const int64_t P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const void* dsrc = db + (b0 * O * HoWo + gi * Og * HoWo) * esz;
       run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
-        kt.rows_to_panels(dsrc, dycol.data_ptr(), Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+        kt.rows_to_panels(dsrc, dyc, Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
       });
       const SpMat Ag = sub_rows(At, gi * Kred, Kred);
-      spmm_panels(Ag, plain_lanes(dycol.data_ptr<float>(), Pp, P, PW), plain_lanes(dxcol.data_ptr<float>(), Pp, P, PW),
-                  nullptr, ct);
+      spmm_panels(Ag, plain_lanes(dyc, Pp, P, PW), plain_lanes(dxc, Pp, P, PW), nullptr, ct);
       const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
       void* xdst = xb + (b0 * Ct * H * W + gi * Cg * H * W) * sizeof(float);
-      run_range(Gb * Cg, static_cast<double>(Kred) * P, [&](int64_t p0, int64_t p1) {
-        kt.col2im(dxcol.data_ptr(), xdst, g, p0, p1);
-      });
+      run_range(Gb * Cg, static_cast<double>(Kred) * P, [&](int64_t p0, int64_t p1) { kt.col2im(dxc, xdst, g, p0, p1); });
     }
-  }
+  });
   return dx.to(ot);
 }
 
@@ -1043,31 +1072,49 @@ Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, co
   TORCH_CHECK(dy.size(0) == B && dy.size(1) == O && Kred == k.KH * k.KW * Cg, "conv_dw: shape mismatch");
   const SpMat A = make_mat(O, Kred, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true);
   const int64_t nnz = nnz_of(A);
-  Tensor vals = at::zeros({std::max<int64_t>(nnz, 1)}, at::kFloat);
+  const int64_t nv = std::max<int64_t>(nnz, 1);
+  Tensor vals = at::zeros({nv}, at::kFloat);
   if (B > 0 && HoWo > 0) {
     const auto& kt = table(ct);
     const int64_t esz = x.element_size();
     const int64_t G = conv_block(B, HoWo);
     const int64_t PW = kSddmmLanes, Ppmax = (G * HoWo + 15) / 16 * 16;  // SDDMM: wide chunks, one reduction
-    Tensor xcol = at::empty({Kred * Ppmax}, x.options().dtype(at::kFloat));
-    Tensor dycol = at::empty({Og * Ppmax}, x.options().dtype(at::kFloat));
+    const int parts = conv_parts(B, G, static_cast<double>(nnz) * B * HoWo);
+    Tensor xcol = at::empty({parts, Kred * Ppmax}, x.options().dtype(at::kFloat));
+    Tensor dycol = at::empty({parts, Og * Ppmax}, x.options().dtype(at::kFloat));
+    // per-part partial sums of the kept-position gradient (nnz floats each), added up below
+    Tensor pvals = parts > 1 ? at::empty({parts, nv}, at::kFloat) : vals.view({1, nv});
     const char* xb = static_cast<const char*>(x.data_ptr());
     const char* db = static_cast<const char*>(dy.data_ptr());
-    for (int64_t b0 = 0; b0 < B; b0 += G) {
-      const int64_t Gb = std::min(G, B - b0), P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
+    run_image_blocks(B, G, parts, [&](int64_t b0, int64_t Gb, int t, bool first) {
+      float* xc = xcol.data_ptr<float>() + t * Kred * Ppmax;
+      float* dyc = dycol.data_ptr<float>() + t * Og * Ppmax;
+      float* out = pvals.data_ptr<float>() + t * nv;
+      const int64_t P = Gb * HoWo, Pp = (P + 15) / 16 * 16;
       for (int64_t gi = 0; gi < groups; ++gi) {
         const sfcpu::ConvGeom g = conv_geom(k, Cg, H, W, Ho, Wo, Gb, Ct * H * W, Pp);
         const void* xsrc = xb + (b0 * Ct * H * W + gi * Cg * H * W) * esz;
-        run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xcol.data_ptr(), g, r0, r1); });
+        run_range(Kred, static_cast<double>(Kred) * P, [&](int64_t r0, int64_t r1) { kt.im2col(xsrc, xc, g, r0, r1); });
         const void* dsrc = db + (b0 * O * HoWo + gi * Og * HoWo) * esz;
         run_range(Og, static_cast<double>(Og) * P, [&](int64_t o0, int64_t o1) {
-          kt.rows_to_panels(dsrc, dycol.data_ptr(), Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
+          kt.rows_to_panels(dsrc, dyc, Og, HoWo, Gb, O * HoWo, Pp, o0, o1);
         });
-        // this group's rows of A (local row r <-> dy row r; outputs at global positions j)
+        // this group's rows of A (local row r <-> dy row r; outputs at global positions j): the
+        // first block of a part writes its entries, later blocks accumulate
         const SpMat Ag = sub_rows(A, gi * Og, Og);
-        sddmm_panels(Ag, plain_lanes(dycol.data_ptr<float>(), Pp, P, PW), plain_lanes(xcol.data_ptr<float>(), Pp, P, PW),
-                     vals.data_ptr<float>(), b0 > 0, ct);
+        sddmm_panels(Ag, plain_lanes(dyc, Pp, P, PW), plain_lanes(xc, Pp, P, PW), out, !first, ct);
       }
+    });
+    if (parts > 1) {
+      float* v = vals.data_ptr<float>();
+      const float* pv = pvals.data_ptr<float>();
+      run_range(nv, static_cast<double>(nv) * parts, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float acc = pv[i];
+          for (int t = 1; t < parts; ++t) acc += pv[t * nv + i];
+          v[i] = acc;
+        }
+      });
     }
   }
   return scatter_dense(A, vals.data_ptr<float>(), ot);

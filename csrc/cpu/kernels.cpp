@@ -104,6 +104,15 @@ int best_isa() {
   return kGeneric;
 }
 
+bool cpu_has_bf16_dot() {
+#if SF_X86 && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(int isa) {
   switch (isa) {
     case kAVX512: return "avx512";

@@ -136,6 +136,8 @@ const KernelTable* kernel_table(int isa, int dtype);
 bool isa_compiled(int isa);
 // Best ISA this CPU (and OS) supports among those compiled in.
 int best_isa();
+// the CPU has bf16 dot-product instructions (AVX512-BF16): dense bf16 GEMMs (oneDNN) are fast
+bool cpu_has_bf16_dot();
 const char* isa_name(int isa);
 
 }  // namespace sfcpu

@@ -46,16 +46,19 @@ _MAX_NNZ = 2**31 - 1024
 
 
 def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_shape: Sequence[int],
-                      groups: int = 1) -> float:
-    """Highest unstructured density at which the cpu kernels still beat dense (MKL / oneDNN).
+                      groups: int = 1, *, isa: str = "avx512", bf16_dot: bool = True) -> float:
+    """Highest unstructured density at which the cpu kernels still beat dense (MKL / oneDNN) on a CPU
+    whose kernel path is ``isa`` (``"avx512"``, ``"avx2"`` or ``"generic"``) and which has (or not)
+    bf16 dot-product instructions (``bf16_dot``: AVX512-BF16, which makes dense bf16 GEMMs fast).
 
-    Measured (2026-11-23) on the 2-core AMD EPYC (Zen 4, AVX-512, AVX512-BF16) dev machine with torch
-    2.13: forward time of ``F.linear`` / ``F.conv2d`` on the masked weight vs this backend, swept over
-    density 0.1..0.7 for Linear 4096x4096 and 1024x1024 (M = 1, 16, 64, 256) and 3x3 convs (C=O=256 at
-    14x14, 128 at 28x28, 64 at 56x56), min of 5 single-thread CPU-time runs (the shared machine was
-    too loaded for stable wall-clock numbers); script: ``python csrc/cpu/measure.py crossover
-    --threads 1``. Measured crossovers (dense/sparse = 1), and the thresholds used (about 80% of
-    them, so ``auto`` does not pick a slower kernel near the edge):
+    Measured with ``python csrc/cpu/measure.py crossover --threads 1`` (forward time of ``F.linear`` /
+    ``F.conv2d`` on the masked weight vs this backend, density 0.1..0.7, Linear 4096² and 1024² at
+    M = 1, 16, 64, 256 and 3x3 convs C=O=256 at 14x14, 128 at 28x28, 64 at 56x56; min of 5
+    single-thread CPU-time runs) on two 2-core dev machines with torch 2.13. The thresholds are about
+    80% of the measured crossovers (dense/sparse = 1), so ``auto`` does not pick a slower kernel near
+    the edge.
+
+    AVX-512 (AMD EPYC Zen 4, AVX512-BF16; 2026-11-23):
 
     ==========================  ==============================  =========
     case                        measured crossover density      threshold
@@ -70,25 +73,59 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
     conv3x3 fp32                0.33 (O >= 128), 0.22 (O = 64)  0.25/0.15
     conv3x3 bf16                0.12-0.2 (O >= 128), < 0.1      0.12/0.05
     ==========================  ==============================  =========
+
+    AVX2 (AMD EPYC Zen 3, no AVX-512, no bf16 dot; 2026-11-23). MKL's small-M fp32 GEMM is slow on
+    this AMD part and dense bf16 has no hardware path, so sparse wins further up:
+
+    ==========================  ==============================  =========
+    case                        measured crossover density      threshold
+    ==========================  ==============================  =========
+    linear fp32, M = 1          0.3 (4096²), 0.17 (1024²)       0.25/0.12
+    linear fp32, 2 <= M <= 64   > 0.7 (4096²), 0.7 (1024²)      0.5
+    linear fp32, M = 256        0.6 (4096²), 0.5 (1024²)        0.4
+    linear bf16, M = 1          0.35 (4096²), 0.4 (1024²)       0.28
+    linear bf16, M >= 16        > 0.7 (4-6x faster at 0.7)      0.7
+    conv3x3 fp32                0.3 (O >= 128), 0.22 (O = 64)   0.25/0.15
+    conv3x3 bf16                > 0.5 (24-40x faster at 0.5)    0.5
+    ==========================  ==============================  =========
+
+    Without bf16 dot instructions the bf16 thresholds are the AVX2 ones whatever the ISA (dense
+    bf16 is then emulated); the portable (``generic``) kernels were not measured against dense and
+    get half the AVX2 fp32 thresholds.
     """
     ws = tuple(int(v) for v in weight_shape)
     bf16 = dtype == torch.bfloat16
-    if op == "conv":
-        og = ws[0] // max(groups, 1)
-        if bf16:
-            return 0.12 if og >= 128 else 0.05
-        return 0.25 if og >= 128 else 0.15
-    m = m_rows if m_rows is not None else 64
     numel = 1
     for v in ws:
         numel *= v
-    if m <= 1:
-        if numel * (2 if bf16 else 4) <= (8 << 20):  # dense weight stays in cache: dense GEMV is fast
-            return 0.1
-        return 0.35 if bf16 else 0.4
-    if bf16:
-        return 0.3 if m <= 16 else 0.2
-    return 0.5 if m <= 64 else 0.45
+    m = m_rows if m_rows is not None else 64
+    fast_bf16_dense = bf16_dot and isa == "avx512"
+    if bf16 and not fast_bf16_dense:
+        if op == "conv":
+            return 0.5
+        return 0.28 if m <= 1 else 0.7
+    if isa == "avx512":
+        if op == "conv":
+            og = ws[0] // max(groups, 1)
+            if bf16:
+                return 0.12 if og >= 128 else 0.05
+            return 0.25 if og >= 128 else 0.15
+        if m <= 1:
+            if numel * (2 if bf16 else 4) <= (8 << 20):  # dense weight stays in cache: dense GEMV is fast
+                return 0.1
+            return 0.35 if bf16 else 0.4
+        if bf16:
+            return 0.3 if m <= 16 else 0.2
+        return 0.5 if m <= 64 else 0.45
+    # avx2 (and half of it for the generic kernels); fp32 here
+    if op == "conv":
+        og = ws[0] // max(groups, 1)
+        t = 0.25 if og >= 128 else 0.15
+    elif m <= 1:
+        t = 0.12 if numel * 4 <= (8 << 20) else 0.25
+    else:
+        t = 0.5 if m <= 64 else 0.4
+    return t if isa == "avx2" else t / 2
 
 
 class CpuBackend(Backend):
@@ -128,6 +165,14 @@ class CpuBackend(Backend):
         """Force the kernel ISA (``"generic"``, ``"avx2"``, ``"avx512"``, ``"auto"``) — for tests."""
         self.ext.set_isa(isa)
 
+    def _hw(self) -> dict:
+        """``{"isa": kernel path now, "bf16_dot": AVX512-BF16}`` for :func:`crossover_density` (~2 us;
+        not cached: the ISA can be forced at run time)."""
+        if self._ext is None:
+            return {"isa": "generic", "bf16_dot": False}
+        d = self._ext.describe()
+        return {"isa": d["isa"], "bf16_dot": bool(d.get("bf16_dot", False))}
+
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         reasons = []
         if q.device.type != "cpu":
@@ -164,7 +209,8 @@ class CpuBackend(Backend):
         """Dense (reference) is faster for ``q``: tiny layers, or density above the measured crossover
         (:func:`crossover_density`); N:M Linear uses the compact N:M kernel where it wins (float32
         always, bfloat16 for single rows). The reason names the kernel path that would run."""
-        path = self._ext.describe()["isa"] if self._ext is not None else "?"
+        hw = self._hw()
+        path = hw["isa"]
         ws = tuple(q.weight_shape)
         numel = 1
         for s in ws:
@@ -175,19 +221,20 @@ class CpuBackend(Backend):
         groups = q.conv.groups if q.conv is not None else 1
         if q.pattern.is_nm:
             dens = q.pattern.density
-            if q.op == "linear" and dens <= 0.5:
-                if q.dtype != torch.bfloat16 or (q.m_rows is not None and q.m_rows <= 1):
+            if q.op == "linear" and dens <= 0.5 and path != "generic":
+                if (q.dtype != torch.bfloat16 or (q.m_rows is not None and q.m_rows <= 1)
+                        or not (hw["bf16_dot"] and path == "avx512")):
                     return None
                 return (f"{q.pattern} {dt} with {q.m_rows} rows: dense bf16 GEMM (AVX512-BF16) is faster than "
                         f"the {path} sparse kernels (they win for 1 row)")
-            limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups)
+            limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups, **hw)
             if dens > limit:
                 return (f"{q.pattern} keeps {dens:.0%} > {limit:.0%} (measured crossover for {q.op} {dt}): "
                         f"dense is faster than the {path} sparse kernels")
             return None
         if q.density is None:
             return None
-        limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups)
+        limit = crossover_density(q.op, q.m_rows, q.dtype, ws, groups, **hw)
         if q.density > limit:
             return (f"density {q.density:.0%} > {limit:.0%} (measured crossover for {q.op} {dt}, "
                     f"{q.m_rows} rows): dense is faster than the {path} sparse kernels")
