@@ -703,9 +703,38 @@ SF_INLINE vpf dot_part(const v16f (&d)[U], const float* __restrict xp) {
   }
   return q;
 }
+#if SF_NB == 32
+// horizontal sums of 4 8-lane parts (the first two levels of reduce8_parts' tree)
+SF_INLINE void reduce4_parts(const vpf* q, float* out) {
+  const vpi lo1 = {0, 1, 2, 3, 8, 9, 10, 11}, hi1 = {4, 5, 6, 7, 12, 13, 14, 15};
+  const vpf t0 = __builtin_shuffle(q[0], q[1], lo1) + __builtin_shuffle(q[0], q[1], hi1);
+  const vpf t1 = __builtin_shuffle(q[2], q[3], lo1) + __builtin_shuffle(q[2], q[3], hi1);
+  const vpi lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vpf u = __builtin_shuffle(t0, t1, lo2) + __builtin_shuffle(t0, t1, hi2);  // q0 q0 q2 q2 q1 q1 q3 q3
+  out[0] = u[0] + u[1];
+  out[2] = u[2] + u[3];
+  out[1] = u[4] + u[5];
+  out[3] = u[6] + u[7];
+}
+#endif
 template <int U>
 SF_INLINE void sddmm_segment(const v16f (&d)[U], const uint16_t* __restrict ci, int64_t j, int64_t e,
                              const float* __restrict X, int64_t ld, float* __restrict out, bool accum) {
+#if SF_NB == 32
+  if (U >= 3) {  // dY row in 6-8 ymm: 4 entries at a time keep everything in the 16 registers
+    for (; j + 4 <= e; j += 4) {
+      vpf q[4];
+      SF_UNROLL for (int t = 0; t < 4; ++t) q[t] = dot_part<U>(d, X + (int64_t)ci[j + t] * ld);
+      float res[4];
+      reduce4_parts(q, res);
+      if (accum) {
+        SF_UNROLL for (int t = 0; t < 4; ++t) out[j + t] += res[t];
+      } else {
+        SF_UNROLL for (int t = 0; t < 4; ++t) out[j + t] = res[t];
+      }
+    }
+  }
+#endif
   for (; j + 8 <= e; j += 8) {
     vpf q[8];
     SF_UNROLL for (int t = 0; t < 8; ++t) q[t] = dot_part<U>(d, X + (int64_t)ci[j + t] * ld);
@@ -750,7 +779,7 @@ static void sddmm_panel_u(const SddmmArgs& a) {
 #if SF_ISA == 2
 static constexpr int kSddmmVec = 16;
 #elif SF_ISA == 1
-static constexpr int kSddmmVec = 2;  // dY row: 4 ymm, partials: 8 ymm
+static constexpr int kSddmmVec = 3;  // dY row: up to 6 ymm, partials of 4 entries: 4 ymm (4 vectors spill)
 #else
 static constexpr int kSddmmVec = 1;  // 4 xmm + 8 xmm
 #endif
