@@ -345,8 +345,16 @@ def test_prefer_dense_and_describe(cb):
     assert cb.prefer_dense_reason(_q(shape=(8, 8))) is not None           # tiny layer
     assert cb.prefer_dense_reason(_q(density=0.9)) is not None            # too dense
     assert cb.prefer_dense_reason(_q(shape=(1024, 1024), density=0.05)) is None
-    assert cb.prefer_dense_reason(_q(shape=(1024, 1024), pattern="2:4", m_rows=8)) is None
     isa = cb.ext.describe()["isa"]
+    r24 = cb.prefer_dense_reason(_q(shape=(1024, 1024), pattern="2:4", m_rows=8))
+    if isa == "generic":  # the portable kernels only beat dense at high sparsity (crossover_density)
+        assert r24 is not None and "generic" in r24
+    else:
+        assert r24 is None
+    # bf16 N:M: dense bf16 is only fast with AVX512-BF16 (bf16 dot instructions)
+    rbf = cb.prefer_dense_reason(_q(shape=(1024, 1024), pattern="2:4", m_rows=64, dtype=torch.bfloat16))
+    fast_bf16 = isa == "avx512" and cb.ext.describe()["bf16_dot"]
+    assert (rbf is not None) == fast_bf16, rbf
     assert isa in cb.describe() and isa in cb.prefer_dense_reason(_q(density=0.9))
     text = backends.explain(_q(shape=(1024, 1024), density=0.05))
     assert "cpu: chosen" in text

@@ -717,35 +717,34 @@ SF_INLINE void reduce4_parts(const vpf* q, float* out) {
   out[3] = u[6] + u[7];
 }
 #endif
+// out[j .. j+NG) (+)= the NG dot products of entries j.. (NG = 8, or 4 with AVX2)
+template <int U, int NG>
+SF_INLINE void sddmm_group(const v16f (&d)[U], const uint16_t* __restrict ci, int64_t j, const float* __restrict X,
+                           int64_t ld, float* __restrict out, bool accum) {
+  vpf q[NG];
+  SF_UNROLL for (int t = 0; t < NG; ++t) q[t] = dot_part<U>(d, X + (int64_t)ci[j + t] * ld);
+  float res[NG];
+#if SF_NB == 32
+  if (NG == 4) reduce4_parts(q, res);
+  else
+#endif
+    reduce8_parts(q, res);
+  if (accum) {
+    SF_UNROLL for (int t = 0; t < NG; ++t) out[j + t] += res[t];
+  } else {
+    SF_UNROLL for (int t = 0; t < NG; ++t) out[j + t] = res[t];
+  }
+}
 template <int U>
 SF_INLINE void sddmm_segment(const v16f (&d)[U], const uint16_t* __restrict ci, int64_t j, int64_t e,
                              const float* __restrict X, int64_t ld, float* __restrict out, bool accum) {
 #if SF_NB == 32
-  if (U >= 3) {  // dY row in 6-8 ymm: 4 entries at a time keep everything in the 16 registers
-    for (; j + 4 <= e; j += 4) {
-      vpf q[4];
-      SF_UNROLL for (int t = 0; t < 4; ++t) q[t] = dot_part<U>(d, X + (int64_t)ci[j + t] * ld);
-      float res[4];
-      reduce4_parts(q, res);
-      if (accum) {
-        SF_UNROLL for (int t = 0; t < 4; ++t) out[j + t] += res[t];
-      } else {
-        SF_UNROLL for (int t = 0; t < 4; ++t) out[j + t] = res[t];
-      }
-    }
-  }
+  // dY row in 6-8 ymm: 4 entries at a time keep everything in the 16 registers
+  constexpr int NG = U >= 3 ? 4 : 8;
+#else
+  constexpr int NG = 8;
 #endif
-  for (; j + 8 <= e; j += 8) {
-    vpf q[8];
-    SF_UNROLL for (int t = 0; t < 8; ++t) q[t] = dot_part<U>(d, X + (int64_t)ci[j + t] * ld);
-    float res[8];
-    reduce8_parts(q, res);
-    if (accum) {
-      SF_UNROLL for (int t = 0; t < 8; ++t) out[j + t] += res[t];
-    } else {
-      SF_UNROLL for (int t = 0; t < 8; ++t) out[j + t] = res[t];
-    }
-  }
+  for (; j + NG <= e; j += NG) sddmm_group<U, NG>(d, ci, j, X, ld, out, accum);
   for (; j < e; ++j) {
     const vpf q = dot_part<U>(d, X + (int64_t)ci[j] * ld);
     float s = 0.f;
