@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sparsefast import masks
 
@@ -47,3 +48,15 @@ def ref_conv(x, w, m, b, dy, stride, padding, dilation, groups):
     y = F.conv2d(x, w * m, b, stride, padding, dilation, groups)
     y.backward(dy)
     return y.detach(), x.grad, w.grad * m, (b.grad if b is not None else None)
+
+
+def mlp(seed: int = 0, hidden: int = 24) -> nn.Module:
+    """The pruning tests' small classifier, 12 -> hidden -> 16 -> 4, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def data(n: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded batches of 16 (x: 12 features, y: 4 classes) for :func:`mlp`."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]

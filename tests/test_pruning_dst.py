@@ -13,16 +13,7 @@ import sparsefast
 from sparsefast import masks as M
 from sparsefast import pruning as P
 from sparsefast.pruning._grad import GradCapture, dense_weight_grad
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def data(n: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+from _util import data, mlp
 
 
 def sgd(model):

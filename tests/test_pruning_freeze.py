@@ -13,16 +13,7 @@ from sparsefast import masks as M
 from sparsefast import pruning as P
 from sparsefast.pruning.base import mix_seed
 from sparsefast.pruning.freeze import init_weight
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def data(n: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+from _util import data, mlp
 
 
 def regen(cls_name: str, seed: int, name: str, shape, mode: str) -> torch.Tensor:

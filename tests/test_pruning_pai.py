@@ -10,11 +10,7 @@ from torch import nn
 
 from sparsefast import masks as M
 from sparsefast import pruning as P
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+from _util import mlp
 
 
 def cnn(seed: int = 0) -> nn.Module:

@@ -13,6 +13,8 @@ from torch import nn
 import sparsefast
 from sparsefast import pruning as P
 from sparsefast.nn import SparseModule, sparse_layers
+import _util
+from _util import data
 
 BACKENDS = [b for b in ("reference", "triton", "cpu") if b in sparsefast.backends.available()]
 
@@ -40,13 +42,7 @@ NM_OK = {"Magnitude", "Random", "SNIP", "GraSP", "SynFlow", "SET", "RigL", "Free
 
 
 def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def data(n_batches: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n_batches)]
+    return _util.mlp(seed, hidden=16)
 
 
 def build(name: str, model: nn.Module, **over):
