@@ -636,55 +636,45 @@ Tensor gather_nm(const Tensor& w_in, const Tensor& meta, int64_t n, int64_t m, c
 // ---------------------------------------------------------------------------------------------
 // panels
 // ---------------------------------------------------------------------------------------------
-// rows (B x K) of dtype T -> fp32 panels (nc x K x PW)
-Tensor to_panels(const Tensor& x, int64_t PW) {
-  const int64_t B = x.size(0), K = x.size(1), nc = (B + PW - 1) / PW;
-  Tensor xp = at::empty({nc, K, PW}, x.options().dtype(at::kFloat));
-  const auto& kt = table(x.scalar_type());
-  sfcpu::PackArgs pa;
-  pa.src = x.data_ptr();
-  pa.dst = xp.data_ptr();
-  pa.B = B;
-  pa.K = K;
-  pa.PW = PW;
-  pa.ld = K;
-  // work items: (panel, block of 256 rows)
-  const int64_t kb = 256, nkb = (K + kb - 1) / kb;
-  run_range(nc * nkb, static_cast<double>(B) * K, [&](int64_t i0, int64_t i1) {
+// rows (B x K) <-> fp32 panels (nc x K x PW): `convert` (kt.to_panels or kt.from_panels) over work
+// items (panel, block of 256 reduction rows)
+void run_panel_blocks(const sfcpu::PackArgs& pa, int64_t nc, void (*convert)(const sfcpu::PackArgs&)) {
+  const int64_t K = pa.K, kb = 256, nkb = (K + kb - 1) / kb;
+  run_range(nc * nkb, static_cast<double>(pa.B) * K, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       sfcpu::PackArgs p = pa;
       p.c0 = i / nkb;
       p.c1 = p.c0 + 1;
       p.k0 = (i % nkb) * kb;
       p.k1 = std::min(K, p.k0 + kb);
-      kt.to_panels(p);
+      convert(p);
     }
   });
+}
+
+sfcpu::PackArgs pack_args(const void* src, void* dst, int64_t B, int64_t K, int64_t PW) {
+  sfcpu::PackArgs pa;
+  pa.src = src;
+  pa.dst = dst;
+  pa.B = B;
+  pa.K = K;
+  pa.PW = PW;
+  pa.ld = K;
+  return pa;
+}
+
+// rows (B x K) of dtype T -> fp32 panels (nc x K x PW)
+Tensor to_panels(const Tensor& x, int64_t PW) {
+  const int64_t B = x.size(0), K = x.size(1), nc = (B + PW - 1) / PW;
+  Tensor xp = at::empty({nc, K, PW}, x.options().dtype(at::kFloat));
+  run_panel_blocks(pack_args(x.data_ptr(), xp.data_ptr(), B, K, PW), nc, table(x.scalar_type()).to_panels);
   return xp;
 }
 
 // fp32 panels -> rows (B x K) of y's dtype
 void from_panels(const Tensor& xp, Tensor& y /* (B x K) */) {
-  const int64_t B = y.size(0), K = y.size(1), PW = xp.size(2), nc = xp.size(0);
-  const auto& kt = table(y.scalar_type());
-  sfcpu::PackArgs pa;
-  pa.src = xp.data_ptr();
-  pa.dst = y.data_ptr();
-  pa.B = B;
-  pa.K = K;
-  pa.PW = PW;
-  pa.ld = K;
-  const int64_t kb = 256, nkb = (K + kb - 1) / kb;
-  run_range(nc * nkb, static_cast<double>(B) * K, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      sfcpu::PackArgs p = pa;
-      p.c0 = i / nkb;
-      p.c1 = p.c0 + 1;
-      p.k0 = (i % nkb) * kb;
-      p.k1 = std::min(K, p.k0 + kb);
-      kt.from_panels(p);
-    }
-  });
+  run_panel_blocks(pack_args(xp.data_ptr(), y.data_ptr(), y.size(0), y.size(1), xp.size(2)), xp.size(0),
+                   table(y.scalar_type()).from_panels);
 }
 
 // reduction rows per K-block so that a block of a PW-lane fp32 panel is ~block_bytes (L1-resident);

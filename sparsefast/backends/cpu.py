@@ -164,14 +164,19 @@ class CpuBackend(Backend):
     def set_isa(self, isa: str) -> None:
         """Force the kernel ISA (``"generic"``, ``"avx2"``, ``"avx512"``, ``"auto"``) — for tests."""
         self.ext.set_isa(isa)
+        self._hw_info = None
+
+    _hw_info: dict | None = None
 
     def _hw(self) -> dict:
-        """``{"isa": kernel path now, "bf16_dot": AVX512-BF16}`` for :func:`crossover_density` (~2 us;
-        not cached: the ISA can be forced at run time)."""
-        if self._ext is None:
-            return {"isa": "generic", "bf16_dot": False}
-        d = self._ext.describe()
-        return {"isa": d["isa"], "bf16_dot": bool(d.get("bf16_dot", False))}
+        """``{"isa": kernel path, "bf16_dot": AVX512-BF16}`` for :func:`crossover_density`. Asked on
+        every ``auto`` call, so cached (``describe()`` builds a dict: ~2 us); :meth:`set_isa` resets it."""
+        if self._hw_info is None:
+            if self._ext is None:
+                return {"isa": "generic", "bf16_dot": False}
+            d = self._ext.describe()
+            self._hw_info = {"isa": d["isa"], "bf16_dot": bool(d.get("bf16_dot", False))}
+        return self._hw_info
 
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         reasons = []
