@@ -28,7 +28,7 @@ from pathlib import Path
 NAME = "sparsefast._C_cpu"
 JIT_NAME = "sparsefast_C_cpu"
 #: must equal ``kAbiVersion`` in csrc/cpu/binding.cpp
-ABI_VERSION = 4
+ABI_VERSION = 5
 SOURCES = ("csrc/cpu/binding.cpp", "csrc/cpu/kernels.cpp")
 HEADERS = ("csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h")
 _OPENMP = sys.platform.startswith("linux") and os.environ.get("SPARSEFAST_CPU_NO_OPENMP", "0") in ("", "0")
@@ -78,6 +78,30 @@ def _jit_build():
     return _load(name=JIT_NAME, sources=[str(p) for p in _source_paths(_ROOT)],
                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), extra_include_paths=[str(_ROOT / "csrc" / "cpu")],
                  verbose=os.environ.get("SPARSEFAST_VERBOSE_BUILD", "0") not in ("", "0"))
+
+
+_probed = False
+
+
+def loaded_or_prebuilt():
+    """The extension module if it is loaded or a current prebuilt one imports; ``None`` otherwise.
+    Never builds (a JIT build takes minutes): for optional fast paths such as
+    :func:`sparsefast.backends.base.masked`."""
+    global _module, _probed
+    if _module is not None or _probed or _error is not None:
+        return _module
+    with _lock:
+        _probed = True
+        if _module is None and os.environ.get("SPARSEFAST_CPU_JIT", "0") in ("", "0"):
+            try:
+                import importlib
+
+                mod = importlib.import_module(NAME)
+                if getattr(mod, "ABI_VERSION", None) == ABI_VERSION and not _stale(mod):
+                    _module = mod
+            except ImportError:
+                pass
+    return _module
 
 
 def load():

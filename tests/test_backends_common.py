@@ -156,3 +156,65 @@ def test_nan_inf_propagate_like_reference(name):
     ry = torch.nn.functional.linear(x, w * mask)
     assert torch.equal(torch.isnan(y), torch.isnan(ry))
     assert torch.equal(torch.isinf(y), torch.isinf(ry))
+
+
+# ------------------------------------------------------------------------------------------------
+# backends.base.masked and the pack cache
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", ["cpu-ext", "int-bits"])
+def test_masked_is_where_bit_for_bit(dtype, kernel, monkeypatch):
+    """``masked`` equals ``torch.where(mask, t, 0)`` bit for bit (NaN/Inf/-0 at pruned positions become
+    +0, kept ones keep their bits), in place too, on the C++ kernel and the integer-multiply path."""
+    from sparsefast import _build_cpu
+    from sparsefast.backends.base import masked
+
+    if kernel == "cpu-ext":
+        if _build_cpu.loaded_or_prebuilt() is None and backends.why_unavailable("cpu") is not None:
+            pytest.skip("cpu extension unavailable")
+        backends.get("cpu")
+    else:
+        monkeypatch.setattr(_build_cpu, "loaded_or_prebuilt", lambda: None)
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1,), (7, 13), (64, 33), (3, 4, 5, 6)]:
+        t = torch.randn(shape, generator=g).to(dtype)
+        flat = t.view(-1)
+        flat[:: 5] = float("nan")
+        flat[1:: 7] = float("inf")
+        flat[2:: 11] = -0.0
+        mask = torch.rand(shape, generator=g) < 0.5
+        want = torch.where(mask, t, torch.zeros((), dtype=dtype))
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        got = masked(t, mask)
+        assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits)), shape
+        assert got.data_ptr() != t.data_ptr()
+        c = t.clone()
+        assert masked(c, mask, inplace=True) is c and torch.equal(c.view(bits), want.view(bits))
+        if t.dim() == 2:  # non-contiguous operands take the generic path
+            tt, mt = t.t(), mask.t()
+            assert torch.equal(masked(tt, mt).view(bits), torch.where(mt, tt, torch.zeros((), dtype=dtype)).view(bits))
+
+
+def test_masked_keeps_autograd():
+    from sparsefast.backends.base import masked
+
+    t = torch.randn(4, 5, requires_grad=True)
+    mask = torch.rand(4, 5) < 0.5
+    masked(t, mask).sum().backward()
+    assert torch.equal(t.grad, mask.float())
+
+
+def test_cache_entry_freed_with_its_tensor():
+    """A cached pack lives only as long as its tensors: freeing the weight drops the entry at once
+    (packed copies of a deleted model are not kept until the cache fills)."""
+    b = backends.get("reference")
+    w = torch.randn(8, 8)
+    mask = torch.rand(8, 8) < 0.5
+    before = len(b._cache)
+    assert b.cached("test-pack", (w, mask), lambda: torch.zeros(3)) is b.cached("test-pack", (w, mask), lambda: 1)
+    assert len(b._cache) == before + 1
+    w.add_(1)  # a new version replaces the entry; it does not add one
+    b.cached("test-pack", (w, mask), lambda: torch.ones(3))
+    assert len(b._cache) == before + 1
+    del w  # no gc.collect(): the finalizer runs when the last reference goes
+    assert len(b._cache) == before

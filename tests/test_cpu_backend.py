@@ -436,3 +436,49 @@ def test_nm_blocked_panel_path(cb):
             _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None), ref, torch.float32, f"bb={bb}")
     finally:
         cb.ext.set_tunable("block_bytes", old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured:0.5", "unstructured:0.1"])
+def test_dw_sddmm_and_dense_routes_agree(cb, dtype, pattern, monkeypatch):
+    """Above ``sddmm_crossover`` (float32 2:4 / 50 %) the masked weight gradient is the dense GEMM plus
+    the mask; below it the SDDMM. Both routes, forced, match the float64 reference (exact zeros off
+    the mask), for Linear and Conv2d; and the default route follows the crossover."""
+    from sparsefast.backends import cpu as cpu_mod
+
+    g = torch.Generator().manual_seed(17)
+    M, K, N = 37, 64, 40
+    mask, _ = _mask((N, K), pattern, g)
+    x, dy = torch.randn(M, K, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+    wc = torch.randn(16, 8, 3, 3, generator=g)
+    mc, _ = _mask(wc.shape, pattern, g)
+    xc, dyc = torch.randn(2, 8, 9, 7, generator=g).to(dtype), torch.randn(2, 16, 9, 7, generator=g).to(dtype)
+    cp = ConvParams((1, 1), (1, 1))
+    p = parse_pattern(pattern.split(":")[0] if pattern.startswith("unstructured") else pattern)
+    rdw = (dy.double().t() @ x.double()) * mask
+    rdwc = torch.nn.grad.conv2d_weight(xc.double(), list(wc.shape), dyc.double(), 1, 1) * mc
+    hw = cb._hw()
+    want_dense = cb._density(mask) > cpu_mod.sddmm_crossover("linear", M, dtype, mask.numel(), **hw)
+    assert cb._dense_dw("linear", mask, M, dtype) == want_dense
+    if dtype == torch.float32 and hw["isa"] != "generic":
+        assert want_dense == (pattern != "unstructured:0.1")
+    for route, limit in (("sddmm", 1.0), ("dense", 0.0)):
+        monkeypatch.setattr(cpu_mod, "sddmm_crossover", lambda *a, _l=limit, **k: _l)
+        dw = cb.linear_dw(dy, x, mask, p)
+        assert dw.dtype == dtype and bool((dw[~mask] == 0).all()), route
+        _close(dw, rdw, dtype, f"linear dw via {route}")
+        dwc = cb.conv_dw(dyc, xc, mc, p, cp, wc.shape)
+        assert tuple(dwc.shape) == tuple(wc.shape) and bool((dwc[~mc] == 0).all()), route
+        _close(dwc, rdwc, dtype, f"conv dw via {route}")
+
+
+def test_small_cache_resident_linear_goes_dense_at_many_rows(cb):
+    """float32 Linear weights <= 512K elements with >= 128 rows: dense GEMMs win from 20-30 % density
+    (2:4 too); large weights or few rows keep the sparse kernels."""
+    if cb.ext.describe()["isa"] == "generic":
+        pytest.skip("the portable kernels have their own thresholds")
+    assert cb.prefer_dense_reason(_q(shape=(1024, 256), pattern="2:4", m_rows=256, density=None)) is not None
+    assert cb.prefer_dense_reason(_q(shape=(1024, 256), density=0.3, m_rows=256)) is not None
+    assert cb.prefer_dense_reason(_q(shape=(1024, 256), pattern="2:4", m_rows=16, density=None)) is None
+    assert cb.prefer_dense_reason(_q(shape=(3072, 768), pattern="2:4", m_rows=256, density=None)) is None
+    assert cb.prefer_dense_reason(_q(shape=(1024, 256), density=0.1, m_rows=256)) is None

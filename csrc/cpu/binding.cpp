@@ -31,7 +31,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 4;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 5;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -791,6 +791,31 @@ bool all_finite(const Tensor& t_in) {
   return ok.load();
 }
 
+// dst = where(mask, src, +0) bit-exactly (a pruned NaN/Inf does not leak as it would through
+// src * mask); dst may be src. All contiguous, same numel, mask bool. One streaming pass: the
+// element's bits AND 0 - mask (0 or all ones) vectorises at any ISA (torch.where with a bool mask
+// took 2.6 ms for 1M float32 on AVX2, this ~0.1 ms).
+void mask_into(const Tensor& src, const Tensor& mask, Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && mask.is_contiguous() && dst.is_contiguous(), "mask_into: contiguous tensors");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask_into: bool mask");
+  TORCH_CHECK(src.numel() == mask.numel() && dst.numel() == src.numel(), "mask_into: sizes differ");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "mask_into: dtypes differ");
+  const int64_t n = src.numel();
+  const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr());
+  auto loop = [&](auto* s, auto* d) {
+    using U = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
+    run_range(n, static_cast<double>(n) / 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) d[i] = s[i] & static_cast<U>(U(0) - static_cast<U>(m[i]));
+    });
+  };
+  switch (src.element_size()) {
+    case 2: loop(reinterpret_cast<const uint16_t*>(src.data_ptr()), reinterpret_cast<uint16_t*>(dst.data_ptr())); break;
+    case 4: loop(reinterpret_cast<const uint32_t*>(src.data_ptr()), reinterpret_cast<uint32_t*>(dst.data_ptr())); break;
+    case 8: loop(reinterpret_cast<const uint64_t*>(src.data_ptr()), reinterpret_cast<uint64_t*>(dst.data_ptr())); break;
+    default: TORCH_CHECK(false, "mask_into: 2-, 4- or 8-byte elements");
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear
 // ---------------------------------------------------------------------------------------------
@@ -1119,6 +1144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_isa", &set_isa, "force the kernel ISA: generic, avx2, avx512 or auto");
   mod.def("set_tunable", &set_tunable, "set a tuning knob (panel, small_max, conv_lanes, min_par_work)");
   mod.def("all_finite", &all_finite, "no NaN/Inf in the tensor");
+  mod.def("mask_into", &mask_into, "dst = where(mask, src, 0), bit-exact; dst may be src");
   mod.def("build_csr", &build_csr);
   mod.def("build_transpose", &build_transpose);
   mod.def("build_nm", &build_nm);

@@ -34,6 +34,39 @@ import torch
 from ..masks import Pattern
 
 
+#: same-size integer dtype of each float dtype, for :func:`masked`
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float64: torch.int64}
+
+
+def masked(t: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``t`` where ``mask`` is True, exactly ``+0`` where it is False: unlike ``t * mask``, a NaN/Inf at a
+    pruned position cannot leak through ``NaN * 0``. ``inplace`` overwrites ``t``.
+
+    ``torch.where(mask, t, 0)`` gives the same tensor but took 2.6 ms for 1M float32 elements on an
+    AVX2 CPU with torch 2.13 (several times the GEMM it feeds). So: on CPU, when the cpu backend's
+    extension is loaded or prebuilt, its one-pass ``mask_into`` kernel (bits AND ``0 - mask``); elsewhere an
+    integer multiply of ``t``'s bits by the mask's 0/1 bytes; ``torch.where`` where neither applies
+    (autograd through ``t``, non-bool or broadcast masks, integer dtypes)."""
+    bits = _BITS.get(t.dtype)
+    if (bits is None or mask.dtype != torch.bool or mask.shape != t.shape
+            or (t.requires_grad and torch.is_grad_enabled())):
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)
+        return t.copy_(torch.where(mask, t, zero)) if inplace else torch.where(mask, t, zero)
+    if t.device.type == "cpu" and mask.device.type == "cpu" and t.is_contiguous() and mask.is_contiguous():
+        from .. import _build_cpu
+        ext = _build_cpu.loaded_or_prebuilt()  # never builds it from here
+        if ext is not None:
+            out = t if inplace else torch.empty_like(t)
+            ext.mask_into(t, mask, out)
+            return out
+    m = mask.view(torch.uint8)
+    if inplace:
+        t.view(bits).mul_(m)
+        return t
+    return (t.view(bits) * m).view(t.dtype)
+
+
 @dataclass(frozen=True)
 class ConvParams:
     stride: tuple[int, int] = (1, 1)
@@ -66,6 +99,7 @@ class Backend:
 
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple] = {}
+        self._dead: list[tuple] = []   # keys whose tensors died while the lock was held
         self._lock = threading.Lock()
 
     # ---- availability -------------------------------------------------------------------------
@@ -112,10 +146,30 @@ class Backend:
                     return p
         p = build()
         with self._lock:
-            if len(self._cache) > 256:  # drop entries whose tensors are gone
+            if len(self._cache) > 256 or self._dead:  # drop entries whose tensors are gone
+                self._dead.clear()
                 self._cache = {k: e for k, e in self._cache.items() if all(r() is not None for r in e[0])}
+            fresh = key not in self._cache
             self._cache[key] = (tuple(weakref.ref(t) for t in tensors), ver, p)
+        if fresh:  # free the entry (a packed copy may be large) as soon as one of its tensors is freed
+            for t in tensors:
+                weakref.finalize(t, self._drop_dead, key)
         return p
+
+    def _drop_dead(self, key: tuple) -> None:
+        """Finalizer of a cached entry's tensor. It can run inside a locked section of this thread
+        (a tensor freed there), so it never waits for the lock: then the key is dropped later."""
+        if not self._lock.acquire(blocking=False):
+            self._dead.append(key)
+            return
+        try:
+            for k in (key, *self._dead):
+                hit = self._cache.get(k)
+                if hit is not None and any(r() is None for r in hit[0]):
+                    del self._cache[k]
+            self._dead.clear()
+        finally:
+            self._lock.release()
 
     def clear_cache(self) -> None:
         with self._lock:

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from .. import _build_cpu
 from ..masks import Pattern, from_reduction_view, reduction_view
-from .base import Backend, ConvParams, OpQuery
+from .base import Backend, ConvParams, OpQuery, masked
 
-__all__ = ["CpuBackend", "crossover_density"]
+__all__ = ["CpuBackend", "crossover_density", "sddmm_crossover"]
 
 _MAX_IDX = 65536
 _MAX_NNZ = 2**31 - 1024
@@ -83,6 +83,8 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
     linear fp32, M = 1          0.3 (4096²), 0.17 (1024²)       0.25/0.12
     linear fp32, 2 <= M <= 64   > 0.7 (4096²), 0.7 (1024²)      0.5
     linear fp32, M = 256        0.6 (4096²), 0.5 (1024²)        0.4
+    linear fp32, M >= 128,      2:4 ~1.0x dense; training step  0.2
+    weight <= 512K elements     0.93x at 0.3 (_SMALL_LINEAR)
     linear bf16, M = 1          0.35 (4096²), 0.4 (1024²)       0.28
     linear bf16, M >= 16        > 0.7 (4-6x faster at 0.7)      0.7
     conv3x3 fp32                0.3 (O >= 128), 0.22 (O = 64)   0.25/0.15
@@ -104,6 +106,8 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
         if op == "conv":
             return 0.5
         return 0.28 if m <= 1 else 0.7
+    if op == "linear" and not bf16 and m >= 128 and numel <= _SMALL_LINEAR:
+        return 0.1 if isa == "generic" else 0.2   # cache-resident weight (AVX-512: not measured, same rule)
     if isa == "avx512":
         if op == "conv":
             og = ws[0] // max(groups, 1)
@@ -126,6 +130,38 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
     else:
         t = 0.5 if m <= 64 else 0.4
     return t if isa == "avx2" else t / 2
+
+
+#: Linear weights up to this many elements (2 MiB of float32) stay in cache, where dense GEMMs with
+#: >= 128 rows are hard to beat: on AVX2, 2:4 forward was 0.96-1.08x dense at M = 256 and 0.83-1.06x
+#: at M = 1024 for 1024x256, 256x1024 and 512x512 weights (1.2-1.5x for 768x3072 at M = 256), and the
+#: training step at 30 % density 0.93x dense at M = 256 (1.3x at 10 %). Measured 2026-11-23.
+_SMALL_LINEAR = 512 * 1024
+
+
+def sddmm_crossover(op: str, m_rows: int, dtype: torch.dtype, numel: int, *, isa: str = "avx2",
+                    bf16_dot: bool = False) -> float:
+    """Highest mask density at which the masked weight gradient (SDDMM: only kept positions) still
+    beats the dense ``dyᵀ x`` GEMM followed by the mask; above it ``linear_dw``/``conv_dw`` run the GEMM.
+
+    Measured (AVX2 Zen 3, 2 threads, 2026-11-23; dense/SDDMM time at density 0.3 / 0.4 / 0.5):
+
+    * float32 Linear 1024² at M = 16..1024: 0.97-1.32 / 0.74-1.06 / 0.62-0.95 (the SDDMM loses at 2:4);
+      1024x256 at M = 256: 0.95 at 0.3, 0.63 at 0.5.
+    * float32 Linear 4096²: M <= 64 2.7x at 0.5 (MKL's few-row GEMM is slow here), M = 256 1.06x at
+      0.5, M = 1024 0.79x at 0.5.
+    * float32 3x3 conv, C = O = 64..256: 0.93-1.93 at 0.3, 0.59-0.90 at 0.5.
+    * bfloat16 everywhere: the SDDMM wins 4-9x even at 0.5 (dense bf16 has no dot instructions).
+
+    Threshold 0.4 for float32 (and for bf16 where AVX512-BF16 makes dense bf16 fast: not measured),
+    except large Linear weights (> 4M elements) with M <= 256 rows; the portable kernels get 0.2.
+    The AVX-512 path was not re-measured: it uses the AVX2 numbers."""
+    fast_dense = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_dot and isa == "avx512")
+    if not fast_dense:
+        return 1.0
+    if op == "linear" and numel > (4 << 20) and m_rows <= 256:
+        return 1.0
+    return 0.2 if isa == "generic" else 0.4
 
 
 class CpuBackend(Backend):
@@ -226,7 +262,9 @@ class CpuBackend(Backend):
         groups = q.conv.groups if q.conv is not None else 1
         if q.pattern.is_nm:
             dens = q.pattern.density
-            if q.op == "linear" and dens <= 0.5 and path != "generic":
+            small = (q.dtype == torch.float32 and numel <= _SMALL_LINEAR and q.m_rows is not None
+                     and q.m_rows >= 128)
+            if q.op == "linear" and dens <= 0.5 and path != "generic" and not small:
                 if (q.dtype != torch.bfloat16 or (q.m_rows is not None and q.m_rows <= 1)
                         or not (hw["bf16_dot"] and path == "avx512")):
                     return None
@@ -391,7 +429,7 @@ class CpuBackend(Backend):
     def linear_fwd(self, x, weight, mask, bias, pattern):
         """x (B, K), weight/mask (N, K), bias (N,) or None -> (B, N)."""
         if not self.ext.all_finite(x):
-            return F.linear(x, weight * mask, bias)
+            return F.linear(x, masked(weight, mask), bias)
         n, k = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, x.shape[0])
         return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp)
@@ -399,13 +437,24 @@ class CpuBackend(Backend):
     def linear_dx(self, dy, weight, mask, pattern):
         """dy (B, N) -> dx (B, K) = dy @ (W*M), through the transposed CSR."""
         if not self.ext.all_finite(dy):
-            return dy @ (weight * mask)
+            return dy @ masked(weight, mask)
         n, k = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, 1, dy.shape[0])
         return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp)
 
+    def _density(self, mask: torch.Tensor) -> float:
+        return self.cached("density", (mask,), lambda: int(torch.count_nonzero(mask)) / max(mask.numel(), 1))
+
+    def _dense_dw(self, op: str, mask: torch.Tensor, m_rows: int, dtype: torch.dtype) -> bool:
+        """Above :func:`sddmm_crossover` the dense GEMM plus the mask is faster than the SDDMM."""
+        hw = self._hw()
+        return self._density(mask) > sddmm_crossover(op, m_rows, dtype, mask.numel(), **hw)
+
     def linear_dw(self, dy, x, mask, pattern):
-        """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M, computed at kept positions only."""
+        """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M: at kept positions only (SDDMM), or for dense
+        masks (2:4, 50 %) the dense GEMM then the mask (:func:`sddmm_crossover`)."""
+        if self._dense_dw("linear", mask, x.shape[0], x.dtype):
+            return masked(dy.t() @ x, mask, inplace=True)
         n, k = mask.shape
         rowptr, col, bp = self._dw_fmt(mask, x.shape[0])
         return self.ext.sddmm(dy, x, rowptr, col, n, k, bp)
@@ -418,7 +467,7 @@ class CpuBackend(Backend):
     def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
         """x (B, C, H, W) -> (B, O, Ho, Wo) NCHW-contiguous."""
         if not self.ext.all_finite(x):
-            return F.conv2d(x, weight * mask, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return F.conv2d(x, masked(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         o, cg, kh, kw = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, 1 << 30)
         return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn, mm, bias,
@@ -426,7 +475,7 @@ class CpuBackend(Backend):
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
         if not self.ext.all_finite(dy):
-            return torch.nn.grad.conv2d_input(list(input_shape), weight * mask, dy, conv.stride, conv.padding,
+            return torch.nn.grad.conv2d_input(list(input_shape), masked(weight, mask), dy, conv.stride, conv.padding,
                                               conv.dilation, conv.groups)
         o, cg, kh, kw = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, conv.groups, 1 << 30)
@@ -434,6 +483,10 @@ class CpuBackend(Backend):
                                 [int(s) for s in input_shape], *self._conv_args(weight.shape, conv), t_bp)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
+        if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
+            gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding,
+                                             conv.dilation, conv.groups)
+            return masked(gw, mask, inplace=True)
         o, cg, kh, kw = weight_shape
         rowptr, col, bp = self._dw_fmt(mask, 1 << 30)
         dw = self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import masks as _masks
-from .base import Backend, ConvParams, OpQuery
+from .base import Backend, ConvParams, OpQuery, masked
 from ..masks import Pattern
 
 __all__ = ["CudaBackend", "fits_24"]
@@ -466,7 +466,7 @@ class CudaBackend(Backend):
                            lambda: self._pack24(weight.t().contiguous(), mask.t().contiguous()))
 
     def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.cached("masked", (weight, mask), lambda: weight * mask)
+        return self.cached("masked", (weight, mask), lambda: masked(weight, mask))
 
     # ---- kernel calls (CPU tests replace these two with a torch emulation of the same contract) ----
     def _spmm(self, csr: Csr, vals: torch.Tensor, xT: torch.Tensor, M: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -517,7 +517,7 @@ class CudaBackend(Backend):
 
     def linear_dw(self, dy, x, mask, pattern):
         if pattern.is_nm:
-            return (dy.t() @ x).mul_(mask)
+            return masked(dy.t() @ x, mask, inplace=True)
         csr = self._csr(mask)
         M = dy.shape[0]
         dyT = self._transposed_padded(dy, zero_pad=True)
@@ -638,4 +638,4 @@ class CudaBackend(Backend):
             return self._conv_dw_csr(dy, x, mask, conv, weight_shape)
         gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding, conv.dilation,
                                          conv.groups)
-        return gw.mul_(mask)
+        return masked(gw, mask, inplace=True)

@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import backends as _bk
 from .. import masks as _masks
+from ..backends.base import masked
 from ..ops import sparse_conv2d, sparse_linear
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseModule"]
@@ -49,7 +50,7 @@ def _reapply_masks(optimizer, args, kwargs) -> None:
             for p in group["params"]:
                 layer = _WEIGHT_OWNERS.get(id(p))
                 if layer is not None and layer.weight is p and not layer._all_kept():
-                    p.mul_(layer.mask)
+                    masked(p, layer.mask, inplace=True)
 
 
 _optim.register_optimizer_step_post_hook(_reapply_masks)
@@ -116,7 +117,7 @@ class SparseModule(nn.Module):
         m = self._validated(mask)
         with torch.no_grad():
             self.mask.copy_(m)
-            self.weight.mul_(self.mask)
+            masked(self.weight, self.mask, inplace=True)
         self._density_cache = None
 
     @property
@@ -138,7 +139,7 @@ class SparseModule(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight ``weight * mask`` (detached copy)."""
-        return (self.weight.detach() * self.mask).clone()
+        return masked(self.weight.detach(), self.mask)
 
     def freeze(self) -> "SparseModule":
         """Freeze the weight: backward computes only the input (and trainable bias) gradient."""
@@ -188,7 +189,7 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         with torch.no_grad():
-            self.weight.mul_(self.mask)
+            masked(self.weight, self.mask, inplace=True)
         self._density_cache = None
 
     def _resolve(self, x: torch.Tensor) -> str:
@@ -225,7 +226,7 @@ class SparseLinear(SparseModule):
         self.reset_parameters()
         self.register_buffer("mask", self._initial_mask(sparsity, _mask))
         with torch.no_grad():
-            self.weight.mul_(self.mask)
+            masked(self.weight, self.mask, inplace=True)
         self._register_owner()
 
     def reset_parameters(self) -> None:
@@ -235,7 +236,7 @@ class SparseLinear(SparseModule):
             nn.init.uniform_(self.bias, -bound, bound)
         if hasattr(self, "mask"):
             with torch.no_grad():
-                self.weight.mul_(self.mask)
+                masked(self.weight, self.mask, inplace=True)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, pattern: str = "unstructured",
@@ -254,7 +255,7 @@ class SparseLinear(SparseModule):
         layer._setup_sparse(pattern, backend)
         layer.register_buffer("mask", layer._initial_mask(sparsity, mask))
         with torch.no_grad():
-            layer.weight.mul_(layer.mask)
+            masked(layer.weight, layer.mask, inplace=True)
         layer.train(linear.training)
         layer._register_owner()
         return layer
@@ -268,7 +269,7 @@ class SparseLinear(SparseModule):
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.weight * self.mask)
+            lin.weight.copy_(masked(self.weight.detach(), self.mask))
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         lin.weight.requires_grad_(self.weight.requires_grad)
@@ -320,7 +321,7 @@ class SparseConv2d(SparseModule):
             self.reset_parameters()
         self.register_buffer("mask", self._initial_mask(sparsity, _mask))
         with torch.no_grad():
-            self.weight.mul_(self.mask)
+            masked(self.weight, self.mask, inplace=True)
         self._register_owner()
 
     def reset_parameters(self) -> None:
@@ -331,7 +332,7 @@ class SparseConv2d(SparseModule):
             nn.init.uniform_(self.bias, -bound, bound)
         if hasattr(self, "mask"):
             with torch.no_grad():
-                self.weight.mul_(self.mask)
+                masked(self.weight, self.mask, inplace=True)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, sparsity: float | None = None, pattern: str = "unstructured",
@@ -372,7 +373,7 @@ class SparseConv2d(SparseModule):
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            conv.weight.copy_(self.weight * self.mask)
+            conv.weight.copy_(masked(self.weight.detach(), self.mask))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         conv.weight.requires_grad_(self.weight.requires_grad)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.base import masked
 from .base import Pruner, _check_int, _check_number, progress
 
 __all__ = ["LotteryTicket", "RobustTicket"]
@@ -91,7 +92,7 @@ class LotteryTicket(Pruner):
                     if id(b) not in mids and n in snap["buffers"]:
                         b.copy_(snap["buffers"][n])
                 for _, l in self._layers:
-                    l.weight.mul_(l.mask)
+                    masked(l.weight, l.mask, inplace=True)
             if self.optimizer is not None and "optimizer" in snap:
                 self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         if self.rewind in ("weights", "lr") and self.scheduler is not None and "scheduler" in snap:

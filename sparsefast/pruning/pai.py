@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..backends.base import masked
 from .base import Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, progress
 from .schedules import ExponentialDensity
 
@@ -207,5 +208,5 @@ class SynFlow(Pruner):
                 for t, s in zip(state, saved):
                     t.copy_(s)
                 for _, l in self._layers:
-                    l.weight.mul_(l.mask)
+                    masked(l.weight, l.mask, inplace=True)
             model.train(was_training)
