@@ -47,10 +47,23 @@ class Pattern:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
 
+_PARSED: dict[str, Pattern] = {}
+
+
 def parse_pattern(pattern: "str | Pattern") -> Pattern:
     """Parse ``"unstructured"`` or ``"N:M"`` (1 <= N < M). Raises ``ValueError`` otherwise."""
     if isinstance(pattern, Pattern):
         return pattern
+    hit = _PARSED.get(pattern) if isinstance(pattern, str) else None
+    if hit is not None:  # every op call parses its pattern string: keep it a dict lookup
+        return hit
+    p = _parse_pattern(pattern)
+    if len(_PARSED) < 1024:
+        _PARSED[pattern] = p
+    return p
+
+
+def _parse_pattern(pattern) -> Pattern:
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a string like 'unstructured' or '2:4', got {type(pattern).__name__}")
     s = pattern.strip().lower()

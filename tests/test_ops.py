@@ -98,3 +98,28 @@ def test_pruned_nan_never_leaks():
     assert not torch.isnan(y[1:]).any()
     y[1:].sum().backward()
     assert (w.grad[~m] == 0).all()
+
+
+def test_eager_calls_skip_custom_op_dispatch_and_cache_routes(monkeypatch):
+    """Eager calls: no autograd machinery without grad, ``autograd.Function`` twins (same formulas as
+    the custom ops) with grad; the backend choice is remembered per call signature."""
+    from sparsefast import backends as bk
+    from sparsefast import ops as O
+
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    m = torch.rand(6, 8) < 0.5
+    assert O._calls(x, w, None) is O._PLAIN
+    with torch.no_grad():
+        assert O._calls(x, w.requires_grad_(), None) is O._PLAIN
+    assert O._calls(x, w, None) is O._EAGER
+    calls = []
+    real = bk._resolve
+    monkeypatch.setattr(bk, "_resolve", lambda *a: calls.append(a) or real(*a))
+    bk.clear_route_cache()
+    for _ in range(3):
+        y = O.sparse_linear(x, w, m, backend="auto")
+    assert len(calls) == 1
+    O.sparse_linear(torch.randn(7, 8), w, m, backend="auto")  # another row count: asked again
+    assert len(calls) == 2
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, (torch.ones(5, 6).t() @ x) * m)

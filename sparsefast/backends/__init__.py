@@ -104,6 +104,17 @@ def _reset_for_tests() -> None:
         _instances.clear()
         _errors.clear()
         _warned.clear()
+    clear_route_cache()
+
+
+#: (requested, OpQuery, TF32 flag) -> backend chosen by :func:`resolve` (each op call asks; the answer
+#: only changes with the machine, :meth:`CpuBackend.set_isa` or ``allow_tf32``)
+_ROUTES: dict[tuple, str] = {}
+
+
+def clear_route_cache() -> None:
+    """Forget the backend choices :func:`resolve` remembered (after changing what a backend prefers)."""
+    _ROUTES.clear()
 
 
 def check_requested(name: str) -> str:
@@ -180,6 +191,18 @@ def resolve(requested: str, q: OpQuery) -> str:
     unavailable or does not support the call."""
     if requested == "auto":
         requested = _default.get()
+    key = (requested, q, q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    hit = _ROUTES.get(key)
+    if hit is not None:
+        return hit
+    name = _resolve(requested, q)
+    if len(_ROUTES) > 4096:
+        _ROUTES.clear()
+    _ROUTES[key] = name
+    return name
+
+
+def _resolve(requested: str, q: OpQuery) -> str:
     if requested != "auto":
         b = get(requested)
         reasons = b.not_supported_reasons(q)

@@ -201,6 +201,8 @@ class CpuBackend(Backend):
         """Force the kernel ISA (``"generic"``, ``"avx2"``, ``"avx512"``, ``"auto"``) — for tests."""
         self.ext.set_isa(isa)
         self._hw_info = None
+        from . import clear_route_cache
+        clear_route_cache()  # auto's choices depend on the kernel path
 
     _hw_info: dict | None = None
 
