@@ -189,7 +189,9 @@ def test_masked_is_where_bit_for_bit(dtype, kernel, monkeypatch):
         assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits)), shape
         assert got.data_ptr() != t.data_ptr()
         c = t.clone()
+        v = c._version
         assert masked(c, mask, inplace=True) is c and torch.equal(c.view(bits), want.view(bits))
+        assert c._version > v  # in-place writes invalidate packed copies and saved tensors
         if t.dim() == 2:  # non-contiguous operands take the generic path
             tt, mt = t.t(), mask.t()
             assert torch.equal(masked(tt, mt).view(bits), torch.where(mt, tt, torch.zeros((), dtype=dtype)).view(bits))

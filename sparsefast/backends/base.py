@@ -59,6 +59,8 @@ def masked(t: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> tor
         if ext is not None:
             out = t if inplace else torch.empty_like(t)
             ext.mask_into(t, mask, out)
+            if inplace:  # C++ writes do not bump the version counter: packs and autograd rely on it
+                torch.autograd.graph.increment_version(t)
             return out
     m = mask.view(torch.uint8)
     if inplace:
