@@ -80,6 +80,23 @@ def _jit_build():
                  verbose=os.environ.get("SPARSEFAST_VERBOSE_BUILD", "0") not in ("", "0"))
 
 
+def _import_prebuilt():
+    """(module or None, why not or None): the module ``pip install`` built, if it imports and is
+    current (same ``ABI_VERSION``, not older than the sources); ``SPARSEFAST_CPU_JIT=1`` skips it."""
+    if os.environ.get("SPARSEFAST_CPU_JIT", "0") not in ("", "0"):
+        return None, None
+    import importlib
+
+    try:
+        mod = importlib.import_module(NAME)
+    except ImportError as e:
+        return None, f"no prebuilt {NAME} ({e})"
+    if getattr(mod, "ABI_VERSION", None) == ABI_VERSION and not _stale(mod):
+        return mod, None
+    return None, (f"prebuilt {NAME} is stale (ABI {getattr(mod, 'ABI_VERSION', '?')}, want {ABI_VERSION}, "
+                  "or sources newer); rebuilding with ninja")
+
+
 _probed = False
 
 
@@ -92,15 +109,8 @@ def loaded_or_prebuilt():
         return _module
     with _lock:
         _probed = True
-        if _module is None and os.environ.get("SPARSEFAST_CPU_JIT", "0") in ("", "0"):
-            try:
-                import importlib
-
-                mod = importlib.import_module(NAME)
-                if getattr(mod, "ABI_VERSION", None) == ABI_VERSION and not _stale(mod):
-                    _module = mod
-            except ImportError:
-                pass
+        if _module is None:
+            _module = _import_prebuilt()[0]
     return _module
 
 
@@ -113,19 +123,11 @@ def load():
             return _module
         if _error is not None:
             raise RuntimeError(_error)
-        problems = []
-        if os.environ.get("SPARSEFAST_CPU_JIT", "0") in ("", "0"):
-            try:
-                import importlib
-
-                mod = importlib.import_module(NAME)
-                if getattr(mod, "ABI_VERSION", None) == ABI_VERSION and not _stale(mod):
-                    _module = mod
-                    return mod
-                problems.append(f"prebuilt {NAME} is stale (ABI {getattr(mod, 'ABI_VERSION', '?')}, "
-                                f"want {ABI_VERSION}, or sources newer); rebuilding with ninja")
-            except ImportError as e:
-                problems.append(f"no prebuilt {NAME} ({e})")
+        mod, why = _import_prebuilt()
+        if mod is not None:
+            _module = mod
+            return mod
+        problems = [why] if why else []
         try:
             _module = _jit_build()
             return _module

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from .. import _build_cpu
 from ..masks import Pattern
 
 
@@ -54,7 +55,6 @@ def masked(t: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> tor
         zero = torch.zeros((), dtype=t.dtype, device=t.device)
         return t.copy_(torch.where(mask, t, zero)) if inplace else torch.where(mask, t, zero)
     if t.device.type == "cpu" and mask.device.type == "cpu" and t.is_contiguous() and mask.is_contiguous():
-        from .. import _build_cpu
         ext = _build_cpu.loaded_or_prebuilt()  # never builds it from here
         if ext is not None:
             out = t if inplace else torch.empty_like(t)

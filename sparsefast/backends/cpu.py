@@ -33,16 +33,18 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _build_cpu
-from ..masks import Pattern, from_reduction_view, reduction_view
-from .base import Backend, ConvParams, OpQuery, masked
+from ..masks import Pattern, density, from_reduction_view, reduction_view
+from .base import Backend, ConvParams, OpQuery
+from .reference import ReferenceBackend
 
 __all__ = ["CpuBackend", "crossover_density", "sddmm_crossover"]
 
 _MAX_IDX = 65536
 _MAX_NNZ = 2**31 - 1024
+#: masked-dense primitives (stateless): calls with NaN/Inf operands and dense-enough weight gradients
+_DENSE = ReferenceBackend()
 
 
 def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_shape: Sequence[int],
@@ -106,7 +108,7 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
         if op == "conv":
             return 0.5
         return 0.28 if m <= 1 else 0.7
-    if op == "linear" and not bf16 and m >= 128 and numel <= _SMALL_LINEAR:
+    if op == "linear" and _small_linear(dtype, m, numel):
         return 0.1 if isa == "generic" else 0.2   # cache-resident weight (AVX-512: not measured, same rule)
     if isa == "avx512":
         if op == "conv":
@@ -137,6 +139,11 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
 #: at M = 1024 for 1024x256, 256x1024 and 512x512 weights (1.2-1.5x for 768x3072 at M = 256), and the
 #: training step at 30 % density 0.93x dense at M = 256 (1.3x at 10 %). Measured 2026-11-23.
 _SMALL_LINEAR = 512 * 1024
+
+
+def _small_linear(dtype: torch.dtype, m_rows: int | None, numel: int) -> bool:
+    """A Linear call where a cache-resident float32 weight meets >= 128 rows (see _SMALL_LINEAR)."""
+    return dtype == torch.float32 and m_rows is not None and m_rows >= 128 and numel <= _SMALL_LINEAR
 
 
 def sddmm_crossover(op: str, m_rows: int, dtype: torch.dtype, numel: int, *, isa: str = "avx2",
@@ -264,9 +271,8 @@ class CpuBackend(Backend):
         groups = q.conv.groups if q.conv is not None else 1
         if q.pattern.is_nm:
             dens = q.pattern.density
-            small = (q.dtype == torch.float32 and numel <= _SMALL_LINEAR and q.m_rows is not None
-                     and q.m_rows >= 128)
-            if q.op == "linear" and dens <= 0.5 and path != "generic" and not small:
+            if (q.op == "linear" and dens <= 0.5 and path != "generic"
+                    and not _small_linear(q.dtype, q.m_rows, numel)):
                 if (q.dtype != torch.bfloat16 or (q.m_rows is not None and q.m_rows <= 1)
                         or not (hw["bf16_dot"] and path == "avx512")):
                     return None
@@ -431,7 +437,7 @@ class CpuBackend(Backend):
     def linear_fwd(self, x, weight, mask, bias, pattern):
         """x (B, K), weight/mask (N, K), bias (N,) or None -> (B, N)."""
         if not self.ext.all_finite(x):
-            return F.linear(x, masked(weight, mask), bias)
+            return _DENSE.linear_fwd(x, weight, mask, bias, pattern)
         n, k = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, x.shape[0])
         return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp)
@@ -439,13 +445,13 @@ class CpuBackend(Backend):
     def linear_dx(self, dy, weight, mask, pattern):
         """dy (B, N) -> dx (B, K) = dy @ (W*M), through the transposed CSR."""
         if not self.ext.all_finite(dy):
-            return dy @ masked(weight, mask)
+            return _DENSE.linear_dx(dy, weight, mask, pattern)
         n, k = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, 1, dy.shape[0])
         return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp)
 
     def _density(self, mask: torch.Tensor) -> float:
-        return self.cached("density", (mask,), lambda: int(torch.count_nonzero(mask)) / max(mask.numel(), 1))
+        return self.cached("density", (mask,), lambda: density(mask))
 
     def _dense_dw(self, op: str, mask: torch.Tensor, m_rows: int, dtype: torch.dtype) -> bool:
         """Above :func:`sddmm_crossover` the dense GEMM plus the mask is faster than the SDDMM."""
@@ -456,7 +462,7 @@ class CpuBackend(Backend):
         """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M: at kept positions only (SDDMM), or for dense
         masks (2:4, 50 %) the dense GEMM then the mask (:func:`sddmm_crossover`)."""
         if self._dense_dw("linear", mask, x.shape[0], x.dtype):
-            return masked(dy.t() @ x, mask, inplace=True)
+            return _DENSE.linear_dw(dy, x, mask, pattern)
         n, k = mask.shape
         rowptr, col, bp = self._dw_fmt(mask, x.shape[0])
         return self.ext.sddmm(dy, x, rowptr, col, n, k, bp)
@@ -469,7 +475,7 @@ class CpuBackend(Backend):
     def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
         """x (B, C, H, W) -> (B, O, Ho, Wo) NCHW-contiguous."""
         if not self.ext.all_finite(x):
-            return F.conv2d(x, masked(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return _DENSE.conv_fwd(x, weight, mask, bias, pattern, conv)
         o, cg, kh, kw = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, 1 << 30)
         return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn, mm, bias,
@@ -477,8 +483,7 @@ class CpuBackend(Backend):
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
         if not self.ext.all_finite(dy):
-            return torch.nn.grad.conv2d_input(list(input_shape), masked(weight, mask), dy, conv.stride, conv.padding,
-                                              conv.dilation, conv.groups)
+            return _DENSE.conv_dx(dy, weight, mask, pattern, conv, input_shape)
         o, cg, kh, kw = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, conv.groups, 1 << 30)
         return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
@@ -486,9 +491,7 @@ class CpuBackend(Backend):
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
         if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
-            gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding,
-                                             conv.dilation, conv.groups)
-            return masked(gw, mask, inplace=True)
+            return _DENSE.conv_dw(dy, x, mask, pattern, conv, weight_shape)
         o, cg, kh, kw = weight_shape
         rowptr, col, bp = self._dw_fmt(mask, 1 << 30)
         dw = self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,

@@ -10,6 +10,10 @@ from .base import Backend, ConvParams, OpQuery, masked
 
 
 class ReferenceBackend(Backend):
+    """Masks the weight on every call and caches nothing, so it stays exact even when a weight
+    changes without a version bump (``w.data[...] = ...``, as ``gradcheck`` perturbs). Kernel
+    backends call its primitives where dense work is the faster (or the only exact) way."""
+
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -17,26 +21,20 @@ class ReferenceBackend(Backend):
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         return [] if q.dtype.is_floating_point else [f"reference needs a floating dtype, got {q.dtype}"]
 
-    @staticmethod
-    def _w(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The masked weight, rebuilt on every call: no cache, so the reference stays exact even when a
-        weight changes without a version bump (``w.data[...] = ...``, as ``gradcheck`` perturbs)."""
-        return masked(weight, mask)
-
     def linear_fwd(self, x, weight, mask, bias, pattern):
-        return F.linear(x, self._w(weight, mask), bias)
+        return F.linear(x, masked(weight, mask), bias)
 
     def linear_dx(self, dy, weight, mask, pattern):
-        return dy @ self._w(weight, mask)
+        return dy @ masked(weight, mask)
 
     def linear_dw(self, dy, x, mask, pattern):
         return masked(dy.t() @ x, mask, inplace=True)
 
     def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
-        return F.conv2d(x, self._w(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(x, masked(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
-        return torch.nn.grad.conv2d_input(list(input_shape), self._w(weight, mask), dy, conv.stride, conv.padding,
+        return torch.nn.grad.conv2d_input(list(input_shape), masked(weight, mask), dy, conv.stride, conv.padding,
                                           conv.dilation, conv.groups)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
