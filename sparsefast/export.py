@@ -13,7 +13,9 @@
 
 Checkpoint layout (safetensors; ``P`` is a sparse layer's module path)::
 
-    P.weight.values   kept values, 1-D, in the weight's row-major (``(out, in)`` / ``(O, C, kh, kw)``) order
+    P.weight.values   kept values, 1-D, in the dense weight's row-major (``(out, in)`` / ``(O, C, kh, kw)``)
+                      order (for conv this is not the layer's in-memory kept-values order, which is
+                      ``(O, kh, kw, C)``: the file format does not depend on it)
     P.weight.bitmap   uint8, the mask packed 8 positions per byte (little bit order), ceil(numel/8) bytes
       or
     P.weight.indices  int32/int64 flat positions of kept values (used when density < 1/32: smaller)
@@ -60,22 +62,61 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+def _current_umask() -> int:
+    """The process umask (read without changing it where the OS allows: Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    old = os.umask(0o022)  # elsewhere: the classic (briefly process-wide) read
+    os.umask(old)
+    return old
+
+
+def _renamed_error(e: Exception, tmp: str, path: str) -> Exception:
+    """``e`` re-phrased to name the user's ``path`` instead of the temporary file (same type if possible)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        strerror = (e.strerror or str(e)).replace(tmp, path)
+        try:
+            return type(e)(e.errno, f"{strerror} (writing {path!r})", path)
+        except Exception:  # noqa: BLE001 - an OSError subclass with another signature
+            return OSError(e.errno, f"{strerror} (writing {path!r})", path)
+    msg = f"writing {path!r} failed: {str(e).replace(tmp, path)}"
+    try:
+        new = type(e)(msg)
+    except Exception:  # noqa: BLE001 - an exception type that does not take one message argument
+        new = RuntimeError(msg)
+    return new if str(new) == msg else RuntimeError(msg)
+
+
 @contextlib.contextmanager
 def _atomic_path(path: "str | os.PathLike") -> Iterator[str]:
     """Yield a temporary path in ``path``'s directory; on success it replaces ``path`` atomically, on
-    error it is removed — so ``path`` is never left half-written."""
+    error it is removed — so ``path`` is never left half-written. The file gets the permissions a plain
+    ``open(path, "w")`` would (``0o666 & ~umask``, like ``torch.save``), not ``mkstemp``'s ``0o600``; an
+    error names ``path``, not the temporary file."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise FileNotFoundError(f"directory {d!r} does not exist (writing {path!r})")
+    try:  # replacing a file keeps its permissions, as open(path, "w") would
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
     os.close(fd)
     try:
         yield tmp
+        # set after writing: writers may (re)create the file themselves (safetensors writes 0o600)
+        if os.name == "posix":
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, Exception):
+            raise _renamed_error(e, tmp, path) from e
         raise
 
 
@@ -96,6 +137,17 @@ def _layer_mask(mod: nn.Module) -> torch.Tensor:
     if isinstance(mod, SparseModule):
         return mod.mask
     return mod.weight.detach() != 0
+
+
+def _dense_of(mod: nn.Module) -> torch.Tensor:
+    """A layer's dense weight (detached): a sparse layer's masked dense weight, a plain layer's weight."""
+    if isinstance(mod, SparseModule):
+        return mod.dense_weight()
+    return mod.weight.detach()
+
+
+def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
+    return tuple(mod.weight_shape) if isinstance(mod, SparseModule) else tuple(mod.weight.shape)
 
 
 def _candidates(model: nn.Module, types: tuple, filter_fn) -> list[tuple[str, nn.Module]]:
@@ -157,7 +209,7 @@ def to_semi_structured(model: nn.Module, *, filter_fn: Callable[[str, nn.Module]
         ok, why = _reduction_24(_layer_mask(mod))
         if not ok:
             raise ValueError(f"to_semi_structured: layer {name or '<root>'!r} ({type(mod).__name__} weight "
-                             f"{tuple(mod.weight.shape)}) cannot become a 2:4 semi-structured tensor: {why}")
+                             f"{_weight_shape(mod)}) cannot become a 2:4 semi-structured tensor: {why}")
     for name, mod in targets:
         label = name or "<root>"
         dev = mod.weight.device
@@ -172,7 +224,7 @@ def to_semi_structured(model: nn.Module, *, filter_fn: Callable[[str, nn.Module]
                                "has no 2:4 sparse tensor cores; an A100/H100-class GPU (sm80+) is needed")
     new_root = model
     for name, mod in targets:
-        w = (mod.weight.detach() * mod.mask) if isinstance(mod, SparseModule) else mod.weight.detach()
+        w = _dense_of(mod)
         try:
             ss = to_sparse_semi_structured(w.contiguous())
         except Exception as e:  # noqa: BLE001 - name the layer whatever torch objects to
@@ -252,7 +304,7 @@ def save(model: nn.Module, path: "str | os.PathLike") -> dict[str, Any]:
     skip: set[str] = set()
     for name, mod in sparse.items():
         p = f"{name}." if name else ""
-        w, mask = mod.weight.detach().cpu(), mod.mask.detach().cpu()
+        w, mask = mod.dense_weight().cpu(), mod.mask.detach().cpu()
         enc, data = _encode_mask(mask)
         tensors[p + "weight.values"] = w.reshape(-1)[mask.reshape(-1)].clone()
         tensors[p + f"weight.{enc}"] = data.contiguous()
@@ -359,8 +411,7 @@ def _build_layer(info: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str)
     if info["type"] == "SparseLinear":
         layer = SparseLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], pattern=pattern,
                              device=w.device, dtype=w.dtype, _mask=mask)
-        with torch.no_grad():
-            layer.weight.copy_(w)
+        layer.set_dense_weight(w)
     elif info["type"] == "SparseConv2d":
         pad = cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"])
         layer = SparseConv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
@@ -407,7 +458,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], layers: dict[str, 
         if mod is None:
             raise ValueError(f"load {where}: the model has no module {name!r} (a {info['type']} in the checkpoint)")
         if isinstance(mod, SparseModule):
-            _masks.validate_mask(sd[p + "mask"].to(mod.weight.device), mod.weight, mod._pattern,
+            _masks.validate_mask(sd[p + "mask"].to(mod.mask.device), mod.mask, _masks.parse_pattern(mod.pattern),
                                  where=f"load {where}: layer {name!r}")
         elif type(mod) in (nn.Linear, nn.Conv2d):
             want = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
@@ -483,7 +534,7 @@ def eligibility_report(model: nn.Module) -> ExportReport:
         note = ""
         if ok and mask.dim() == 4 and (mask.shape[0] % 32 or mask.shape[1] % 32):
             note = "TensorRT usually needs channels in multiples of 32 for sparse conv tactics"
-        rep.append(LayerReport(name or "<root>", type(mod).__name__, tuple(mod.weight.shape),
+        rep.append(LayerReport(name or "<root>", type(mod).__name__, _weight_shape(mod),
                                _masks.density(mask), ok, why, note))
     return rep
 
@@ -521,7 +572,7 @@ def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] 
     new_root = model
     for name, mod, mask, ok in todo:
         label = name or "<root>"
-        w = (mod.weight.detach() * mask) if isinstance(mod, SparseModule) else mod.weight.detach()
+        w = _dense_of(mod)
         new_mask = mask if ok else (mask & _masks.from_reduction_view(
             _masks.nm_mask(_masks.reduction_view(w), 2, 4), mask.shape))
         before = float(w.abs().float().sum())

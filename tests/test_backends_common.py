@@ -64,13 +64,13 @@ def test_linear(name, dtype, pattern, shape):
 
     # frozen weight: only dx (and db); the weight-gradient primitive must not run at all
     calls = []
-    orig = b_.linear_dw
-    b_.linear_dw = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = b_.kept_linear_dw
+    b_.kept_linear_dw = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         x2 = x.detach().clone().requires_grad_(True)
         sparse_linear(x2, w.detach(), mask, b, backend=name, pattern=pat).backward(dy)
     finally:
-        del b_.linear_dw
+        del b_.kept_linear_dw
     assert calls == []
     assert_close(x2.grad, rdx, dtype, f"{name} frozen dx")
 
@@ -108,13 +108,13 @@ def test_conv2d(name, dtype, pattern, case):
     assert (w.grad[~mask] == 0).all()
 
     calls = []
-    orig = b_.conv_dw
-    b_.conv_dw = lambda *a, **kw_: calls.append(1) or orig(*a, **kw_)
+    orig = b_.kept_conv_dw
+    b_.kept_conv_dw = lambda *a, **kw_: calls.append(1) or orig(*a, **kw_)
     try:
         x2 = x.detach().clone().requires_grad_(True)
         sparse_conv2d(x2, w.detach(), mask, None, s, p, d, gr, backend=name, pattern=pat).backward(dy)
     finally:
-        del b_.conv_dw
+        del b_.kept_conv_dw
     assert calls == []
     assert_close(x2.grad, rdx, dtype, f"{name} frozen conv dx")
 
@@ -220,3 +220,39 @@ def test_cache_entry_freed_with_its_tensor():
     assert len(b._cache) == before + 1
     del w  # no gc.collect(): the finalizer runs when the last reference goes
     assert len(b._cache) == before
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured:0.1", "unstructured:0.6"])
+@pytest.mark.parametrize("m_rows", [1, 5, 40])
+def test_kept_primitives_match_dense_primitives(name, pattern, m_rows):
+    """The kept-values primitives (what layers call: values in canonical order in, kept-sized dW out)
+    equal the reference's dense-weight primitives, for Linear and a grouped, strided conv."""
+    b_ = _backend_or_skip(name)
+    from sparsefast.backends.base import ConvParams
+    from sparsefast.formats import kept
+    from sparsefast.masks import parse_pattern
+    ref = backends.get("reference")
+    g = torch.Generator().manual_seed(hash((name, pattern, m_rows)) % 2**31)
+    mask, pat = random_mask((24, 32), pattern)
+    p = parse_pattern(pat)
+    w = torch.randn(24, 32, generator=g) * mask
+    v = kept.gather(w, mask)
+    x, dy = torch.randn(m_rows, 32, generator=g), torch.randn(m_rows, 24, generator=g)
+    assert_close(b_.kept_linear_fwd(x, v, mask, None, p), ref.linear_fwd(x, w, mask, None, p), torch.float32, "y")
+    assert_close(b_.kept_linear_dx(dy, v, mask, p), ref.linear_dx(dy, w, mask, p), torch.float32, "dx")
+    dv = b_.kept_linear_dw(dy, x, mask, p)
+    assert dv.shape == v.shape
+    assert_close(dv, kept.gather(ref.linear_dw(dy, x, mask, p), mask), torch.float32, "dW")
+    cmask, _ = random_mask((8, 8, 3, 3), pattern)
+    cw = torch.randn(8, 8, 3, 3, generator=g) * cmask
+    cv = kept.gather(cw, cmask)
+    cp = ConvParams((2, 1), (1, 0), (1, 1), 1)
+    xc = torch.randn(2, 8, 7, 6, generator=g)
+    yc = ref.conv_fwd(xc, cw, cmask, None, p, cp)
+    dyc = torch.randn(yc.shape, generator=g)
+    assert_close(b_.kept_conv_fwd(xc, cv, cmask, None, p, cp), yc, torch.float32, "conv y")
+    assert_close(b_.kept_conv_dx(dyc, cv, cmask, p, cp, xc.shape), ref.conv_dx(dyc, cw, cmask, p, cp, xc.shape),
+                 torch.float32, "conv dx")
+    assert_close(b_.kept_conv_dw(dyc, xc, cmask, p, cp), kept.gather(ref.conv_dw(dyc, xc, cmask, p, cp, cw.shape),
+                                                                      cmask), torch.float32, "conv dW")

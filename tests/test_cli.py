@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import sparsefast.__main__ as cli
 
 
@@ -29,3 +31,50 @@ def test_demo_runs_and_checks_against_reference():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "check vs reference" in r.stdout and "-> OK" in r.stdout
     assert "speed (" in r.stdout
+    assert "training step" in r.stdout and "speedup dense/sparse" in r.stdout and "training state bytes" in r.stdout
+
+
+BAD_ARGS = [
+    (["demo", "--steps", "-1"], "--steps"),
+    (["demo", "--sparsity", "1.5"], "--sparsity"),
+    (["demo", "--device", "bogus"], "--device"),
+    (["bench", "--dtypes", "float99"], "float99"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD_ARGS)
+def test_bad_values_give_one_line_and_exit_2(argv, names):
+    r = subprocess.run([sys.executable, "-m", "sparsefast", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "error:" in lines[0] and names in lines[0] and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_bad_values_in_process(capsys):
+    from sparsefast.cli import bench, demo
+
+    for cmd, argv in ((demo, ["--steps", "0"]), (demo, ["--sparsity", "nan"]), (demo, ["--device", "meta"]),
+                      (bench, ["--ops", "matmul"]), (bench, ["--impls", "sf:nope"]), (bench, ["--budget", "0"])):
+        assert cmd.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "error: argument" in err, (argv, err)
+
+
+def test_demo_prints_training_step_ratio():
+    import torch
+    from torch import nn
+
+    from sparsefast.cli import demo
+    from sparsefast.nn import sparsify
+
+    def mlp():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    torch.manual_seed(0)
+    model = sparsify(mlp(), sparsity=0.9)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    ratio, mem = demo._training_step_comparison(model, mlp, "reference", x, y, torch.device("cpu"), batch=16,
+                                                rounds=5, steps=2)
+    assert ratio > 0 and 0 < mem < 0.5  # 10 % of the weights: far less training state than dense

@@ -414,7 +414,7 @@ def test_nm_compact_kernels_direct(cb, isa, pattern):
     for M in (1, 3, 16, 37):
         x = torch.randn(M, K, generator=g)
         b = torch.randn(N, generator=g)
-        y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None)
+        y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None, False)
         _close(y, x.double() @ (w * mask).double().t() + b.double(), torch.float32, f"{pattern} M={M}")
 
 
@@ -433,7 +433,7 @@ def test_nm_blocked_panel_path(cb):
     try:
         for bb in (0, 4096, 16384):
             cb.ext.set_tunable("block_bytes", bb)
-            _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None), ref, torch.float32, f"bb={bb}")
+            _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None, False), ref, torch.float32, f"bb={bb}")
     finally:
         cb.ext.set_tunable("block_bytes", old)
 

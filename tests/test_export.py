@@ -105,9 +105,11 @@ def test_encodings_and_size(tmp_path):
 
 def test_root_layer_and_kept_zero(tmp_path):
     lin = SparseLinear(16, 4, pattern="2:4")
-    with torch.no_grad():  # a kept weight that is exactly zero must stay kept
-        idx = lin.mask.nonzero()[0]
-        lin.weight[idx[0], idx[1]] = 0.0
+    idx = lin.mask.nonzero()[0]  # a kept weight that is exactly zero must stay kept
+    d = lin.dense_weight()
+    d[idx[0], idx[1]] = 0.0
+    lin.set_dense_weight(d)
+    assert lin.mask[idx[0], idx[1]] and lin.dense_weight()[idx[0], idx[1]] == 0
     p = tmp_path / "l.safetensors"
     ex.save(lin, p)
     lin2 = SparseLinear(16, 4, pattern="2:4")
@@ -174,6 +176,53 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         ex.save(_model(seed=3), p)
     assert p.read_bytes() == good
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_save_honours_umask_like_torch_save(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "m.safetensors"
+        ex.save(_model(), p)
+        ref = tmp_path / "ref.pt"
+        torch.save({"a": torch.zeros(1)}, ref)
+        assert os.stat(p).st_mode & 0o777 == 0o644 == os.stat(ref).st_mode & 0o777
+        os.umask(0o077)
+        q = tmp_path / "private.safetensors"
+        ex.save(_model(), q)
+        assert os.stat(q).st_mode & 0o777 == 0o600
+        os.chmod(p, 0o640)  # replacing a file keeps its permissions, as open(path, "w") would
+        ex.save(_model(seed=2), p)
+        assert os.stat(p).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_failed_save_names_the_users_path_not_the_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch as st
+
+    def broken(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(st, "save_file", broken)
+    p = tmp_path / "m.safetensors"
+    with pytest.raises(OSError) as ei:
+        ex.save(_model(), p)
+    msg = str(ei.value)
+    assert str(p) in msg and ".tmp-" not in msg, msg
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(p)
+    assert os.listdir(tmp_path) == []
+
+    def broken2(tensors, filename, metadata=None):
+        raise RuntimeError(f"cannot write {filename}: I/O error")
+
+    monkeypatch.setattr(st, "save_file", broken2)
+    with pytest.raises(RuntimeError) as ei:
+        ex.save(_model(), p)
+    assert str(p) in str(ei.value) and ".tmp-" not in str(ei.value) and "I/O error" in str(ei.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_semi_structured_errors_on_cpu_and_non_24():
@@ -247,6 +296,19 @@ def test_to_onnx_runs_in_onnxruntime(tmp_path, capsys):
     w = next(v for v in inits.values() if v.dim() == 2 and tuple(v.shape) in ((32, 16), (16, 32)))
     w = w if w.shape == (32, 16) else w.t()
     assert masks.is_nm(w != 0, 2, 4)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_to_onnx_honours_umask(tmp_path):
+    pytest.importorskip("onnx", reason="onnx not installed (pip install onnx)")
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.onnx"
+        ex.to_onnx(_model().eval(), (torch.randn(2, 8, 5, 5),), path, verbose=False)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        assert os.listdir(tmp_path) == ["m.onnx"]
+    finally:
+        os.umask(old)
 
 
 def test_cli_export(tmp_path, capsys, monkeypatch):

@@ -17,11 +17,14 @@ REF = "reference"
 
 def test_linear_matches_masked_dense_any_leading_dims():
     layer = SparseLinear(16, 12, sparsity=0.7, backend=REF)
-    assert layer.mask.dtype == torch.bool and layer.mask.shape == layer.weight.shape
+    assert layer.mask.dtype == torch.bool and layer.mask.shape == layer.weight_shape == (12, 16)
     assert layer.density == pytest.approx(0.3, abs=1 / 192)
-    assert (layer.weight[~layer.mask] == 0).all()
+    # kept-values storage: the Parameter holds the kept weights only, in row-major order
+    assert layer.weight.shape == (int(layer.mask.sum()),)
+    w = layer.dense_weight()
+    assert (w[~layer.mask] == 0).all() and torch.equal(w[layer.mask], layer.weight.detach())
     x = torch.randn(2, 3, 16)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * layer.mask, layer.bias))
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
     assert layer.backend == REF and layer.pattern == "unstructured"
 
 
@@ -73,6 +76,7 @@ def test_from_dense_keeps_largest_and_copies():
     sp = SparseLinear.from_dense(lin, pattern="2:4")
     assert is_nm(sp.mask, 2, 4)
     kept = lin.weight.detach().abs()[sp.mask].reshape(-1)
+    assert torch.equal(sp.weight.detach().abs(), kept)
     assert (lin.weight != 0).all(), "from_dense must not modify the source module"
     g = lin.weight.detach().abs().reshape(-1, 4)
     assert (torch.sort(g, 1, descending=True).values[:, :2].reshape(-1).sort().values == kept.sort().values).all()
@@ -84,7 +88,7 @@ def test_from_dense_keeps_largest_and_copies():
 
 def test_set_mask_validates_and_is_atomic():
     layer = SparseLinear(8, 4, pattern="2:4", backend=REF)
-    w0, m0 = layer.weight.detach().clone(), layer.mask.clone()
+    w0, m0 = layer.dense_weight(), layer.mask.clone()
     bad = [torch.ones(4, 8, dtype=torch.bool),         # breaks 2:4
            torch.ones(4, 4, dtype=torch.bool),         # wrong shape
            torch.full((4, 8), 0.5),                    # not 0/1
@@ -92,10 +96,14 @@ def test_set_mask_validates_and_is_atomic():
     for m in bad:
         with pytest.raises((ValueError, TypeError)):
             layer.set_mask(m)
-        assert torch.equal(layer.mask, m0) and torch.equal(layer.weight, w0)
+        assert torch.equal(layer.mask, m0) and torch.equal(layer.dense_weight(), w0)
     new = sparsefast.masks.nm_mask(torch.randn(4, 8), 2, 4)
     layer.set_mask(new)
-    assert torch.equal(layer.mask, new) and (layer.weight[~new] == 0).all()
+    w1 = layer.dense_weight()
+    assert torch.equal(layer.mask, new) and (w1[~new] == 0).all()
+    # positions kept before and after keep their values; newly kept ones start at zero
+    both, grown = new & m0, new & ~m0
+    assert torch.equal(w1[both], w0[both]) and (w1[grown] == 0).all()
     assert layer.density == 0.5
 
 
@@ -106,6 +114,7 @@ def test_state_dict_roundtrip_and_plain_dict():
     other = SparseLinear(8, 6, sparsity=0.9)
     other.load_state_dict(sd)
     assert torch.equal(other.mask, layer.mask) and torch.equal(other.weight, layer.weight)
+    assert torch.equal(other.dense_weight(), sd["weight"])
     # a plain nn.Linear dict: the mask comes from the nonzeros
     lin = nn.Linear(8, 6)
     with torch.no_grad():
@@ -164,6 +173,7 @@ def test_sparsify_densify_and_skip_warning():
     msgs = [str(w.message) for w in rec if "skipping" in str(w.message)]
     assert len(msgs) == 2 and "'0'" in msgs[0] and "'5'" in msgs[1]  # 3 input channels; 10 in_features
     assert type(model[0]) is nn.Conv2d and isinstance(model[2], SparseConv2d) and isinstance(model[4], SparseLinear)
+    assert model[4].weight.dim() == 1 and model[4].weight_shape == (10, 128)
     y = model(x)
     densify(model)
     assert not any(isinstance(m, sparsefast.nn.SparseModule) for m in model.modules())
@@ -201,7 +211,8 @@ def test_optimizers_never_revive_pruned_weights(opt_cls, kw):
             new = torch.rand(16, 16, generator=torch.Generator().manual_seed(1)) < 0.2
             l0.set_mask(new)
     for l in (model[0], model[3]):
-        assert (l.weight[~l.mask] == 0).all()
+        assert l.weight.shape == (int(l.mask.sum()),) and (l.dense_weight()[~l.mask] == 0).all()
+        assert all(v.shape == l.weight.shape for v in opt.state[l.weight].values() if v.dim() == 1)
 
 
 def test_conv_optimizer_zero_and_grad_mask():
@@ -209,10 +220,10 @@ def test_conv_optimizer_zero_and_grad_mask():
     opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
         conv(torch.randn(2, 8, 5, 5)).sum().backward()
-        assert (conv.weight.grad[~conv.mask] == 0).all()
+        assert conv.weight.grad.shape == conv.weight.shape and (conv.dense_grad()[~conv.mask] == 0).all()
         opt.step()
         opt.zero_grad()
-    assert (conv.weight[~conv.mask] == 0).all()
+    assert (conv.dense_weight()[~conv.mask] == 0).all()
     assert is_nm(reduction_view(conv.mask), 2, 4)
 
 
@@ -233,9 +244,9 @@ def test_autocast_bf16_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), F.linear(x, layer.weight * layer.mask, layer.bias), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(y.float(), F.linear(x, layer.dense_weight(), layer.bias), atol=0.1, rtol=0.05)
     y.float().sum().backward()
-    assert layer.weight.grad.dtype == torch.float32 and (layer.weight.grad[~layer.mask] == 0).all()
+    assert layer.weight.grad.dtype == torch.float32 and layer.weight.grad.shape == layer.weight.shape
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -251,4 +262,5 @@ def test_torch_compile_fullgraph_cpu():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         out.sum().backward()
     g = model[3].weight.grad
-    assert g is not None and (g[~model[3].mask] == 0).all()
+    assert g is not None and g.shape == model[3].weight.shape
+    assert (model[3].dense_grad()[~model[3].mask] == 0).all()

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from sparsefast import masks
+from sparsefast.formats import kept
 from sparsefast.ops import sparse_conv2d, sparse_linear
 
 D = torch.float64
@@ -47,13 +48,18 @@ def test_double_backward_masks_hessian_terms():
 
 def test_custom_ops_opcheck():
     x, w, m, b = _lin_inputs()
-    torch.library.opcheck(torch.ops.sparsefast.linear.default, (x, w, m, b, "reference", "2:4"))
-    torch.library.opcheck(torch.ops.sparsefast.linear_dx.default, (x.detach()[:, :6].contiguous(), w, m, "reference", "2:4"))
+    # the ops take kept values (1-D, canonical order) and return kept-sized weight gradients
+    v = kept.gather(w.detach(), m).requires_grad_()
+    torch.library.opcheck(torch.ops.sparsefast.linear.default, (x, v, m, b, "reference", "2:4"))
+    torch.library.opcheck(torch.ops.sparsefast.linear_dx.default, (x.detach()[:, :6].contiguous(), v, m, "reference", "2:4"))
+    torch.library.opcheck(torch.ops.sparsefast.linear_dw.default,
+                          (x.detach()[:, :6].contiguous(), x.detach(), m, v.numel(), "reference", "2:4"))
     xc = torch.randn(2, 4, 5, 5, dtype=D, requires_grad=True)
-    wc = torch.randn(6, 4, 3, 3, dtype=D, requires_grad=True)
+    wc = torch.randn(6, 4, 3, 3, dtype=D)
     mc = torch.rand(6, 4, 3, 3) > 0.5
+    vc = kept.gather(wc, mc).requires_grad_()
     torch.library.opcheck(torch.ops.sparsefast.conv2d.default,
-                          (xc, wc, mc, None, [1, 1], [1, 1], [1, 1], 1, "reference", "unstructured"))
+                          (xc, vc, mc, None, [1, 1], [1, 1], [1, 1], 1, "reference", "unstructured"))
 
 
 def test_functional_bad_input():
@@ -79,10 +85,11 @@ def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(5, 8)
-        w = torch.empty(3, 8)
+        w = torch.empty(7)
         m = torch.empty(3, 8, dtype=torch.bool)
         assert torch.ops.sparsefast.linear(x, w, m, None, "reference", "unstructured").shape == (5, 3)
-        xc, wc, mc = torch.empty(2, 4, 9, 9), torch.empty(6, 4, 3, 3), torch.empty(6, 4, 3, 3, dtype=torch.bool)
+        assert torch.ops.sparsefast.linear_dw(torch.empty(5, 3), x, m, 7, "reference", "unstructured").shape == (7,)
+        xc, wc, mc = torch.empty(2, 4, 9, 9), torch.empty(11), torch.empty(6, 4, 3, 3, dtype=torch.bool)
         out = torch.ops.sparsefast.conv2d(xc, wc, mc, None, [2, 2], [1, 1], [1, 1], 1, "reference", "unstructured")
         assert out.shape == (2, 6, 5, 5)
 

@@ -31,7 +31,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 5;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 6;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -305,14 +305,15 @@ int64_t nnz_of(const SpMat& A) { return A.rowptr ? A.rowptr[A.rows] - A.rowptr[0
 // columns) or CSR. `ct` is the compute dtype (values of CSR/N:M have it); index_only skips values.
 SpMat make_mat(int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr, const std::optional<Tensor>& col,
                const std::optional<Tensor>& meta, const Tensor& vals, int64_t n, int64_t m,
-               const std::optional<Tensor>& bp, at::ScalarType ct, bool index_only = false) {
+               const std::optional<Tensor>& bp, at::ScalarType ct, bool index_only = false,
+               bool csr_blocks = false) {
   SpMat A;
   A.rows = rows;
   A.cols = cols;
   TORCH_CHECK(vals.is_contiguous(), "sparsefast cpu: packed values must be contiguous");
   A.val = vals.data_ptr();
   if (!index_only) {
-    const at::ScalarType want = (bp.has_value() && !meta.has_value()) ? at::kFloat : ct;
+    const at::ScalarType want = (bp.has_value() && !meta.has_value() && !csr_blocks) ? at::kFloat : ct;
     TORCH_CHECK(vals.scalar_type() == want, "sparsefast cpu: packed values are ", vals.scalar_type(), ", expected ", want);
   }
   if (meta.has_value()) {
@@ -337,6 +338,11 @@ SpMat make_mat(int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr, 
       A.bp = bp->data_ptr<int32_t>();
       A.nblk = bp->size(0);
       A.bp_ld = bp->size(1);
+      if (csr_blocks) {  // (nblk+1) rows: the last one holds the segment ends of the last block
+        TORCH_CHECK(A.nblk >= 2, "sparsefast cpu: CSR block pointers need at least 2 rows");
+        A.nblk -= 1;
+        A.csr_blocks = true;
+      }
     }
   }
   return A;
@@ -483,6 +489,31 @@ std::vector<Tensor> build_blocked(const Tensor& rowptr, const Tensor& col, int64
     }
   });
   return {bp, bcol, perm};
+}
+
+// CSR (R x C) -> CSR-positioned blocks of kb columns (kept-values storage: entries stay in CSR order):
+// bp int32 (nblk+1, R+1), bp[b][r] = CSR position of row r's first entry with col >= b*kb,
+// bp[nblk][r] = rowptr[r+1] (the end of the last block's segment)
+Tensor build_csr_blocks(const Tensor& rowptr, const Tensor& col, int64_t R, int64_t C, int64_t kb) {
+  TORCH_CHECK(kb > 0, "build_csr_blocks: kb must be positive");
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(col.data_ptr<int16_t>());
+  const int64_t nnz = rp[R], nblk = std::max<int64_t>(1, (C + kb - 1) / kb), ld = R + 1;
+  Tensor bp = at::empty({nblk + 1, ld}, at::kInt);
+  int32_t* bpp = bp.data_ptr<int32_t>();
+  run_range(R, static_cast<double>(nnz), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = rp[r];
+      const int64_t e = rp[r + 1];
+      for (int64_t b = 0; b < nblk; ++b) {
+        while (j < e && cp[j] < b * kb) ++j;
+        bpp[b * ld + r] = static_cast<int32_t>(j);
+      }
+      bpp[nblk * ld + r] = static_cast<int32_t>(e);
+    }
+  });
+  for (int64_t b = 0; b <= nblk; ++b) bpp[b * ld + R] = static_cast<int32_t>(nnz);
+  return bp;
 }
 
 // fp32 BCSR values straight from the dense (R x C) weight (any float dtype)
@@ -822,10 +853,10 @@ void mask_into(const Tensor& src, const Tensor& mask, Tensor& dst) {
 // y (B x rows) = x (B x cols) A^T (+ bias)
 Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr,
             const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
-            int64_t m, const std::optional<Tensor>& bias_in, const std::optional<Tensor>& bp) {
+            int64_t m, const std::optional<Tensor>& bias_in, const std::optional<Tensor>& bp, bool csr_blocks) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == cols, "spmm: x must be (B, ", cols, ")");
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
-  const SpMat A = make_mat(rows, cols, rowptr, col, meta, vals, n, m, bp, ct);
+  const SpMat A = make_mat(rows, cols, rowptr, col, meta, vals, n, m, bp, ct, false, csr_blocks);
   const int64_t B = x_in.size(0);
   if (B == 0 || rows == 0) return at::empty({B, rows}, x_in.options());
   const Tensor x = as_compute(x_in, ct);
@@ -865,13 +896,13 @@ Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<
 
 // dense (rows x cols) = (dy^T x) masked to the CSR positions; dy (B x rows), x (B x cols)
 Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t rows,
-             int64_t cols, const std::optional<Tensor>& bp) {
+             int64_t cols, const std::optional<Tensor>& bp, bool csr_blocks, bool dense_out) {
   TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2 && dy_in.size(0) == x_in.size(0) && dy_in.size(1) == rows &&
                   x_in.size(1) == cols,
               "sddmm: shapes dy ", dy_in.sizes(), " x ", x_in.sizes(), " do not match (", rows, ", ", cols, ")");
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
   TORCH_CHECK(dy_in.scalar_type() == ot, "sddmm: dy and x dtypes differ");
-  const SpMat A = make_mat(rows, cols, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true);
+  const SpMat A = make_mat(rows, cols, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true, csr_blocks);
   const int64_t B = x_in.size(0), nnz = nnz_of(A);
   Tensor vals = at::empty({std::max<int64_t>(nnz, 1)}, at::kFloat);
   float* vp = vals.data_ptr<float>();
@@ -900,6 +931,7 @@ Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, cons
     const Tensor xp = to_panels(x, PW), dyp = to_panels(dy, PW);
     sddmm_panels(A, panel_lanes(dyp, B), panel_lanes(xp, B), vp, false, ct);
   }
+  if (!dense_out) return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR or block order)
   return scatter_dense(A, vp, ot);
 }
 
@@ -983,7 +1015,8 @@ SpMat nm_sub_rows(const SpMat& A, int64_t r0, int64_t nr, int64_t esz) {
 Tensor conv_fwd(const Tensor& x_in, int64_t O, int64_t Kred, const std::optional<Tensor>& rowptr,
                 const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
                 int64_t m, const std::optional<Tensor>& bias_in, std::vector<int64_t> ks, std::vector<int64_t> stride,
-                std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp) {
+                std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp,
+                bool csr_blocks) {
   TORCH_CHECK(x_in.dim() == 4, "conv_fwd: x must be (B, C, H, W)");
   const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
@@ -994,7 +1027,7 @@ Tensor conv_fwd(const Tensor& x_in, int64_t O, int64_t Kred, const std::optional
   const int64_t Ho = (H + 2 * k.ph - k.dh * (k.KH - 1) - 1) / k.sh + 1;
   const int64_t Wo = (W + 2 * k.pw - k.dw * (k.KW - 1) - 1) / k.sw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "conv_fwd: empty output");
-  const SpMat A = make_mat(O, Kred, rowptr, col, meta, vals, n, m, bp, ct);
+  const SpMat A = make_mat(O, Kred, rowptr, col, meta, vals, n, m, bp, ct, false, csr_blocks);
   Tensor y = empty_big({B, O, Ho, Wo}, ct);
   if (B == 0) return ot == ct ? y : y.to(ot);
   Tensor bf;
@@ -1034,7 +1067,7 @@ Tensor conv_fwd(const Tensor& x_in, int64_t O, int64_t Kred, const std::optional
 Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_rowptr, const Tensor& t_col,
                const Tensor& t_vals, std::vector<int64_t> input_shape, std::vector<int64_t> ks,
                std::vector<int64_t> stride, std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t groups,
-               const std::optional<Tensor>& t_bp) {
+               const std::optional<Tensor>& t_bp, bool csr_blocks) {
   TORCH_CHECK(dy_in.dim() == 4 && input_shape.size() == 4, "conv_dx: need 4-D dy and input_shape");
   const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
   const at::ScalarType ot = dy_in.scalar_type(), ct = compute_type(ot);
@@ -1045,7 +1078,7 @@ Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_row
   Tensor dx = zeros_big({B, Ct, H, W}, at::kFloat);  // col2im accumulates in fp32
   if (B == 0 || HoWo == 0) return dx.to(ot);
   // all groups' transposes stacked: (groups*Kred) x Og
-  const SpMat At = make_mat(groups * Kred, Og, t_rowptr, t_col, std::nullopt, t_vals, 0, 0, t_bp, ct);
+  const SpMat At = make_mat(groups * Kred, Og, t_rowptr, t_col, std::nullopt, t_vals, 0, 0, t_bp, ct, false, csr_blocks);
   const auto& kt = table(ct);
   const int64_t esz = dy.element_size();
   const int64_t G = conv_block(B, HoWo);
@@ -1077,7 +1110,8 @@ Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_row
 // dW (O x Kred, reduction order) = masked conv2d_weight(x, dy)
 Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t O,
                int64_t Kred, std::vector<int64_t> ks, std::vector<int64_t> stride, std::vector<int64_t> pad,
-               std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp) {
+               std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp, bool csr_blocks,
+               bool dense_out) {
   TORCH_CHECK(dy_in.dim() == 4 && x_in.dim() == 4, "conv_dw: need 4-D dy and x");
   const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
@@ -1085,7 +1119,7 @@ Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, co
   const int64_t B = x.size(0), Ct = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cg = Ct / groups, Og = O / groups, Ho = dy.size(2), Wo = dy.size(3), HoWo = Ho * Wo;
   TORCH_CHECK(dy.size(0) == B && dy.size(1) == O && Kred == k.KH * k.KW * Cg, "conv_dw: shape mismatch");
-  const SpMat A = make_mat(O, Kred, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true);
+  const SpMat A = make_mat(O, Kred, rowptr, col, std::nullopt, at::empty({0}), 0, 0, bp, ct, true, csr_blocks);
   const int64_t nnz = nnz_of(A);
   const int64_t nv = std::max<int64_t>(nnz, 1);
   Tensor vals = at::zeros({nv}, at::kFloat);
@@ -1132,6 +1166,7 @@ Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, co
       });
     }
   }
+  if (!dense_out) return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR or block order)
   return scatter_dense(A, vals.data_ptr<float>(), ot);
 }
 
@@ -1153,6 +1188,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gather_nm", &gather_nm);
   mod.def("build_blocked", &build_blocked);
   mod.def("gather_blocked", &gather_blocked);
+  mod.def("build_csr_blocks", &build_csr_blocks);
   mod.def("small_max", []() { return g_small_max.load(); });
   mod.def("spmm", &spmm);
   mod.def("sddmm", &sddmm);

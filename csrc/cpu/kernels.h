@@ -10,6 +10,9 @@
 //         with col in [b*kb, (b+1)*kb), row by row: bp int32 [nblk x bp_ld] (segment starts, bp_ld >=
 //         rows+1), col uint16 [nnz], val fp32 [nnz]. A panel kernel walks block by block so the kb
 //         X rows of a block stay in L1 while every row accumulates into Y; weights stream in order.
+//   CSR blocks: the BCSR walk over CSR-ordered entries (SpMat::csr_blocks): bp int32 [(nblk+1) x bp_ld]
+//         holds, per block and row, the CSR position of the segment start (the next block's row
+//         holds its end); col uint16 and val T are the plain CSR arrays (kept-values storage)
 //   NM    val T [rows x S], meta uint8 [rows x ceil(S/2)]               (N:M, n in {1,2,4,8}, m <= 16)
 //         S = (cols/m)*n slots per row; slot s belongs to group s/n, the low nibble of meta byte s/2
 //         holds the column offset in the group of slot 2i, the high nibble that of slot 2i+1.
@@ -38,6 +41,10 @@ struct SpMat {
   const void* val = nullptr;        // T (CSR: nnz; NM: rows x S); BCSR: fp32
   const int32_t* bp = nullptr;      // BCSR block pointers (nullptr: plain CSR)
   int64_t bp_ld = 0, nblk = 0;      // BCSR
+  // CSR-positioned blocks: bp[b][r] is the CSR position where row r's entries of block b start and
+  // bp[b+1][r] where they end (bp has nblk+1 rows); col, values (T) and SDDMM outputs stay in CSR
+  // order, so kernels read kept values as the layer stores them (no blocked copy)
+  bool csr_blocks = false;
   const uint8_t* meta = nullptr;    // NM
   int n = 0, m = 0;                 // NM
   int64_t S = 0, meta_ld = 0;       // NM: slots per row, meta bytes per row

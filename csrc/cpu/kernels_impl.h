@@ -302,6 +302,9 @@ SF_INLINE void csr_segment(v16f (&acc)[A][U], const T* __restrict val, const uin
   }
 }
 
+template <typename V, int U, bool CB>
+static void spmm_blocked_panel_u(const PanelArgs& a);
+
 template <typename T, int U>
 static void spmm_csr_panel_u(const PanelArgs& a) {
   constexpr int A = Acc<U>::A;
@@ -324,13 +327,28 @@ static void spmm_csr_panel_u(const PanelArgs& a) {
     }
     return;
   }
-  // BCSR (fp32 values): block-major walk, Y rows accumulate across blocks
-  const float* __restrict val = (const float*)a.a.val;
+  // BCSR (fp32 values) or CSR blocks (T values): block-major walk, Y rows accumulate across blocks
+  if (a.a.csr_blocks) {
+    spmm_blocked_panel_u<T, U, true>(a);
+  } else {
+    spmm_blocked_panel_u<float, U, false>(a);
+  }
+}
+
+template <typename V, int U, bool CB>
+static void spmm_blocked_panel_u(const PanelArgs& a) {
+  constexpr int A = Acc<U>::A;
+  const uint16_t* __restrict ci = a.a.col;
+  const float* __restrict X = (const float*)a.x;
+  float* __restrict Y = (float*)a.y;
+  const float* bias = a.bias;
+  const int64_t ldx = a.ldx;
+  const V* __restrict val = (const V*)a.a.val;
   for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
     const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
     const bool first = blk == 0;
     for (int64_t r = a.r0; r < a.r1; ++r) {
-      const int64_t j = p[r], e = p[r + 1];
+      const int64_t j = p[r], e = CB ? p[r + a.a.bp_ld] : p[r + 1];
       if (!first && j == e) continue;
       float* yp = Y + r * a.ldy;
       v16f acc[A][U];
@@ -341,7 +359,7 @@ static void spmm_csr_panel_u(const PanelArgs& a) {
         SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = vload(yp + 16 * u);
       }
       SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(0.f);
-      csr_segment<float, U, A>(acc, val, ci, j, e, X, ldx);
+      csr_segment<V, U, A>(acc, val, ci, j, e, X, ldx);
       SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
       SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
     }
@@ -465,6 +483,21 @@ static void spmm_small_csr(const SmallArgs& a) {
       const float b = a.bias ? a.bias[r] : 0.f;
       for (int64_t bi = 0; bi < a.B; ++bi)
         a.y[bi * a.ldy + r] = gather_dot(val + j0, ci + j0, a.x + bi * a.ldx, e - j0) + b;
+    }
+    return;
+  }
+  if (a.a.csr_blocks) {  // CSR blocks: T values in CSR order, accumulate over blocks
+    const T* __restrict val = (const T*)a.a.val;
+    for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
+      const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
+      for (int64_t r = a.r0; r < a.r1; ++r) {
+        const int64_t j0 = p[r], e = p[r + a.a.bp_ld];
+        for (int64_t bi = 0; bi < a.B; ++bi) {
+          const float d = gather_dot(val + j0, ci + j0, a.x + bi * a.ldx, e - j0);
+          float* yp = a.y + bi * a.ldy + r;
+          *yp = blk == 0 ? d + (a.bias ? a.bias[r] : 0.f) : *yp + d;
+        }
+      }
     }
     return;
   }
@@ -763,8 +796,9 @@ static void sddmm_panel_u(const SddmmArgs& a) {
   const int64_t nblk = a.a.bp ? a.a.nblk : 1;
   for (int64_t blk = 0; blk < nblk; ++blk) {  // BCSR: outputs in block-major order
     const int32_t* __restrict p = a.a.bp ? a.a.bp + blk * a.a.bp_ld : a.a.rowptr;
+    const int64_t nx = a.a.csr_blocks ? a.a.bp_ld : 1;  // segment end: next block's start, or next row's
     for (int64_t r = a.r0; r < a.r1; ++r) {
-      const int64_t j = p[r], e = p[r + 1];
+      const int64_t j = p[r], e = p[r + nx];
       if (j == e) continue;
       v16f d[U];
       SF_UNROLL for (int u = 0; u < U; ++u) d[u] = vload(D + r * ld + 16 * u);
@@ -818,7 +852,7 @@ static void sddmm_small(const SddmmArgs& a) {
   for (int64_t blk = 0; blk < nblk; ++blk)  // BCSR: outputs in block-major order
   for (int64_t r = a.r0; r < a.r1; ++r) {
     const int32_t* __restrict rp = a.a.bp ? a.a.bp + blk * a.a.bp_ld : a.a.rowptr;
-    const int64_t j0 = rp[r], e = rp[r + 1];
+    const int64_t j0 = rp[r], e = rp[r + (a.a.csr_blocks ? a.a.bp_ld : 1)];
     int64_t j = j0;
     for (; j + 16 <= e; j += 16) {
       v16f acc = a.accumulate ? vload(out + j) : splat(0.f);
@@ -1095,7 +1129,8 @@ static void dense_rows(const SpMat& a, const float* vals, void* outv, float* scr
     __builtin_memset(scratch, 0, C * sizeof(float));
     for (int64_t b = 0; b < nblk; ++b) {
       const int32_t* p = a.bp ? a.bp + b * a.bp_ld : a.rowptr;
-      for (int64_t j = p[r]; j < p[r + 1]; ++j) scratch[a.col[j]] = vals[j];
+      const int64_t e = p[r + (a.csr_blocks ? a.bp_ld : 1)];
+      for (int64_t j = p[r]; j < e; ++j) scratch[a.col[j]] = vals[j];
     }
     if (sizeof(T) != sizeof(float)) {  // convert in place (T is narrower): scratch as T[C]
       T* t = (T*)scratch;

@@ -220,8 +220,16 @@ def _resolve(requested: str, q: OpQuery) -> str:
     return name
 
 
+def _autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _effective_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    if dtype.is_floating_point and torch.is_autocast_enabled(device_type):
+    if dtype.is_floating_point and _autocast_on(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
 
@@ -270,9 +278,12 @@ def explain(obj, x: torch.Tensor | None = None) -> str:
 
 
 def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "str | Pattern",
-               conv: ConvParams | None = None, density: float | None = None) -> OpQuery:
+               conv: ConvParams | None = None, density: float | None = None,
+               dtype: torch.dtype | None = None) -> OpQuery:
     """Build the :class:`OpQuery` for a call (``x`` may be ``None`` when unknown; ``density`` is the
-    mask density when the caller knows it — layers cache it, so no device sync happens per call)."""
+    mask density when the caller knows it — layers cache it, so no device sync happens per call).
+    ``weight`` gives the weight's shape and device (the mask will do); ``dtype`` the weight's dtype when
+    ``x`` is unknown (default ``weight.dtype``)."""
     pat = parse_pattern(pattern)
     m_rows = None
     if x is not None:
@@ -285,5 +296,5 @@ def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "
             wo = (x.shape[-1] + 2 * cp.padding[1] - cp.dilation[1] * (kw - 1) - 1) // cp.stride[1] + 1
             m_rows = (x.shape[0] if x.dim() == 4 else 1) * max(ho, 0) * max(wo, 0)
     device = x.device if x is not None else weight.device
-    dtype = _effective_dtype(device.type, x.dtype if x is not None else weight.dtype)
+    dtype = _effective_dtype(device.type, x.dtype if x is not None else (dtype or weight.dtype))
     return OpQuery(op, device, dtype, tuple(weight.shape), pat, m_rows, density, conv)

@@ -18,6 +18,24 @@ Backends that keep a packed format build it with :meth:`Backend.pack` and fetch 
 either is modified in place (tensor version counter) — so a training step re-packs once, inference
 never does.
 
+Layers store only the kept values (:mod:`sparsefast.formats.kept`: 1-D, canonical order), so what
+:mod:`sparsefast.ops` calls are the *kept* primitives, which take ``values`` where the table above takes
+``W`` and return the weight gradient as kept values ``(nnz,)``:
+
+=====================  ==================================================================
+``kept_linear_fwd``    ``(x, values, mask, bias, pattern)``
+``kept_linear_dx``     ``(dy, values, mask, pattern)``
+``kept_linear_dw``     ``(dy, x, mask, pattern) -> (nnz,)``
+``kept_conv_fwd``      ``(x, values, mask, bias, pattern, conv)``
+``kept_conv_dx``       ``(dy, values, mask, pattern, conv, input_shape)``
+``kept_conv_dw``       ``(dy, x, mask, pattern, conv) -> (nnz,)``
+=====================  ==================================================================
+
+A backend whose kernels read kept values directly overrides them (``reference``, ``cpu``) and sets
+``kept_native = True``; the defaults here scatter the values into a dense weight (one dense-sized pass
+per call) and gather the dense weight gradient at the kept positions, so a backend that only has the
+dense-weight primitives still works (``explain()`` says which one runs that way).
+
 ``not_supported_reasons`` answers, for one call, why this backend cannot run it (empty list: it can);
 ``prefer_dense_reason`` lets a kernel backend say that for this shape/density masked-dense work is
 faster, so ``auto`` routes to the reference instead (never slower than dense).
@@ -32,6 +50,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from .. import _build_cpu
+from ..formats import kept as _kept
 from ..masks import Pattern
 
 
@@ -98,6 +117,9 @@ class Backend:
     #: device types this backend can run on (e.g. ("cuda",), or ("cpu",))
     devices: ClassVar[tuple[str, ...]] = ()
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    #: the kernels read kept values (canonical order) as they are; False: the ``kept_*`` defaults
+    #: scatter them into a dense weight per call (see module docstring)
+    kept_native: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple] = {}
@@ -195,3 +217,23 @@ class Backend:
 
     def conv_dw(self, dy, x, mask, pattern: Pattern, conv: ConvParams, weight_shape: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- kept-values primitives (what sparsefast.ops calls) -----------------------------------
+    def kept_linear_fwd(self, x, values, mask, bias, pattern: Pattern) -> torch.Tensor:
+        return self.linear_fwd(x, _kept.scatter(values, mask), mask, bias, pattern)
+
+    def kept_linear_dx(self, dy, values, mask, pattern: Pattern) -> torch.Tensor:
+        return self.linear_dx(dy, _kept.scatter(values, mask), mask, pattern)
+
+    def kept_linear_dw(self, dy, x, mask, pattern: Pattern) -> torch.Tensor:
+        return _kept.gather(self.linear_dw(dy, x, mask, pattern), mask)
+
+    def kept_conv_fwd(self, x, values, mask, bias, pattern: Pattern, conv: ConvParams) -> torch.Tensor:
+        return self.conv_fwd(x, _kept.scatter(values, mask), mask, bias, pattern, conv)
+
+    def kept_conv_dx(self, dy, values, mask, pattern: Pattern, conv: ConvParams,
+                     input_shape: Sequence[int]) -> torch.Tensor:
+        return self.conv_dx(dy, _kept.scatter(values, mask), mask, pattern, conv, input_shape)
+
+    def kept_conv_dw(self, dy, x, mask, pattern: Pattern, conv: ConvParams) -> torch.Tensor:
+        return _kept.gather(self.conv_dw(dy, x, mask, pattern, conv, tuple(mask.shape)), mask)

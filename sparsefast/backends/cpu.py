@@ -175,6 +175,7 @@ class CpuBackend(Backend):
     name = "cpu"
     devices = ("cpu",)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    kept_native = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -440,7 +441,7 @@ class CpuBackend(Backend):
             return _DENSE.linear_fwd(x, weight, mask, bias, pattern)
         n, k = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, x.shape[0])
-        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp)
+        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp, False)
 
     def linear_dx(self, dy, weight, mask, pattern):
         """dy (B, N) -> dx (B, K) = dy @ (W*M), through the transposed CSR."""
@@ -448,7 +449,7 @@ class CpuBackend(Backend):
             return _DENSE.linear_dx(dy, weight, mask, pattern)
         n, k = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, 1, dy.shape[0])
-        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp)
+        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, False)
 
     def _density(self, mask: torch.Tensor) -> float:
         return self.cached("density", (mask,), lambda: density(mask))
@@ -465,7 +466,7 @@ class CpuBackend(Backend):
             return _DENSE.linear_dw(dy, x, mask, pattern)
         n, k = mask.shape
         rowptr, col, bp = self._dw_fmt(mask, x.shape[0])
-        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp)
+        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, False, True)
 
     @staticmethod
     def _conv_args(weight_shape, conv: ConvParams) -> tuple:
@@ -479,7 +480,7 @@ class CpuBackend(Backend):
         o, cg, kh, kw = weight.shape
         rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, 1 << 30)
         return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn, mm, bias,
-                                 *self._conv_args(weight.shape, conv), bp)
+                                 *self._conv_args(weight.shape, conv), bp, False)
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
         if not self.ext.all_finite(dy):
@@ -487,7 +488,7 @@ class CpuBackend(Backend):
         o, cg, kh, kw = weight.shape
         t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, conv.groups, 1 << 30)
         return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
-                                [int(s) for s in input_shape], *self._conv_args(weight.shape, conv), t_bp)
+                                [int(s) for s in input_shape], *self._conv_args(weight.shape, conv), t_bp, False)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
         if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
@@ -495,5 +496,115 @@ class CpuBackend(Backend):
         o, cg, kh, kw = weight_shape
         rowptr, col, bp = self._dw_fmt(mask, 1 << 30)
         dw = self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,
-                              *self._conv_args(weight_shape, conv), bp)
+                              *self._conv_args(weight_shape, conv), bp, False, True)
         return from_reduction_view(dw, tuple(weight_shape))
+
+    # ---- kept values (what layers store: canonical CSR order of the reduction view) -----------
+    # The kernels read the values as the layer stores them: the gather (few-row) kernels as CSR
+    # values, the panel kernels through CSR-positioned block pointers (``build_csr_blocks``: the
+    # block-major walk over CSR-ordered entries), the compact N:M kernel as slot values (the same
+    # array when every group is full). ``dX`` reads the transpose's values: one nnz-sized
+    # permutation gather per call. ``dW`` is written at the kept positions in CSR order: it *is*
+    # the values' gradient. Nothing here depends on the values' version, so writes that bypass the
+    # version counter (``.data``) are always seen.
+    @staticmethod
+    def _vc(values: torch.Tensor) -> torch.Tensor:
+        """Values in the kernels' compute dtype (float16 runs the float32 kernels)."""
+        v = values.detach()
+        return (v.float() if v.dtype == torch.float16 else v).contiguous()
+
+    def _cblk(self, mask: torch.Tensor) -> torch.Tensor:
+        def build():
+            rowptr, col = self._csr(mask)
+            r, c = reduction_view(mask).shape
+            return self.ext.build_csr_blocks(rowptr, col, r, c, self.BLOCK)
+        return self.cached("cblk", (mask,), build)
+
+    def _cblk_t(self, mask: torch.Tensor, groups: int) -> torch.Tensor:
+        def build():
+            t_rowptr, t_col, _ = self._csr_t(mask, groups)
+            rows, cols = reduction_view(mask).shape
+            return self.ext.build_csr_blocks(t_rowptr, t_col, groups * cols, rows // groups, self.BLOCK)
+        return self.cached("cblkT", (mask,), build, groups)
+
+    def _nm_slots(self, values: torch.Tensor, mask: torch.Tensor, pattern: Pattern):
+        """(meta, slot values) of the compact N:M format, or None where the mask does not fit it."""
+        nm = self._nm(mask, pattern)
+        if nm is None:
+            return None
+        meta, valid = nm
+        if valid is None:  # every group full: slot order is CSR order
+            return meta, values
+        pos = self.cached("nm-slots", (mask,), lambda: valid.reshape(-1).nonzero().reshape(-1), str(pattern))
+        out = torch.zeros(valid.numel(), dtype=values.dtype)
+        out[pos] = values
+        return meta, out
+
+    def _kept_fwd_fmt(self, values, mask, pattern, rows: int) -> tuple:
+        """(rowptr, col, meta, vals, n, m, bp, csr_blocks) for a forward with ``rows`` GEMM rows."""
+        if pattern.is_nm and rows <= self.NM_SMALL_MAX:
+            nm = self._nm_slots(values, mask, pattern)
+            if nm is not None:
+                return None, None, nm[0], nm[1], pattern.n, pattern.m, None, False
+        rowptr, col = self._csr(mask)
+        if rows <= self.ext.small_max():
+            return rowptr, col, None, values, 0, 0, None, False
+        return rowptr, col, None, values, 0, 0, self._cblk(mask), True
+
+    def _kept_dx_fmt(self, values, mask, groups: int, rows: int) -> tuple:
+        t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
+        t_vals = self.ext.gather_perm(values, t_perm)
+        if rows <= self.ext.small_max():
+            return t_rowptr, t_col, t_vals, None, False
+        return t_rowptr, t_col, t_vals, self._cblk_t(mask, groups), True
+
+    def _kept_dw_fmt(self, mask, rows: int) -> tuple:
+        rowptr, col = self._csr(mask)
+        if rows <= self.ext.small_max():
+            return rowptr, col, None, False
+        return rowptr, col, self._cblk(mask), True
+
+    def kept_linear_fwd(self, x, values, mask, bias, pattern):
+        if not self.ext.all_finite(x):
+            return _DENSE.kept_linear_fwd(x, values, mask, bias, pattern)
+        n, k = mask.shape
+        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, x.shape[0])
+        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn_, mm, bias, bp, cb)
+
+    def kept_linear_dx(self, dy, values, mask, pattern):
+        if not self.ext.all_finite(dy):
+            return _DENSE.kept_linear_dx(dy, values, mask, pattern)
+        n, k = mask.shape
+        t_rowptr, t_col, t_vals, t_bp, cb = self._kept_dx_fmt(self._vc(values), mask, 1, dy.shape[0])
+        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, cb)
+
+    def kept_linear_dw(self, dy, x, mask, pattern):
+        if self._dense_dw("linear", mask, x.shape[0], x.dtype):
+            return _DENSE.kept_linear_dw(dy, x, mask, pattern)
+        n, k = mask.shape
+        rowptr, col, bp, cb = self._kept_dw_fmt(mask, x.shape[0])
+        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, cb, False)
+
+    def kept_conv_fwd(self, x, values, mask, bias, pattern, conv: ConvParams):
+        if not self.ext.all_finite(x):
+            return _DENSE.kept_conv_fwd(x, values, mask, bias, pattern, conv)
+        o, cg, kh, kw = mask.shape
+        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, 1 << 30)
+        return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn_, mm, bias,
+                                 *self._conv_args(mask.shape, conv), bp, cb)
+
+    def kept_conv_dx(self, dy, values, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
+        if not self.ext.all_finite(dy):
+            return _DENSE.kept_conv_dx(dy, values, mask, pattern, conv, input_shape)
+        o, cg, kh, kw = mask.shape
+        t_rowptr, t_col, t_vals, t_bp, cb = self._kept_dx_fmt(self._vc(values), mask, conv.groups, 1 << 30)
+        return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
+                                [int(s) for s in input_shape], *self._conv_args(mask.shape, conv), t_bp, cb)
+
+    def kept_conv_dw(self, dy, x, mask, pattern, conv: ConvParams):
+        if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
+            return _DENSE.kept_conv_dw(dy, x, mask, pattern, conv)
+        o, cg, kh, kw = mask.shape
+        rowptr, col, bp, cb = self._kept_dw_fmt(mask, 1 << 30)
+        return self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,
+                                *self._conv_args(mask.shape, conv), bp, cb, False)

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..formats import kept as _kept
 from .base import Backend, ConvParams, OpQuery, masked
 
 
@@ -17,6 +18,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    kept_native = True
 
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         return [] if q.dtype.is_floating_point else [f"reference needs a floating dtype, got {q.dtype}"]
@@ -41,3 +43,26 @@ class ReferenceBackend(Backend):
         gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding,
                                          conv.dilation, conv.groups)
         return masked(gw, mask, inplace=True)
+
+    # kept values: one scatter into a dense weight per call (exact zeros at pruned positions); the
+    # weight gradient is the dense GEMM gathered at the kept positions (never stored dense-shaped)
+    def kept_linear_fwd(self, x, values, mask, bias, pattern):
+        return F.linear(x, _kept.scatter(values, mask), bias)
+
+    def kept_linear_dx(self, dy, values, mask, pattern):
+        return dy @ _kept.scatter(values, mask)
+
+    def kept_linear_dw(self, dy, x, mask, pattern):
+        return _kept.gather(dy.t() @ x, mask)
+
+    def kept_conv_fwd(self, x, values, mask, bias, pattern, conv: ConvParams):
+        return F.conv2d(x, _kept.scatter(values, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def kept_conv_dx(self, dy, values, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
+        return torch.nn.grad.conv2d_input(list(input_shape), _kept.scatter(values, mask), dy, conv.stride,
+                                          conv.padding, conv.dilation, conv.groups)
+
+    def kept_conv_dw(self, dy, x, mask, pattern, conv: ConvParams):
+        gw = torch.nn.grad.conv2d_weight(x, list(mask.shape), dy, conv.stride, conv.padding,
+                                         conv.dilation, conv.groups)
+        return _kept.gather(gw, mask)

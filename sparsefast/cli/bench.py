@@ -803,6 +803,48 @@ def _csv(s: str | None) -> list[str] | None:
     return [t.strip() for t in s.split(",") if t.strip()] if s else None
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+_OPS = ("linear", "conv")
+_KINDS = ("fwd", "dx", "step")
+_PLAIN_IMPLS = ("dense", "torch-2:4", "torch-csr", "sparseprop")
+
+
+def _bad_filter(a) -> str | None:
+    """The first command-line filter value that names nothing (one line), or None."""
+    shapes = (*GPU_LINEAR, *GPU_CONV_FULL, "cpu-issue", "cpu-small", "cpu-medium")
+    patterns = {"2:4", "unstructured", *(f"{round(100 * (1 - d))}%" for d in DENSITIES)}
+    for opt, val, known in (("--dtypes", a.dtypes, _DTYPES), ("--shapes", a.shapes, shapes), ("--ops", a.ops, _OPS),
+                            ("--kinds", a.kinds, _KINDS), ("--patterns", a.patterns, sorted(patterns))):
+        if val is None:
+            continue
+        items = _csv(val)
+        if not items:
+            return f"argument {opt}: empty list (choose from {', '.join(known)})"
+        unknown = [t for t in items if t not in known]
+        if unknown:
+            return (f"argument {opt}: invalid choice{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(map(repr, unknown))} (choose from {', '.join(known)})")
+    if a.impls is not None:
+        from sparsefast import backends
+        items = _csv(a.impls)
+        if not items:
+            return "argument --impls: empty list"
+        for t in items:
+            if t in _PLAIN_IMPLS:
+                continue
+            if t.startswith("sf:"):
+                try:
+                    backends.check_requested(t[3:])
+                    continue
+                except ValueError as e:
+                    return f"argument --impls: {t!r}: {e}"
+            return (f"argument --impls: invalid choice {t!r} (choose from {', '.join(_PLAIN_IMPLS)}, sf:auto, "
+                    f"sf:<backend>)")
+    if not (a.budget > 0 and math.isfinite(a.budget)):
+        return f"argument --budget: must be a positive number of seconds, got {a.budget}"
+    return None
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparsefast bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -820,13 +862,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--roofline", action="store_true", help="print only the predicted roofline bounds of the GPU cases")
     a = ap.parse_args(argv)
+    bad = _bad_filter(a)
+    if bad:
+        from . import usage_error
+        return usage_error(ap.prog, bad)
     if a.roofline:
         print(roofline_table(cases("cuda", full=a.full, dtypes=_csv(a.dtypes), shapes=_csv(a.shapes), ops=_csv(a.ops),
                                    kinds=_csv(a.kinds), patterns=_csv(a.patterns)), _hw_name() or "H100"))
         return 0
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("bench: no CUDA device here", file=sys.stderr)
-        return 2
+        from . import usage_error
+        return usage_error(ap.prog, "argument --device: cuda requested but no CUDA device is available here")
     default_fast = not (a.full or a.shapes or a.kinds or a.patterns or a.ops)
     cs = cases(a.device, full=a.full, dtypes=_csv(a.dtypes), shapes=_csv(a.shapes), ops=_csv(a.ops),
                kinds=_csv(a.kinds), patterns=_csv(a.patterns))

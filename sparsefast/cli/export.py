@@ -122,8 +122,8 @@ def _example_input(model, shape_arg, dtype, device):
         first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) or hasattr(m, "mask")), None)
         if first is None:
             raise SystemExit("export: cannot guess the input shape; pass --input-shape")
-        w = first.weight
-        shape = (1, w.shape[1]) if w.dim() == 2 else (1, w.shape[1] * getattr(first, "groups", 1), 224, 224)
+        ws = tuple(first.weight_shape) if hasattr(first, "weight_shape") else tuple(first.weight.shape)
+        shape = (1, ws[1]) if len(ws) == 2 else (1, ws[1] * getattr(first, "groups", 1), 224, 224)
     return torch.randn(shape, dtype=dtype, device=device)
 
 

@@ -1,5 +1,6 @@
-"""Sparse layers and whole-model swapping."""
-from .layers import SparseConv2d, SparseLinear, SparseModule
+"""Sparse layers (kept-values storage), whole-model swapping, optimizer parameter groups."""
+from .layers import SparseConv2d, SparseLinear, SparseModule, param_groups
 from .swap import densify, set_backend, sparse_layers, sparsify
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "sparsify", "densify", "sparse_layers", "set_backend"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "sparsify", "densify", "sparse_layers", "set_backend",
+           "param_groups"]

@@ -1,10 +1,25 @@
-"""``SparseLinear`` and ``SparseConv2d``: masked-dense semantics, any backend.
+"""``SparseLinear`` and ``SparseConv2d``: masked-dense semantics, kept-values storage, any backend.
 
-A layer holds a dense-shaped ``weight`` Parameter (exactly zero at pruned positions), an optional
-``bias`` and a bool ``mask`` buffer. Forward/backward go through :mod:`sparsefast.ops` on the backend
-chosen per call (``auto``) or fixed at construction. Pruned weights never receive gradient (the
-weight-gradient primitive writes zeros there) and an optimizer post-step hook re-applies the mask, so
-they stay exactly zero even after a mask change left optimizer state (momentum) behind.
+**What a layer stores.** Only its kept weights: ``layer.weight`` is a 1-D Parameter of ``nnz`` values in
+canonical order (the row-major order of the kept positions in the weight's reduction view — plain
+row-major for Linear, ``(O, kh, kw, C/groups)`` for conv; :mod:`sparsefast.formats.kept`), plus the bool
+``mask`` buffer (weight-shaped) and the optional ``bias``. An optimizer therefore sees, updates and keeps
+state for the kept values only; the backward produces the values' gradient directly (kept-sized), and
+kernel backends read the values as they are (no re-pack per step).
+
+What keeps its meaning: ``weight_shape`` (the dense shape), ``dense_weight()`` (the masked dense tensor),
+``set_dense_weight(w)`` (take the kept values from a dense tensor), ``state_dict()`` (a dense-shaped
+``weight`` with zeros at pruned positions, ``bias``, ``mask``; loads those dicts and plain
+``nn.Linear``/``nn.Conv2d`` dicts), ``to_dense()``, ``freeze()`` / ``layer.weight.requires_grad_(False)``.
+Weight-decay grouping by name (``name.endswith("weight")``) keeps working; grouping by ``p.ndim >= 2`` would
+put the 1-D values with biases — use :func:`sparsefast.nn.param_groups` (see the docs).
+
+**Mask changes** (``set_mask``, pruners, ``load_state_dict``): validated first (a failing call changes
+nothing), then the values move to the new mask's order — positions kept before and after keep their value,
+newly kept ones start at zero — and so does the optimizer state of every ``torch.optim`` optimizer that
+has stepped this Parameter (state tensors shaped like the values; new positions start at zero state).
+The Parameter object stays the same (its ``.data`` is replaced when ``nnz`` changes), so optimizers,
+``clip_grad_norm_`` and schedulers keep working without being told.
 """
 from __future__ import annotations
 
@@ -20,16 +35,22 @@ from torch.nn.modules.utils import _pair
 
 from .. import backends as _bk
 from .. import masks as _masks
-from ..backends.base import masked
-from ..ops import sparse_conv2d, sparse_linear
+from ..formats import kept as _kept
+from ..ops import sparse_conv2d_kept, sparse_linear_kept
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseModule"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "param_groups"]
 
 
-# Pruned weights stay exactly zero: after every optimizer step, re-apply the masks of the sparse
-# layers whose weights that optimizer updated (cheap: one multiply per layer per step).
-_WEIGHT_OWNERS: "weakref.WeakValueDictionary[int, SparseModule]" = weakref.WeakValueDictionary()
 _LAYERS: "weakref.WeakValueDictionary[int, SparseModule]" = weakref.WeakValueDictionary()
+#: optimizers that have stepped (their state may hold kept-sized tensors to move on a mask change)
+_OPTIMIZERS: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+def _track_optimizer(optimizer, args, kwargs) -> None:
+    _OPTIMIZERS.add(optimizer)
+
+
+_optim.register_optimizer_step_pre_hook(_track_optimizer)
 
 
 @torch._dynamo.assume_constant_result
@@ -37,27 +58,28 @@ def _layer_backend_static(layer_id: int, device_type: str, dtype_name: str) -> s
     """The layer's backend for ``torch.compile`` tracing: evaluated eagerly, once, at trace time."""
     layer = _LAYERS[layer_id]
     dtype = _bk._effective_dtype(device_type, getattr(torch, dtype_name.replace("torch.", "")))
-    q = _bk.OpQuery(layer._op, torch.device(device_type), dtype, tuple(layer.weight.shape), layer._pattern,
+    q = _bk.OpQuery(layer._op, torch.device(device_type), dtype, tuple(layer.mask.shape), layer._pattern,
                     None, layer.density, layer._conv_params())
     return _bk.resolve(layer.requested_backend, q)
 
 
-def _reapply_masks(optimizer, args, kwargs) -> None:
-    if not _WEIGHT_OWNERS:
-        return
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                layer = _WEIGHT_OWNERS.get(id(p))
-                if layer is not None and layer.weight is p and not layer._all_kept():
-                    masked(p, layer.mask, inplace=True)
-
-
-_optim.register_optimizer_step_post_hook(_reapply_masks)
+def param_groups(model: nn.Module, weight_decay: float, **no_decay_options: Any) -> list[dict]:
+    """Two optimizer parameter groups, the usual habit made safe for kept-values layers: weights (every
+    ``p.ndim >= 2`` tensor and every sparse layer's 1-D kept ``weight``) get ``weight_decay``; biases and
+    other 1-D parameters (norms) get 0. ``no_decay_options`` go into the second group.
+    ``torch.optim.AdamW(sparsefast.nn.param_groups(model, 0.05), lr=1e-3)``."""
+    kept = {id(m.weight) for m in model.modules() if isinstance(m, SparseModule)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 or id(p) in kept else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0,
+                                                             **no_decay_options}]
 
 
 class SparseModule(nn.Module):
-    """Shared behaviour of the sparse layers (mask handling, backend choice, state dict)."""
+    """Shared behaviour of the sparse layers (kept-values storage, mask handling, backend choice, state dict)."""
 
     weight: nn.Parameter
     mask: torch.Tensor
@@ -72,53 +94,118 @@ class SparseModule(nn.Module):
         self._density_cache: tuple[int, float] | None = None
         self._used_backend: str | None = None
 
-    def _register_owner(self) -> None:
-        _WEIGHT_OWNERS[id(self.weight)] = self
+    def _init_storage(self, dense: torch.Tensor, mask: torch.Tensor, requires_grad: bool = True,
+                      param: nn.Parameter | None = None) -> None:
+        """Mask buffer + kept-values Parameter from a dense weight. ``param``: reuse this Parameter object
+        (its data becomes the kept values), so optimizers built on it keep training it."""
+        self.register_buffer("mask", mask)
+        if mask.device.type == "meta":
+            values = torch.empty(int(dense.numel()), dtype=dense.dtype, device=dense.device)
+        else:
+            values = _kept.gather(dense.detach(), mask).clone()
+        if param is not None:
+            with torch.no_grad():
+                param.data = values
+            param.requires_grad_(requires_grad)
+            self.weight = param
+        else:
+            self.weight = nn.Parameter(values, requires_grad=requires_grad)
         _LAYERS[id(self)] = self
 
-    def __setstate__(self, state):  # pickling / deepcopy: re-register the new weight
+    def __setstate__(self, state):  # pickling / deepcopy
         super().__setstate__(state)
-        self._register_owner()
+        _LAYERS[id(self)] = self
 
     def _name(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
-    def _initial_mask(self, sparsity: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape: ``(out, in)`` or ``(O, C/groups, kh, kw)``."""
+        return tuple(self.mask.shape)
+
+    def _initial_mask(self, dense: torch.Tensor, sparsity: float | None, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:
-            return self._validated(mask)
+            return self._validated(mask, dense)
         if sparsity is not None:
             _masks.check_sparsity(sparsity)
         elif not self._pattern.is_nm:
             raise ValueError(f"{self._name()}: an unstructured pattern needs sparsity= (or mask= with from_dense)")
-        self._check_divisible()
-        return _masks.magnitude_mask(self.weight.detach(), self._pattern, sparsity)
+        self._check_divisible(tuple(dense.shape))
+        return _masks.magnitude_mask(dense.detach(), self._pattern, sparsity)
 
-    def _check_divisible(self) -> None:
-        if self._pattern.is_nm:
-            k = _masks.reduction_view(self.weight).shape[1]
-            if self._op == "conv" and self.weight.shape[1] % self._pattern.m:
-                raise ValueError(f"{self._name()}: pattern {self.pattern} groups {self._pattern.m} consecutive input "
-                                 f"channels per kernel position, but in_channels/groups={self.weight.shape[1]} "
-                                 f"is not divisible by {self._pattern.m}")
-            if k % self._pattern.m:
-                raise ValueError(f"{self._name()}: reduction dim {k} is not divisible by m={self._pattern.m} "
-                                 f"(pattern {self.pattern}, weight {tuple(self.weight.shape)})")
+    def _check_divisible(self, shape: tuple, pattern: "_masks.Pattern | None" = None) -> None:
+        pat = self._pattern if pattern is None else pattern
+        if pat.is_nm:
+            k = int(math.prod(shape[1:]))
+            if self._op == "conv" and shape[1] % pat.m:
+                raise ValueError(f"{self._name()}: pattern {pat} groups {pat.m} consecutive input "
+                                 f"channels per kernel position, but in_channels/groups={shape[1]} "
+                                 f"is not divisible by {pat.m}")
+            if k % pat.m:
+                raise ValueError(f"{self._name()}: reduction dim {k} is not divisible by m={pat.m} "
+                                 f"(pattern {pat}, weight {tuple(shape)})")
 
-    def _validated(self, mask: torch.Tensor) -> torch.Tensor:
-        if isinstance(mask, torch.Tensor) and mask.device != self.weight.device and mask.device.type != "meta":
-            mask = mask.to(self.weight.device)
-        self._check_divisible()
-        return _masks.validate_mask(mask, self.weight, self._pattern, where=self._name())
+    def _validated(self, mask: torch.Tensor, like: torch.Tensor | None = None,
+                   pattern: "_masks.Pattern | None" = None, where: str | None = None) -> torch.Tensor:
+        like = self.mask if like is None else like
+        if isinstance(mask, torch.Tensor) and mask.device != like.device and mask.device.type != "meta":
+            mask = mask.to(like.device)
+        pat = self._pattern if pattern is None else pattern
+        self._check_divisible(tuple(like.shape), pat)
+        return _masks.validate_mask(mask, like, pat, where=where or self._name())
 
     # ---- public API -----------------------------------------------------------------------------
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """Replace the mask (validated first: on error the layer is unchanged). Pruned weights are
-        zeroed; the backend's packed format is rebuilt on the next call."""
-        m = self._validated(mask)
+    def set_mask(self, mask: torch.Tensor, pattern: str | None = None, *, weight: torch.Tensor | None = None) -> None:
+        """Replace the mask — and the pattern with it when ``pattern`` is given. Validated first: on error
+        the layer (values, mask, pattern, optimizer state) is unchanged. Positions kept before and after
+        keep their value and optimizer state; newly kept ones start at zero (or, with ``weight``, a dense
+        weight-shaped tensor, take their values from it — every kept position does)."""
+        pat = self._pattern if pattern is None else _masks.parse_pattern(pattern)
+        m = self._validated(mask, pattern=pat)
+        if weight is not None and tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{self._name()}: set_mask(weight=...) has shape {tuple(weight.shape)}, expected "
+                             f"{self.weight_shape}")
+        self._commit_mask(m.clone(), pat, None if weight is None else _kept.gather(
+            weight.detach().to(self.weight.dtype), m).clone())
+
+    def _commit_mask(self, m: torch.Tensor, pat, new_values: torch.Tensor | None) -> None:
+        """Move values, gradient and optimizer state to the validated mask ``m`` and install it. Everything
+        that can fail (shapes, allocations) is computed before the first change."""
+        p = self.weight
+        old_nnz = p.shape[0]
+        src, keep = _kept.remap(self.mask, m)
         with torch.no_grad():
+            values = _kept.remap_tensor(p.detach(), src, keep) if new_values is None else new_values
+            grad = None if p.grad is None else _kept.remap_tensor(p.grad, src, keep)
+            states = []
+            for opt in list(_OPTIMIZERS):
+                st = opt.state.get(p) if hasattr(opt, "state") else None
+                if not st:
+                    continue
+                moved = {k: _kept.remap_tensor(v, src, keep) for k, v in st.items()
+                         if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == old_nnz}
+                states.append((st, moved))
+            # commit (no more failures expected)
             self.mask.copy_(m)
-            masked(self.weight, self.mask, inplace=True)
+            if values.shape[0] == old_nnz:
+                p.copy_(values)
+            else:
+                p.data = values
+            if p.grad is not None:
+                p.grad = grad
+            for st, moved in states:
+                st.update(moved)
+        self._pattern, self.pattern = pat, str(pat)
         self._density_cache = None
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Set the kept values from a dense weight-shaped tensor (its pruned positions are ignored)."""
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{self._name()}: set_dense_weight needs a tensor of shape {self.weight_shape}, got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        with torch.no_grad():
+            self.weight.copy_(_kept.gather(weight.detach().to(self.weight.device, self.weight.dtype), self.mask))
 
     @property
     def density(self) -> float:
@@ -126,7 +213,7 @@ class SparseModule(nn.Module):
         c = self._density_cache
         v = self.mask._version
         if c is None or c[0] != v:
-            c = (v, _masks.density(self.mask))
+            c = (v, self.weight.shape[0] / max(self.mask.numel(), 1))
             self._density_cache = c
         return c[1]
 
@@ -138,8 +225,13 @@ class SparseModule(nn.Module):
         return self.density >= 1.0
 
     def dense_weight(self) -> torch.Tensor:
-        """The masked dense weight ``weight * mask`` (detached copy)."""
-        return masked(self.weight.detach(), self.mask)
+        """The masked dense weight (weight-shaped, zeros at pruned positions; a detached copy)."""
+        return _kept.scatter(self.weight.detach(), self.mask)
+
+    def dense_grad(self) -> torch.Tensor | None:
+        """The weight gradient as a dense weight-shaped tensor (zeros at pruned positions), or None."""
+        g = self.weight.grad
+        return None if g is None else _kept.scatter(g.detach(), self.mask)
 
     def freeze(self) -> "SparseModule":
         """Freeze the weight: backward computes only the input (and trainable bias) gradient."""
@@ -159,38 +251,79 @@ class SparseModule(nn.Module):
         return _bk.resolve(self.requested_backend, self._op_query(None))
 
     def _op_query(self, x: torch.Tensor | None):
-        return _bk.make_query(self._op, x, self.weight, self._pattern, self._conv_params(), self.density)
+        return _bk.make_query(self._op, x, self.mask, self._pattern, self._conv_params(), self.density,
+                              dtype=self.weight.dtype)
 
     def _conv_params(self):
         return None
 
-    # ---- state dict -----------------------------------------------------------------------------
+    # ---- state dict: a dense-shaped weight, as a plain layer's --------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = _kept.scatter(w, self.mask) if self.mask.device.type != "meta" \
+            else torch.empty(self.weight_shape, dtype=w.dtype, device="meta")
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "mask"] = self.mask if keep_vars else self.mask.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        wkey, mkey = prefix + "weight", prefix + "mask"
-        if wkey in state_dict:
-            w = state_dict[wkey]
-            if tuple(w.shape) != tuple(self.weight.shape):
-                error_msgs.append(f"{self._name()}: weight shape {tuple(w.shape)} in the checkpoint differs "
-                                  f"from {tuple(self.weight.shape)}")
-                return
-            if mkey in state_dict:
-                m = state_dict[mkey]
-                where = f"{self._name()} loading {mkey}"
-            else:  # a plain nn.Linear / nn.Conv2d dict: the mask comes from the nonzeros
-                m = w != 0
-                where = f"{self._name()} loading a dense state dict (mask from the nonzeros of {wkey})"
+        wkey, bkey, mkey = prefix + "weight", prefix + "bias", prefix + "mask"
+        for k in state_dict:
+            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] not in ("weight", "bias", "mask"):
+                unexpected_keys.append(k)
+        if wkey not in state_dict and mkey not in state_dict:
+            missing_keys.append(wkey)
+        if self.bias is not None and bkey not in state_dict:
+            missing_keys.append(bkey)
+        if self.bias is None and bkey in state_dict:
+            unexpected_keys.append(bkey)
+        err = self._staged_load(state_dict, wkey, bkey, mkey)
+        if isinstance(err, str):
+            error_msgs.append(err)
+            return
+        commit = err
+        commit()
+
+    def _staged_load(self, sd, wkey, bkey, mkey):
+        """Validate a state dict's entries for this layer; returns an error string, or a function that
+        applies them (nothing is changed before every check passed)."""
+        w = sd.get(wkey)
+        if w is not None and (not isinstance(w, torch.Tensor) or tuple(w.shape) != self.weight_shape):
+            return (f"{self._name()}: weight shape {tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__} "
+                    f"in the checkpoint differs from {self.weight_shape}")
+        if w is not None and not w.is_floating_point():
+            return f"{self._name()}: weight in the checkpoint has dtype {w.dtype}, expected a floating dtype"
+        b = sd.get(bkey) if self.bias is not None else None
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(self.bias.shape)):
+            return (f"{self._name()}: bias shape {tuple(b.shape) if isinstance(b, torch.Tensor) else '?'} in the "
+                    f"checkpoint differs from {tuple(self.bias.shape)}")
+        m = None
+        if mkey in sd:
+            m, where = sd[mkey], f"{self._name()} loading {mkey}"
+        elif w is not None:  # a plain nn.Linear / nn.Conv2d dict: the mask comes from the nonzeros
+            m, where = w != 0, f"{self._name()} loading a dense state dict (mask from the nonzeros of {wkey})"
+        if m is not None:
             try:
-                m = _masks.validate_mask(m.to(self.weight.device), self.weight, self._pattern, where=where)
+                if isinstance(m, torch.Tensor):
+                    m = m.to(self.mask.device)
+                m = _masks.validate_mask(m, self.mask, self._pattern, where=where)
             except (ValueError, TypeError) as e:
-                error_msgs.append(str(e))
-                return  # nothing touched
-            state_dict[mkey] = m
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        with torch.no_grad():
-            masked(self.weight, self.mask, inplace=True)
-        self._density_cache = None
+                return str(e)
+        values = None
+        if w is not None:
+            values = _kept.gather(w.detach().to(self.mask.device, self.weight.dtype), m).clone()
+
+        def commit():
+            if m is not None:
+                self._commit_mask(m.clone(), self._pattern, values)
+            elif values is not None:
+                with torch.no_grad():
+                    self.weight.copy_(values)
+            if b is not None:
+                with torch.no_grad():
+                    self.bias.copy_(b)
+        return commit
 
     def _resolve(self, x: torch.Tensor) -> str:
         if torch.compiler.is_compiling():
@@ -204,7 +337,8 @@ class SparseModule(nn.Module):
 
 
 class SparseLinear(SparseModule):
-    """Drop-in ``nn.Linear`` with a sparse weight.
+    """Drop-in ``nn.Linear`` with a sparse weight stored as its kept values (``weight``: 1-D, see the
+    module docstring; ``weight_shape == (out_features, in_features)``).
 
     x ``(*, in_features)`` -> ``(*, out_features)``. ``pattern`` is ``"unstructured"`` (then ``sparsity``
     is required) or ``"N:M"`` (sparsity implied, ``1 - n/m``; ``in_features % m == 0``).
@@ -220,56 +354,62 @@ class SparseLinear(SparseModule):
             raise ValueError(f"SparseLinear needs positive in/out features, got ({in_features}, {out_features})")
         self.in_features, self.out_features = int(in_features), int(out_features)
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
-        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **fk)) if bias else None)
         self._setup_sparse(pattern, backend)
-        self.reset_parameters()
-        self.register_buffer("mask", self._initial_mask(sparsity, _mask))
-        with torch.no_grad():
-            masked(self.weight, self.mask, inplace=True)
-        self._register_owner()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        dense = torch.empty(out_features, in_features, **fk)
+        self._init_dense(dense)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **fk)) if bias else None)
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-        if hasattr(self, "mask"):
-            with torch.no_grad():
-                masked(self.weight, self.mask, inplace=True)
+        self._init_storage(dense, self._initial_mask(dense, sparsity, _mask))
+
+    @staticmethod
+    def _init_dense(dense: torch.Tensor) -> None:
+        if dense.device.type != "meta":
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+
+    def reset_parameters(self) -> None:
+        dense = torch.empty(self.weight_shape, dtype=self.weight.dtype, device=self.weight.device)
+        self._init_dense(dense)
+        self.set_dense_weight(dense)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, sparsity: float | None = None, pattern: str = "unstructured",
-                   mask: torch.Tensor | None = None, backend: str = "auto") -> "SparseLinear":
-        """A SparseLinear with ``linear``'s weights (copied). Without ``mask`` keeps the largest |w|."""
+                   mask: torch.Tensor | None = None, backend: str = "auto", _adopt: bool = False) -> "SparseLinear":
+        """A SparseLinear with ``linear``'s weights (copied). Without ``mask`` keeps the largest |w|.
+        (``_adopt``, used by :func:`sparsefast.sparsify`: take over ``linear``'s Parameter objects, so an
+        optimizer built on the dense model keeps training the sparse one.)"""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         layer = cls.__new__(cls)
         SparseModule.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = nn.Parameter(w.clone(), requires_grad=linear.weight.requires_grad)
-        layer.register_parameter("bias", nn.Parameter(linear.bias.detach().clone(),
-                                                      requires_grad=linear.bias.requires_grad)
-                                 if linear.bias is not None else None)
         layer._setup_sparse(pattern, backend)
-        layer.register_buffer("mask", layer._initial_mask(sparsity, mask))
-        with torch.no_grad():
-            masked(layer.weight, layer.mask, inplace=True)
+        if linear.bias is None:
+            layer.register_parameter("bias", None)
+        elif _adopt:
+            layer.bias = linear.bias
+        else:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        m = layer._initial_mask(w, sparsity, mask)
+        layer._init_storage(w, m, linear.weight.requires_grad, linear.weight if _adopt else None)
         layer.train(linear.training)
-        layer._register_owner()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.weight, self.mask, self.bias, backend=self._resolve(x),
-                             pattern=self.pattern, density=self._density_arg())
+        return sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=self._resolve(x),
+                                  pattern=self.pattern, density=self._density_arg())
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the masked weights."""
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            lin.weight.copy_(masked(self.weight.detach(), self.mask))
+            lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         lin.weight.requires_grad_(self.weight.requires_grad)
@@ -283,7 +423,8 @@ class SparseLinear(SparseModule):
 
 
 class SparseConv2d(SparseModule):
-    """Drop-in ``nn.Conv2d`` with a sparse weight (NCHW in and out; kernels may work NHWC inside).
+    """Drop-in ``nn.Conv2d`` with a sparse weight stored as its kept values (``weight``: 1-D, canonical
+    order ``(O, kh, kw, C/groups)``; ``weight_shape == (O, C/groups, kh, kw)``). NCHW in and out.
 
     For N:M the reduction order is ``(kh, kw, c)`` with input channels fastest, so
     ``in_channels/groups`` must be divisible by m (see :mod:`sparsefast.masks`).
@@ -294,7 +435,8 @@ class SparseConv2d(SparseModule):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, sparsity: float | None = None,
                  pattern: str = "unstructured", backend: str = "auto", device=None, dtype=None,
-                 _mask: torch.Tensor | None = None, _weight: torch.Tensor | None = None) -> None:
+                 _mask: torch.Tensor | None = None, _weight: torch.Tensor | None = None,
+                 _param: nn.Parameter | None = None) -> None:
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"SparseConv2d: in_channels={in_channels} and out_channels={out_channels} must be "
@@ -303,6 +445,10 @@ class SparseConv2d(SparseModule):
             raise ValueError(f"SparseConv2d: unknown padding_mode {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        for what, v, lo in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                            ("dilation", self.dilation, 1)):
+            if any(not isinstance(i, int) or i < lo for i in v):
+                raise ValueError(f"SparseConv2d: {what} must be positive integers, got {v}")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"SparseConv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
@@ -311,44 +457,52 @@ class SparseConv2d(SparseModule):
             self.padding = padding
         else:
             self.padding = _pair(padding)
+            if any(not isinstance(i, int) or i < 0 for i in self.padding):
+                raise ValueError(f"SparseConv2d: padding must be non-negative integers, got {self.padding}")
         self.padding_mode = padding_mode
         fk = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape, **fk) if _weight is None else _weight)
-        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels, **fk)) if bias else None)
         self._setup_sparse(pattern, backend)
+        dense = torch.empty(shape, **fk) if _weight is None else _weight
         if _weight is None:
-            self.reset_parameters()
-        self.register_buffer("mask", self._initial_mask(sparsity, _mask))
-        with torch.no_grad():
-            masked(self.weight, self.mask, inplace=True)
-        self._register_owner()
+            SparseLinear._init_dense(dense)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels, **fk)) if bias else None)
+        if self.bias is not None and _weight is None:
+            self._init_bias()
+        self._init_storage(dense, self._initial_mask(dense, sparsity, _mask), True, _param)
+
+    def _init_bias(self) -> None:
+        fan_in = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3] if hasattr(self, "mask") else \
+            (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        dense = torch.empty(self.weight_shape, dtype=self.weight.dtype, device=self.weight.device)
+        SparseLinear._init_dense(dense)
+        self.set_dense_weight(dense)
         if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-        if hasattr(self, "mask"):
-            with torch.no_grad():
-                masked(self.weight, self.mask, inplace=True)
+            self._init_bias()
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, sparsity: float | None = None, pattern: str = "unstructured",
-                   mask: torch.Tensor | None = None, backend: str = "auto") -> "SparseConv2d":
-        """A SparseConv2d with ``conv``'s weights (copied). Without ``mask`` keeps the largest |w|."""
+                   mask: torch.Tensor | None = None, backend: str = "auto", _adopt: bool = False) -> "SparseConv2d":
+        """A SparseConv2d with ``conv``'s weights (copied). Without ``mask`` keeps the largest |w|.
+        (``_adopt``: take over ``conv``'s Parameter objects, see :meth:`SparseLinear.from_dense`.)"""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, sparsity=sparsity,
-                    pattern=pattern, backend=backend, _mask=mask, _weight=conv.weight.detach().clone(),
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+                    pattern=pattern, backend=backend, _mask=mask, _weight=conv.weight.detach(),
+                    device=conv.weight.device, dtype=conv.weight.dtype, _param=conv.weight if _adopt else None)
         layer.weight.requires_grad_(conv.weight.requires_grad)
         if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
-            layer.bias.requires_grad_(conv.bias.requires_grad)
+            if _adopt:
+                layer.bias = conv.bias
+            else:
+                with torch.no_grad():
+                    layer.bias.copy_(conv.bias)
+                layer.bias.requires_grad_(conv.bias.requires_grad)
         layer.train(conv.training)
         return layer
 
@@ -364,8 +518,9 @@ class SparseConv2d(SparseModule):
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
-        return sparse_conv2d(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
-                             self.groups, backend=self._resolve(x), pattern=self.pattern, density=self._density_arg())
+        return sparse_conv2d_kept(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
+                                  self.groups, backend=self._resolve(x), pattern=self.pattern,
+                                  density=self._density_arg())
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the masked weights."""
@@ -373,7 +528,7 @@ class SparseConv2d(SparseModule):
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            conv.weight.copy_(masked(self.weight.detach(), self.mask))
+            conv.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         conv.weight.requires_grad_(self.weight.requires_grad)

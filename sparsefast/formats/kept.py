@@ -1,0 +1,119 @@
+"""Kept-values storage: the one canonical order of a sparse layer's trainable values.
+
+A sparse layer stores only its kept weights, as a 1-D tensor ``values`` of length ``nnz``. The order is
+the row-major order of the kept positions in the weight's *reduction view*
+(:func:`sparsefast.masks.reduction_view`): for a Linear weight ``(out, in)`` that is plain row-major
+order; for a conv weight ``(O, C/g, kh, kw)`` it is row-major over ``(O, kh, kw, C/g)`` (channel
+fastest). This is the CSR order of the matrix the kernels multiply by, so kernel backends read
+``values`` as they are (the ``cpu`` kernels' CSR values, the Triton unstructured format's values,
+the compact N:M slots when every group is full): no re-pack after an optimizer step.
+
+Everything here depends on the mask only and is cached per mask version (a mask changes through
+``set_mask`` / ``load_state_dict``, which bump it):
+
+* :func:`index` — ``flat``: int64 ``(nnz,)`` positions in the *natural* (contiguous, weight-shaped)
+  layout, listed in canonical order. ``dense.view(-1)[flat]`` gathers values, ``index_put`` scatters.
+* :func:`gather`, :func:`scatter` — dense <-> values (``scatter`` writes exact ``+0`` at pruned positions).
+* :func:`remap` — where each value of a new mask comes from in an old one (positions kept in both keep
+  their value, newly kept ones start at zero): used for values *and* optimizer state.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor"]
+
+_LOCK = threading.Lock()
+_CACHE: dict[int, tuple] = {}
+
+
+def _canonical_flat(mask: torch.Tensor) -> torch.Tensor:
+    """Flat natural-layout positions of the kept entries, in reduction-view row-major order."""
+    if mask.dim() == 2:
+        return mask.reshape(-1).nonzero().reshape(-1)
+    if mask.dim() == 4:
+        o, c, kh, kw = mask.shape
+        pos = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
+        rv_mask = mask.permute(0, 2, 3, 1)
+        return pos.permute(0, 2, 3, 1)[rv_mask]
+    raise ValueError(f"kept values need a 2-D (linear) or 4-D (conv) mask, got shape {tuple(mask.shape)}")
+
+
+def index(mask: torch.Tensor) -> torch.Tensor:
+    """``flat`` positions (int64, ``(nnz,)``) of ``mask``'s kept entries in canonical order; cached while
+    ``mask`` is alive and unmodified (its version counter)."""
+    if mask.device.type == "meta":
+        raise RuntimeError("kept-values index of a mask on the meta device: the mask's contents are unknown")
+    key = id(mask)
+    ver = (mask._version, mask.data_ptr(), tuple(mask.shape), mask.device)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is mask and hit[1] == ver:
+            return hit[2]
+    flat = _canonical_flat(mask)
+    with _LOCK:
+        fresh = key not in _CACHE or _CACHE[key][0]() is not mask
+        _CACHE[key] = (weakref.ref(mask), ver, flat)
+    if fresh:
+        weakref.finalize(mask, _drop, key)
+    return flat
+
+
+def _drop(key: int) -> None:
+    if _LOCK.acquire(blocking=False):
+        try:
+            hit = _CACHE.get(key)
+            if hit is not None and hit[0]() is None:
+                del _CACHE[key]
+        finally:
+            _LOCK.release()
+
+
+def nnz(mask: torch.Tensor) -> int:
+    return int(index(mask).numel())
+
+
+def gather(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values of ``dense`` (mask-shaped, any layout) at the kept positions, canonical order.
+    Differentiable in ``dense`` (the gradient is scattered back, zero at pruned positions)."""
+    flat = index(mask)
+    return dense.reshape(-1).index_select(0, flat) if dense.is_contiguous() else dense.contiguous().view(-1)[flat]
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense mask-shaped tensor holding ``values`` at the kept positions and ``+0`` elsewhere.
+    Differentiable in ``values``. On the meta device (shape-only runs) an empty meta tensor."""
+    if mask.device.type == "meta" or values.device.type == "meta":
+        return torch.empty(mask.shape, dtype=dtype or values.dtype, device="meta")
+    flat = index(mask)
+    if values.shape != flat.shape:
+        raise ValueError(f"{values.numel()} values for a mask that keeps {flat.numel()} of {tuple(mask.shape)}")
+    v = values if dtype is None else values.to(dtype)
+    out = torch.zeros(mask.numel(), dtype=v.dtype, device=v.device)
+    if v.requires_grad and torch.is_grad_enabled():
+        out = out.index_put((flat,), v)
+    else:
+        out.index_put_((flat,), v)
+    return out.view(mask.shape)
+
+
+def remap(old_mask: torch.Tensor, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src, keep)`` for moving values from ``old_mask``'s canonical order to ``new_mask``'s:
+    ``new[keep] = old[src[keep]]``; ``keep`` is False at newly kept positions (they start at zero)."""
+    old_flat, new_flat = index(old_mask), index(new_mask)
+    lut = torch.full((old_mask.numel(),), -1, dtype=torch.int64, device=old_mask.device)
+    lut[old_flat] = torch.arange(old_flat.numel(), device=old_mask.device)
+    src = lut[new_flat]
+    return src, src >= 0
+
+
+def remap_tensor(t: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A new tensor in the new order (see :func:`remap`): old entries where kept before, zero elsewhere."""
+    out = torch.zeros(src.shape, dtype=t.dtype, device=t.device)
+    if bool(keep.all()):
+        return t.index_select(0, src).clone() if src.numel() else out
+    out[keep] = t[src[keep]]
+    return out
