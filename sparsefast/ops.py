@@ -334,9 +334,12 @@ def _check_common(name, x, weight, mask, bias, *, kept: bool = False):
         raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devs))}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name}: x must have at least one dimension, got a 0-D tensor")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{name}: dtype mismatch: x {x.dtype}, {'values' if kept else 'weight'} {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else ""))
+        raise TypeError(f"{name}: dtype mismatch: input x is {x.dtype} but the layer's {'weight (kept values)' if kept else 'weight'} "
+                        f"is {weight.dtype}" + (f" and bias {bias.dtype}" if bias is not None else "")
+                        + f"; convert one (e.g. x.to({weight.dtype}) or layer.to({x.dtype}))")
 
 
 def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
@@ -420,6 +423,8 @@ def sparse_conv2d_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
         raise ValueError(f"sparse_conv2d: x has {x.shape[1]} channels but weight {tuple(mask.shape)} "
                          f"with groups={groups} expects {mask.shape[1] * groups}")
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"sparse_conv2d: stride {stride} and dilation {dilation} must be positive (as in nn.Conv2d)")
     if isinstance(padding, str):
         if padding == "valid":
             padding = [0, 0]
@@ -434,6 +439,13 @@ def sparse_conv2d_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
         else:
             raise ValueError(f"sparse_conv2d: padding must be int, pair, 'same' or 'valid', got {padding!r}")
     padding = _pair(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"sparse_conv2d: padding {padding} must be non-negative (as in nn.Conv2d)")
+    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], mask, stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        kh, kw = mask.shape[-2:]
+        raise ValueError(f"sparse_conv2d: input {tuple(x.shape[-2:])} (padded by {padding}) is smaller than the "
+                         f"kernel ({kh}, {kw}) with dilation {dilation}: the output would be {ho}x{wo}")
     pattern = str(parse_pattern(pattern))
     cp = _cp(stride, padding, dilation, groups)
     if torch.compiler.is_compiling():  # resolved once at trace time (see backends.resolve_static)

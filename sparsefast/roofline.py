@@ -28,6 +28,12 @@ mask structure — i.e. it moves one packed-format's worth of weight bytes, like
 dX of an N:M layer assumes the design reads a packed copy of ``(W⊙M)ᵀ`` (transposable mask or a
 second packing), so it moves the same weight bytes as the forward.
 
+A **training step** (``kind="train"``) is the layer's ``step`` plus the optimizer update of its weight,
+an element-wise, memory-bound pass over the Parameter and its state: :data:`OPTIMIZER_PASSES` tensor
+reads/writes per element (SGD with momentum: read w, g, buf, write w, buf = 5; AdamW: read w, g, m, v,
+write w, m, v = 7). Dense layers update ``N·K`` elements; kept-values layers update only the ``nnz`` kept
+ones (their Parameter *is* the kept values), which is what makes sparse training steps faster end to end.
+
 Convolutions are implicit GEMMs: ``M = B·Ho·Wo``, ``N = out_channels``, ``K = in_channels/groups·kh·kw``;
 activations are read/written once in their real (not im2col) size.
 """
@@ -151,7 +157,10 @@ class Prediction:
         return self.dense_s / self.sparse_s
 
 
-Kind = Literal["fwd", "dx", "dw", "step"]
+Kind = Literal["fwd", "dx", "dw", "step", "train"]
+
+#: element passes of one optimizer step over a weight (see the module docstring)
+OPTIMIZER_PASSES = {"none": 0, "sgd": 5, "adamw": 7}
 
 
 def _kernel(nbytes: float, flops: float, hw: Hardware, peak: float) -> tuple[float, str]:
@@ -161,7 +170,7 @@ def _kernel(nbytes: float, flops: float, hw: Hardware, peak: float) -> tuple[flo
 
 def _gemm_prediction(kind: str, M: int, K: int, N: int, x_elems: int, y_elems: int, dtype: torch.dtype,
                      pattern: "str | Pattern", density: float | None, hw: Hardware,
-                     dw_writes: str) -> Prediction:
+                     dw_writes: str, optimizer: str = "adamw") -> Prediction:
     pat = parse_pattern(pattern)
     d = pat.density if pat.is_nm else density
     if d is None or not (0.0 < d <= 1.0):
@@ -171,9 +180,11 @@ def _gemm_prediction(kind: str, M: int, K: int, N: int, x_elems: int, y_elems: i
     w_sparse = weight_nbytes(N, K, dtype, pat, d)
     flops = 2.0 * M * K * N
     peak = hw.peak(dtype)
-    parts = ["fwd", "dx", "dw"] if kind == "step" else [kind]
-    if kind not in ("fwd", "dx", "dw", "step"):
-        raise ValueError(f"roofline: kind must be fwd, dx, dw or step, got {kind!r}")
+    parts = ["fwd", "dx", "dw"] if kind in ("step", "train") else [kind]
+    if kind not in ("fwd", "dx", "dw", "step", "train"):
+        raise ValueError(f"roofline: kind must be fwd, dx, dw, step or train, got {kind!r}")
+    if optimizer not in OPTIMIZER_PASSES:
+        raise ValueError(f"roofline: optimizer must be one of {', '.join(OPTIMIZER_PASSES)}, got {optimizer!r}")
     td = ts = 0.0
     bd: set[str] = set()
     bs: set[str] = set()
@@ -193,6 +204,17 @@ def _gemm_prediction(kind: str, M: int, K: int, N: int, x_elems: int, y_elems: i
         bs.add(b)
         byd += dense_b
         bys += sparse_b
+    if kind == "train" and OPTIMIZER_PASSES[optimizer]:
+        passes = OPTIMIZER_PASSES[optimizer]
+        kept = int(round(d * N * K)) if d < 1.0 else N * K
+        for nbytes, acc in ((passes * N * K * e, "d"), (passes * kept * e, "s")):
+            t = nbytes / (hw.hbm_gbps * 1e9)
+            if acc == "d":
+                td, byd = td + t, byd + nbytes
+                bd.add("memory")
+            else:
+                ts, bys = ts + t, bys + nbytes
+                bs.add("memory")
     one = lambda s: s.pop() if len(s) == 1 else "mixed"  # noqa: E731
     return Prediction(td, ts, one(bd), one(bs), byd, bys, flops * len(parts), flops * d * len(parts), hw.name)
 
@@ -209,31 +231,35 @@ def _hw(hardware: "str | Hardware") -> Hardware:
 
 def predict_linear(kind: Kind, M: int, K: int, N: int, *, dtype: torch.dtype = torch.bfloat16,
                    pattern: "str | Pattern" = "2:4", density: float | None = None,
-                   hardware: "str | Hardware" = "H100", dw_writes: str = "kept") -> Prediction:
+                   hardware: "str | Hardware" = "H100", dw_writes: str = "kept",
+                   optimizer: str = "adamw") -> Prediction:
     """Bound for a Linear with input ``(M, K)`` and weight ``(N, K)``. ``kind``: ``fwd``, ``dx``
-    (frozen-weight backward), ``dw`` (masked weight gradient) or ``step`` (fwd + dx + dw)."""
-    return _gemm_prediction(kind, M, K, N, M * K, M * N, dtype, pattern, density, _hw(hardware), dw_writes)
+    (frozen-weight backward), ``dw`` (masked weight gradient), ``step`` (fwd + dx + dw) or ``train``
+    (``step`` + the ``optimizer`` update of the weight: ``"sgd"``, ``"adamw"``)."""
+    return _gemm_prediction(kind, M, K, N, M * K, M * N, dtype, pattern, density, _hw(hardware), dw_writes,
+                            optimizer)
 
 
 def predict_conv(kind: Kind, batch: int, in_channels: int, height: int, width: int, out_channels: int,
                  kernel_size: tuple[int, int], *, stride: int = 1, padding: int = 0, dilation: int = 1,
                  groups: int = 1, dtype: torch.dtype = torch.bfloat16, pattern: "str | Pattern" = "2:4",
                  density: float | None = None, hardware: "str | Hardware" = "H100",
-                 dw_writes: str = "kept") -> Prediction:
+                 dw_writes: str = "kept", optimizer: str = "adamw") -> Prediction:
     """Bound for a Conv2d on an input ``(batch, in_channels, height, width)`` as an implicit GEMM."""
     kh, kw = kernel_size
     ho = (height + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
     wo = (width + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     M, N, K = batch * ho * wo, out_channels, in_channels // groups * kh * kw
     return _gemm_prediction(kind, M, K, N, batch * in_channels * height * width, batch * out_channels * ho * wo,
-                            dtype, pattern, density, _hw(hardware), dw_writes)
+                            dtype, pattern, density, _hw(hardware), dw_writes, optimizer)
 
 
 def predict(case: dict, hardware: "str | Hardware" = "H100") -> Prediction:
     """Bound for a benchmark case dict (the keys ``sparsefast.cli.bench`` uses: ``op`` "linear"/"conv",
     ``kind``, ``dtype`` (str), ``pattern``, ``density``, and ``M,K,N`` or the conv geometry)."""
     dtype = getattr(torch, str(case["dtype"]).replace("torch.", ""))
-    common = dict(dtype=dtype, pattern=case["pattern"], density=case.get("density"), hardware=hardware)
+    common = dict(dtype=dtype, pattern=case["pattern"], density=case.get("density"), hardware=hardware,
+                  optimizer=case.get("optimizer", "adamw"))
     if case["op"] == "linear":
         return predict_linear(case["kind"], case["M"], case["K"], case["N"], **common)
     return predict_conv(case["kind"], case["B"], case["C"], case["H"], case["W"], case["O"],

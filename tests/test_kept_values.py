@@ -212,3 +212,22 @@ def test_dense_shaped_data_write_is_refused_loudly():
     # a kept-sized .data write (no version bump) is seen too: kernels read the values as they are
     layer.weight.data.copy_(torch.randn(layer.weight.shape))
     torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_fail_clearly_in_forward(backend):
+    """Same errors as nn.Conv2d, in forward, on every backend; the layer is named in layer errors."""
+    lin = SparseLinear(8, 4, sparsity=0.5, backend=backend)
+    with pytest.raises(ValueError, match="SparseLinear.*dimension"):
+        lin(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float64 does not match the layer's dtype torch.float32"):
+        lin(torch.randn(2, 8, dtype=torch.float64))
+    conv = SparseConv2d(4, 4, 5, sparsity=0.5, backend=backend)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        conv(torch.randn(1, 4, 3, 3))
+    for kw in (dict(dilation=0), dict(dilation=(1, 0)), dict(padding=-1), dict(stride=0)):
+        with pytest.raises(ValueError, match="must be"):
+            SparseConv2d(4, 4, 3, sparsity=0.5, backend=backend, **kw)
+        with pytest.raises(ValueError, match="must be"):
+            sparsefast.ops.sparse_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3),
+                                         torch.ones(4, 4, 3, 3, dtype=torch.bool), backend=backend, **kw)

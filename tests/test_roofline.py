@@ -97,3 +97,18 @@ def test_predict_from_case_dict_and_table():
           "padding": 1, "dtype": "float16", "pattern": "unstructured", "density": 0.1}
     assert math.isfinite(rl.predict(cc).ratio)
     assert "H100" in rl.ceiling_table()
+
+
+def test_training_step_counts_optimizer_bytes_on_kept_values():
+    """kind="train" adds the optimizer's element passes: dense over N*K, kept-values layers over nnz only,
+    so a memory-bound training step's ratio grows towards 1/density as the optimizer dominates."""
+    from sparsefast.roofline import OPTIMIZER_PASSES, predict_linear
+    step = predict_linear("step", 16, 4096, 4096, pattern="unstructured", density=0.1)
+    for opt in ("sgd", "adamw"):
+        tr = predict_linear("train", 16, 4096, 4096, pattern="unstructured", density=0.1, optimizer=opt)
+        extra_dense = OPTIMIZER_PASSES[opt] * 4096 * 4096 * 2
+        assert tr.dense_bytes - step.dense_bytes == extra_dense
+        assert tr.sparse_bytes - step.sparse_bytes == OPTIMIZER_PASSES[opt] * round(0.1 * 4096 * 4096) * 2
+        assert tr.ratio > step.ratio
+    assert predict_linear("train", 16, 4096, 4096, optimizer="none").ratio == predict_linear(
+        "step", 16, 4096, 4096).ratio

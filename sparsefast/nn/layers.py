@@ -325,7 +325,21 @@ class SparseModule(nn.Module):
                     self.bias.copy_(b)
         return commit
 
+    def _check_input(self, x) -> None:
+        """Clear errors naming the layer before any backend is asked (0-D input, dtype mismatch)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._name()}: input must be a torch.Tensor, got {type(x).__name__}")
+        want = 3 if self._op == "conv" else 1
+        if x.dim() < want:
+            raise ValueError(f"{self._name()}: input must have at least {want} dimension(s), got shape {tuple(x.shape)}")
+        if (x.dtype != self.weight.dtype and x.is_floating_point()
+                and not _bk._autocast_on(x.device.type)):
+            raise TypeError(f"{self._name()}: input dtype {x.dtype} does not match the layer's dtype "
+                            f"{self.weight.dtype}; convert one (x.to({self.weight.dtype}) or layer.to({x.dtype}))")
+
     def _resolve(self, x: torch.Tensor) -> str:
+        if not torch.compiler.is_compiling():
+            self._check_input(x)
         if torch.compiler.is_compiling():
             return _layer_backend_static(id(self), x.device.type, str(x.dtype))
         name = _bk.resolve(self.requested_backend, self._op_query(x))
