@@ -17,41 +17,221 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import torch
 
 __all__ = [
-    "Pattern", "parse_pattern", "nm_mask", "topk_mask", "transposable_nm_mask", "is_nm",
+    "Pattern", "Unstructured", "NM", "Block", "BLOCK_SIZES", "register_pattern", "block_mask", "parse_pattern", "nm_mask", "topk_mask", "transposable_nm_mask", "is_nm",
     "is_transposable_nm", "density", "reduction_view", "from_reduction_view", "validate_mask",
     "magnitude_mask", "check_sparsity",
 ]
 
 
-@dataclass(frozen=True)
 class Pattern:
-    """A parsed sparsity pattern. ``n``/``m`` are ``None`` for unstructured."""
+    """A parsed sparsity pattern: a *type* (:class:`Unstructured`, :class:`NM`, :class:`Block`, or one added
+    with :func:`register_pattern`) that owns everything pattern-specific — parsing, implied density,
+    whether it fits a weight shape, the top-score mask, mask validation and its group geometry — so code
+    elsewhere asks the pattern instead of branching on its kind. Backends declare the pattern types they
+    run (``Backend.patterns``).
 
+    Every method works on the weight's *reduction view* ``(rows, K)`` (:func:`reduction_view`).
+    ``n``/``m`` are ``None`` except for N:M (kept for code that reads them)."""
+
+    #: the pattern family's name, e.g. "unstructured", "nm", "block"
+    kind: ClassVar[str] = "?"
+
+    def __new__(cls, *args, **kwargs):
+        # ``Pattern()`` / ``Pattern(n, m)`` (the former constructor) still give unstructured / N:M
+        if cls is Pattern:
+            return Unstructured() if not args and not kwargs else NM(*args, **kwargs)
+        return super().__new__(cls)
     n: int | None = None
     m: int | None = None
 
     @property
     def is_nm(self) -> bool:
-        return self.m is not None
+        return False
 
     @property
     def density(self) -> float | None:
-        """Density implied by the pattern (``n/m``), ``None`` for unstructured."""
-        return self.n / self.m if self.is_nm else None
+        """Density implied by the pattern (``n/m`` for N:M), ``None`` where a sparsity must be given."""
+        return None
+
+    @property
+    def group_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the unit the pattern keeps or drops, in the reduction view."""
+        return (1, 1)
+
+    @classmethod
+    def parse(cls, s: str) -> "Pattern | None":
+        """The pattern for the lower-cased string ``s``, or ``None`` if ``s`` is not of this type."""
+        return None
+
+    def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
+        """Why a weight of ``shape`` (2-D Linear or 4-D conv) cannot take this pattern (``None``: it can)."""
+        return None
+
+    def top_mask(self, scores_rv: torch.Tensor, density: float | None) -> torch.Tensor:
+        """The mask (reduction view) keeping the largest |scores| under this pattern."""
+        raise NotImplementedError
+
+    def mask_error(self, mask_rv: torch.Tensor) -> str | None:
+        """Why a bool reduction-view mask breaks this pattern (``None``: it fits)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Unstructured(Pattern):
+    """Any subset of weights (``sparsity=`` gives how many are kept)."""
+
+    kind: ClassVar[str] = "unstructured"
+
+    @classmethod
+    def parse(cls, s: str) -> "Pattern | None":
+        return cls() if s in ("unstructured", "dense") else None
+
+    def top_mask(self, scores_rv: torch.Tensor, density: float | None) -> torch.Tensor:
+        if density is None:
+            raise ValueError("an unstructured pattern needs a sparsity (or an explicit mask)")
+        return topk_mask(scores_rv, density) if density < 1.0 else torch.ones_like(scores_rv, dtype=torch.bool)
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return "unstructured"
+
+
+@dataclass(frozen=True)
+class NM(Pattern):
+    """At most ``n`` kept out of every ``m`` consecutive weights along the reduction dim."""
+
+    n: int = 2
+    m: int = 4
+    kind: ClassVar[str] = "nm"
+
+    def __post_init__(self) -> None:
+        _check_nm(self.n, self.m)
+
+    @property
+    def is_nm(self) -> bool:
+        return True
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def group_shape(self) -> tuple[int, int]:
+        return (1, self.m)
+
+    @classmethod
+    def parse(cls, s: str) -> "Pattern | None":
+        parts = s.split(":")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            return cls(int(parts[0]), int(parts[1]))
+        return None
+
+    def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
+        k = int(math.prod(shape[1:]))
+        if len(shape) == 4 and shape[1] % self.m:
+            return (f"pattern {self} groups {self.m} consecutive input channels per kernel position, but "
+                    f"in_channels/groups={shape[1]} is not divisible by {self.m}")
+        if k % self.m:
+            return f"reduction dim {k} is not divisible by m={self.m} (pattern {self}, weight {tuple(shape)})"
+        return None
+
+    def top_mask(self, scores_rv: torch.Tensor, density: float | None) -> torch.Tensor:
+        if density is not None and abs(float(density) - self.density) > 1e-9:
+            raise ValueError(f"pattern {self} implies sparsity {1 - self.density:g}, got sparsity={1 - density:g}")
+        return nm_mask(scores_rv, self.n, self.m)
+
+    def mask_error(self, mask_rv: torch.Tensor) -> str | None:
+        if mask_rv.shape[-1] % self.m:
+            return f"reduction dim {mask_rv.shape[-1]} is not divisible by m={self.m}"
+        if not is_nm(mask_rv, self.n, self.m):
+            bad = int((mask_rv.reshape(-1, self.m).sum(1) > self.n).sum())
+            return f"mask does not satisfy the {self} pattern: {bad} group(s) of {self.m} keep more than {self.n}"
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+#: block sizes the ``"block:B"`` pattern accepts
+BLOCK_SIZES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Block(Pattern):
+    """Square ``b x b`` blocks of the reduction view ``(out, K)`` kept or dropped whole (``"block:B"``,
+    ``B`` in :data:`BLOCK_SIZES`); for conv the reduction dim is ``(kh, kw, C/groups)``, channel fastest.
+    ``sparsity=`` gives the fraction of blocks dropped."""
+
+    b: int = 16
+    kind: ClassVar[str] = "block"
+
+    def __post_init__(self) -> None:
+        if self.b not in BLOCK_SIZES:
+            raise ValueError(f"block pattern needs a block size in {BLOCK_SIZES}, got {self.b}")
+
+    @property
+    def group_shape(self) -> tuple[int, int]:
+        return (self.b, self.b)
+
+    @classmethod
+    def parse(cls, s: str) -> "Pattern | None":
+        if s.startswith("block:"):
+            v = s[len("block:"):].strip()
+            if not v.isdigit():
+                raise ValueError(f"cannot parse block pattern {s!r}: expected 'block:B' with B in {BLOCK_SIZES}")
+            return cls(int(v))
+        return None
+
+    def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
+        rows, k = int(shape[0]), int(math.prod(shape[1:]))
+        if rows % self.b or k % self.b:
+            return (f"pattern {self} needs out_features/out_channels ({rows}) and the reduction dim ({k}) "
+                    f"divisible by {self.b} (weight {tuple(shape)})")
+        return None
+
+    def top_mask(self, scores_rv: torch.Tensor, density: float | None) -> torch.Tensor:
+        if density is None:
+            raise ValueError(f"pattern {self} needs a sparsity (or an explicit mask)")
+        return block_mask(scores_rv, self.b, density)
+
+    def mask_error(self, mask_rv: torch.Tensor) -> str | None:
+        r, k = mask_rv.shape
+        if r % self.b or k % self.b:
+            return f"mask {tuple(mask_rv.shape)} is not made of whole {self.b}x{self.b} blocks"
+        blk = mask_rv.reshape(r // self.b, self.b, k // self.b, self.b).sum((1, 3))
+        mixed = int(((blk != 0) & (blk != self.b * self.b)).sum())
+        if mixed:
+            return f"mask does not satisfy the {self} pattern: {mixed} block(s) of {self.b}x{self.b} are partly kept"
+        return None
+
+    def __str__(self) -> str:
+        return f"block:{self.b}"
+
+
+#: pattern types :func:`parse_pattern` tries, in order (see :func:`register_pattern`)
+PATTERN_TYPES: list[type[Pattern]] = [Unstructured, NM, Block]
+
+
+def register_pattern(cls: type[Pattern]) -> type[Pattern]:
+    """Add a :class:`Pattern` subclass (its ``parse`` classmethod recognises its strings); usable as a
+    class decorator. Backends run it where they list it in ``Backend.patterns``."""
+    if not (isinstance(cls, type) and issubclass(cls, Pattern)):
+        raise TypeError(f"register_pattern expects a Pattern subclass, got {cls!r}")
+    if cls not in PATTERN_TYPES:
+        PATTERN_TYPES.append(cls)
+        _PARSED.clear()
+    return cls
 
 
 _PARSED: dict[str, Pattern] = {}
 
 
 def parse_pattern(pattern: "str | Pattern") -> Pattern:
-    """Parse ``"unstructured"`` or ``"N:M"`` (1 <= N < M). Raises ``ValueError`` otherwise."""
+    """Parse ``"unstructured"``, ``"N:M"`` (1 <= N < M) or ``"block:B"``. Raises ``ValueError`` otherwise."""
     if isinstance(pattern, Pattern):
         return pattern
     hit = _PARSED.get(pattern) if isinstance(pattern, str) else None
@@ -67,14 +247,12 @@ def _parse_pattern(pattern) -> Pattern:
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a string like 'unstructured' or '2:4', got {type(pattern).__name__}")
     s = pattern.strip().lower()
-    if s in ("unstructured", "dense"):
-        return Pattern()
-    parts = s.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"cannot parse sparsity pattern {pattern!r}: expected 'unstructured' or 'N:M' such as '2:4'")
-    n, m = int(parts[0]), int(parts[1])
-    _check_nm(n, m)
-    return Pattern(n, m)
+    for cls in PATTERN_TYPES:
+        p = cls.parse(s)
+        if p is not None:
+            return p
+    raise ValueError(f"cannot parse sparsity pattern {pattern!r}: expected 'unstructured', 'N:M' such as '2:4', "
+                     f"or 'block:B' with B in {BLOCK_SIZES}")
 
 
 def _check_nm(n: int, m: int) -> None:
@@ -135,6 +313,21 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
         idx = torch.sort(flat, descending=True, stable=True).indices[:k]
         out[idx] = True
     return out.reshape(scores.shape)
+
+
+def block_mask(scores: torch.Tensor, block: int, density: float) -> torch.Tensor:
+    """Keep the ``round(density * nblocks)`` ``block x block`` blocks of largest summed |score| (bool,
+    same shape). ``scores`` is 2-D ``(R, C)`` — a weight's reduction view — with both dims divisible by
+    ``block``; ties go to the lower block index."""
+    _check_scores(scores)
+    if scores.dim() != 2:
+        raise ValueError(f"block_mask needs a 2-D score matrix (a reduction view), got shape {tuple(scores.shape)}")
+    R, C = scores.shape
+    if not isinstance(block, int) or block < 1 or R % block or C % block:
+        raise ValueError(f"block_mask: shape {(R, C)} is not divisible into {block}x{block} blocks")
+    blocks = scores.detach().abs().float().reshape(R // block, block, C // block, block).sum((1, 3))
+    keep = topk_mask(blocks, density) if density < 1.0 else torch.ones_like(blocks, dtype=torch.bool)
+    return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
 @lru_cache(maxsize=None)
@@ -251,28 +444,27 @@ def from_reduction_view(rv: torch.Tensor, shape: torch.Size | tuple) -> torch.Te
 
 
 def magnitude_mask(weight: torch.Tensor, pattern: "str | Pattern", sparsity: float | None) -> torch.Tensor:
-    """Largest-|weight| mask for a layer weight (2-D or 4-D) under ``pattern``.
+    """Largest-|weight| mask for a layer weight (2-D or 4-D) under ``pattern`` (:meth:`Pattern.top_mask`).
 
     N:M keeps the top-n of every m-group in reduction order (``sparsity`` must be ``None`` or ``1-n/m``);
-    unstructured keeps ``round((1 - sparsity) * numel)`` weights.
+    unstructured keeps ``round((1 - sparsity) * numel)`` weights; ``block:B`` the largest-|w|-sum blocks.
     """
     pat = parse_pattern(pattern)
-    if pat.is_nm:
-        if sparsity is not None and abs(float(sparsity) - (1 - pat.density)) > 1e-9:
-            raise ValueError(f"pattern {pat} implies sparsity {1 - pat.density:g}, got sparsity={sparsity}")
-        rv = reduction_view(weight)
-        return from_reduction_view(nm_mask(rv, pat.n, pat.m), weight.shape)
-    if sparsity is None:
-        raise ValueError("an unstructured pattern needs a sparsity (or an explicit mask)")
-    s = check_sparsity(sparsity)
-    if s == 0.0:
-        return torch.ones_like(weight, dtype=torch.bool)
-    return topk_mask(weight, 1.0 - s)
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    density = None if sparsity is None else 1.0 - float(sparsity)
+    why = pat.fits(tuple(weight.shape))
+    if why is not None:
+        raise ValueError(why)
+    if isinstance(pat, Unstructured):  # ranking the natural layout: same set, ties as before
+        return pat.top_mask(weight, density)
+    return from_reduction_view(pat.top_mask(reduction_view(weight), density), weight.shape)
 
 
 def validate_mask(mask: torch.Tensor, weight: torch.Tensor, pattern: "str | Pattern", *, where: str = "") -> torch.Tensor:
-    """Check that ``mask`` fits ``weight`` and ``pattern``; return it as a bool tensor on the weight's
-    device. Raises ``ValueError``/``TypeError`` naming ``where``, the shapes and the broken rule."""
+    """Check that ``mask`` fits ``weight`` (any tensor of the weight's shape and device) and ``pattern``;
+    return it as a bool tensor on the weight's device. Raises ``ValueError``/``TypeError`` naming
+    ``where``, the shapes and the broken rule."""
     pre = f"{where}: " if where else ""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{pre}mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -290,11 +482,9 @@ def validate_mask(mask: torch.Tensor, weight: torch.Tensor, pattern: "str | Patt
     if mask.device != weight.device:
         raise ValueError(f"{pre}mask is on {mask.device} but the weight is on {weight.device}; move it first")
     pat = parse_pattern(pattern)
-    if pat.is_nm:
-        rv = reduction_view(mask)
-        if rv.shape[1] % pat.m:
-            raise ValueError(f"{pre}reduction dim {rv.shape[1]} of weight {tuple(weight.shape)} is not divisible by m={pat.m}")
-        if not is_nm(rv, pat.n, pat.m):
-            bad = int((rv.reshape(-1, pat.m).sum(1) > pat.n).sum())
-            raise ValueError(f"{pre}mask does not satisfy the {pat} pattern: {bad} group(s) of {pat.m} keep more than {pat.n}")
+    why = pat.fits(tuple(weight.shape))
+    if why is None and mask.device.type != "meta":
+        why = pat.mask_error(reduction_view(mask))
+    if why is not None:
+        raise ValueError(f"{pre}{why}")
     return mask

@@ -231,3 +231,34 @@ def test_bad_inputs_fail_clearly_in_forward(backend):
         with pytest.raises(ValueError, match="must be"):
             sparsefast.ops.sparse_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3),
                                          torch.ones(4, 4, 3, 3, dtype=torch.bool), backend=backend, **kw)
+
+
+def test_mask_change_while_previous_graph_is_alive():
+    """A training loop holds last step's ``loss`` while the next forward runs; a mask change that resizes
+    the kept values in between must not break the next backward."""
+    layer = SparseLinear(16, 8, sparsity=0.5, backend="reference")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    loss = layer(torch.randn(4, 16)).sum()
+    loss.backward()
+    opt.step()
+    layer.set_mask(torch.rand(8, 16, generator=torch.Generator().manual_seed(0)) < 0.2)  # nnz changes
+    loss = layer(torch.randn(4, 16)).sum()   # the previous graph is still referenced until here
+    loss.backward()
+    assert layer.weight.grad.shape == layer.weight.shape
+    opt.step()
+
+
+def test_extra_parameters_of_a_layer_stay_in_its_state_dict():
+    layer = SparseLinear(8, 4, sparsity=0.5)
+    layer.register_parameter("scores", nn.Parameter(torch.randn(4, 8)))
+    layer.register_buffer("counter", torch.tensor(3))
+    sd = layer.state_dict()
+    assert {"weight", "bias", "mask", "scores", "counter"} == set(sd)
+    other = SparseLinear(8, 4, sparsity=0.5)
+    other.register_parameter("scores", nn.Parameter(torch.zeros(4, 8)))
+    other.register_buffer("counter", torch.tensor(0))
+    other.load_state_dict(sd)
+    assert torch.equal(other.scores, layer.scores) and int(other.counter) == 3
+    assert torch.equal(other.dense_weight(), layer.dense_weight())
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        SparseLinear(8, 4, sparsity=0.5).load_state_dict(sd)

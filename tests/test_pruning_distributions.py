@@ -116,7 +116,15 @@ def test_global_uses_magnitudes():
         model[0].weight.fill_(1.0)
         model[1].weight.fill_(0.01)
     d = layer_densities(model, 0.5, "global")
-    assert d == {"0": 1.0, "1": 0.0} or (d["0"] == 1.0 and d["1"] == 0.0)
+    # one threshold: the large weights win, except that every layer keeps at least one weight (its
+    # largest; the budget stays exact)
+    assert d == {"0": 0.99, "1": 0.01}
+    with torch.no_grad():
+        model[1].weight[3, 4] = 0.02
+    d = layer_densities(model, 0.6, "global")
+    assert d == {"0": 0.79, "1": 0.01}
+    assert layer_densities(model, 0.3, "global") == {"0": 1.0, "1": 0.4}  # no layer empty: plain top-k
+    assert layer_densities(model, 0.0, "global") == {"0": 1.0, "1": 1.0}
 
 
 def test_layer_densities_on_sparse_layers_and_filter():

@@ -11,6 +11,7 @@ from torch import nn
 
 import sparsefast
 from sparsefast import masks as M
+from sparsefast.formats import kept
 from sparsefast import pruning as P
 from sparsefast.pruning._grad import GradCapture, dense_weight_grad
 from _util import data, mlp
@@ -37,7 +38,7 @@ def test_capture_gives_the_dense_gradient(inplace):
     sparsefast.sparsify(model, sparsity=0.6)
     with torch.no_grad():
         for a, b in zip([m for m in model if hasattr(m, "mask")], [m for m in ref if hasattr(m, "weight")]):
-            b.weight.copy_(a.weight)
+            b.weight.copy_(a.dense_weight())
     layers = sparsefast.nn.sparse_layers(model)
     cap = GradCapture(layers)
     cap.arm()
@@ -48,7 +49,8 @@ def test_capture_gives_the_dense_gradient(inplace):
     for (n, l), r in zip(layers, [m for m in ref if hasattr(m, "weight")]):
         torch.testing.assert_close(g[n], r.weight.grad, rtol=1e-4, atol=1e-5)
         assert bool((g[n][~l.mask] != 0).any())  # dense: the masked .grad would be 0 there
-        assert bool((l.weight.grad[~l.mask] == 0).all())
+        assert l.weight.grad.shape == (int(l.mask.sum()),)  # the kept values' gradient only
+        assert bool((l.dense_grad()[~l.mask] == 0).all())
     cap.disarm()
     model(x).sum().backward()
     assert cap.pop() == {}
@@ -80,7 +82,7 @@ def test_rigl_drops_smallest_weights_and_grows_largest_gradients():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         masks_before = pr.masks()
-        w_after = {n: l.weight.detach().clone() for n, l in pr.layers}
+        w_after = {n: l.dense_weight().clone() for n, l in pr.layers}
         pr.step()
         opt.zero_grad()
         if t % 2:
@@ -102,7 +104,7 @@ def test_rigl_drops_smallest_weights_and_grows_largest_gradients():
             assert torch.equal(l.mask, expect), f"step {t} layer {n}"
             assert int(l.mask.sum()) == nnz0[n]  # constant density
             grown = grow.reshape(m.shape)
-            assert bool((l.weight.detach()[grown] == 0).all())  # new weights start at 0
+            assert bool((l.dense_weight()[grown] == 0).all())  # new weights start at 0
             assert torch.equal(pr.last_update[n]["grown"], grown)
 
 
@@ -131,20 +133,29 @@ def test_rigl_stops_at_end_step_and_warns_without_gradient():
         P.RigL(mlp(), sparsity=0.5)
 
 
-def test_rigl_resets_optimizer_state_of_grown_weights():
+@pytest.mark.parametrize("tell_pruner", [False, True])
+def test_rigl_resets_optimizer_state_of_grown_weights(tell_pruner):
     model = mlp()
     pr = P.RigL(model, sparsity=0.5, update_every=1, end_step=10)
     pr.prune()
     opt = sgd(model)
-    pr.optimizer = opt
+    if tell_pruner:
+        pr.optimizer = opt  # accepted, no longer needed: set_mask moves every stepped optimizer's state
     for x, y in data(3):
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        before = {n: kept.scatter(opt.state[l.weight]["momentum_buffer"], l.mask) for n, l in pr.layers}
         pr.step()
         opt.zero_grad()
     for n, l in pr.layers:
         buf = opt.state[l.weight]["momentum_buffer"]
-        assert bool((buf[pr.last_update[n]["grown"]] == 0).all())
+        assert buf.shape == l.weight.shape
+        dense = kept.scatter(buf, l.mask)
+        grown = pr.last_update[n]["grown"]
+        assert bool(grown.any())
+        assert bool((dense[grown] == 0).all())
+        stay = l.mask & ~grown  # kept before and after: the momentum is untouched
+        assert torch.equal(dense[stay], before[n][stay])
 
 
 @pytest.mark.parametrize("cls", ["RigL", "SET"])
@@ -179,7 +190,7 @@ def test_set_drops_smallest_and_grows_randomly_at_constant_density():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         before = pr.masks()
-        w = {n: l.weight.detach().clone() for n, l in pr.layers}
+        w = {n: l.dense_weight().clone() for n, l in pr.layers}
         nnz = {n: int(l.mask.sum()) for n, l in pr.layers}
         pr.step()
         for n, l in pr.layers:
@@ -189,7 +200,7 @@ def test_set_drops_smallest_and_grows_randomly_at_constant_density():
             kept = w[n][before[n] & ~d].abs()
             assert float(w[n][d].abs().max()) <= float(kept.min())
             assert bool((g <= ~(before[n] & ~d)).all())
-            assert bool((l.weight.detach()[g] == 0).all())
+            assert bool((l.dense_weight()[g] == 0).all())
         return {n: pr.last_update[n]["grown"] for n in pr.last_update}, pr
 
     g1, pr = run(0)
@@ -212,7 +223,7 @@ def test_dsr_global_threshold_and_proportional_regrowth():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         before = pr.masks()
-        w = {n: l.weight.detach().abs().clone() for n, l in pr.layers}
+        w = {n: l.dense_weight().abs().clone() for n, l in pr.layers}
         H = pr.threshold
         pr.step()
         opt.zero_grad()

@@ -27,16 +27,16 @@ def test_freezenet_weights_regenerable_from_seed():
     b = P.FreezeNet(mlp(1), sparsity=0.8, seed=3)  # another init: replaced by the seeded one
     c = P.FreezeNet(mlp(0), sparsity=0.8, seed=4)
     for (n, la), (_, lb), (_, lc) in zip(a.layers, b.layers, c.layers):
-        assert torch.equal(la.weight, lb.weight)
-        assert not torch.equal(la.weight, lc.weight)
-        assert torch.equal(la.weight.detach(), regen("FreezeNet", 3, n, la.weight.shape, "kaiming_uniform"))
+        assert torch.equal(la.dense_weight(), lb.dense_weight())
+        assert not torch.equal(la.dense_weight(), lc.dense_weight())
+        assert torch.equal(la.dense_weight(), regen("FreezeNet", 3, n, la.weight_shape, "kaiming_uniform"))
     assert "frozen" not in str(a.state_dict().keys())
 
 
 def test_freezenet_trains_snip_selected_weights_and_keeps_the_rest_frozen():
     model = mlp()
     pr = P.FreezeNet(model, sparsity=0.75, seed=0)
-    w0 = {n: l.weight.detach().clone() for n, l in pr.layers}
+    w0 = {n: l.dense_weight().clone() for n, l in pr.layers}
     x, y = data(1)[0]
     # SNIP on the dense (re-initialised) network picks the trainable set
     ref = sparsefast.densify(copy.deepcopy(model))
@@ -80,7 +80,7 @@ def test_freezenet_trains_snip_selected_weights_and_keeps_the_rest_frozen():
     for m, (n, l) in zip([m for m in dense if isinstance(m, nn.Linear)], pr.layers):
         torch.testing.assert_close(pr.effective_weight(n), m.weight.detach(), rtol=1e-5, atol=1e-6)
         assert torch.equal(pr.frozen_weight(n), w0[n] * ~l.mask)  # frozen part untouched
-        assert not torch.equal(l.weight.detach()[l.mask], w0[n][l.mask])  # trainable part trained
+        assert not torch.equal(l.dense_weight()[l.mask], w0[n][l.mask])  # trainable part trained
     # reload into a fresh model: frozen weights regenerated from the seed
     m2 = mlp(5)
     p2 = P.FreezeNet(m2, sparsity=0.75, seed=0)
@@ -101,7 +101,7 @@ def test_freezenet_nm_trainable_set_and_decay():
     pr.remove()
     x = data(1)[0][0]
     with torch.no_grad():
-        assert torch.equal(model[0](x), F.linear(x, model[0].weight * model[0].mask, model[0].bias))
+        assert torch.equal(model[0](x), F.linear(x, model[0].dense_weight(), model[0].bias))
 
 
 # ---- EdgePopup ----------------------------------------------------------------------------------------
@@ -110,13 +110,13 @@ def test_edgepopup_topk_scores_frozen_weights_and_straight_through_gradient():
     pr = P.EdgePopup(model, sparsity=0.6, seed=0)
     for n, l in pr.layers:
         assert not l.weight.requires_grad and not l.bias.requires_grad
-        assert l.popup_scores.requires_grad and l.popup_scores.shape == l.weight.shape
-    assert len(pr.parameters()) == 3 and "0.popup_scores" in model.state_dict()
-    w0 = {n: regen("EdgePopup", 0, n, l.weight.shape, "signed_constant") for n, l in pr.layers}
+        assert l.popup_scores.requires_grad and l.popup_scores.shape == l.weight_shape
+    assert len(pr.parameters()) == 3
+    w0 = {n: regen("EdgePopup", 0, n, l.weight_shape, "signed_constant") for n, l in pr.layers}
     pr.prune()
     for n, l in pr.layers:
         assert torch.equal(l.mask, M.topk_mask(l.popup_scores.detach(), 0.4))
-        assert torch.equal(l.weight.detach(), w0[n] * l.mask)
+        assert torch.equal(l.dense_weight(), w0[n] * l.mask)
     x, y = data(1)[0]
     ref = sparsefast.densify(copy.deepcopy(model))
     for p in ref.parameters():
@@ -133,7 +133,8 @@ def test_edgepopup_topk_scores_frozen_weights_and_straight_through_gradient():
     pr.step()
     for n, l in pr.layers:
         assert torch.equal(l.mask, M.topk_mask(l.popup_scores.detach(), 0.4))
-        assert torch.equal(l.weight.detach(), w0[n] * l.mask)  # returning edges come back at W(0)
+        assert torch.equal(l.dense_weight(), w0[n] * l.mask)  # returning edges come back at W(0)
+    assert "0.popup_scores" in model.state_dict()  # the scores are saved with the model
 
 
 def test_edgepopup_learns_something_and_nm():
@@ -163,7 +164,7 @@ def test_srste_keeps_nm_and_refines_pruned_weights():
     model = mlp()
     lr, lam = 0.5, 0.01
     pr = P.SRSTE(model, lr=lr, decay=lam, momentum=0.0)
-    dense = {n: l.weight.detach().clone() for n, l in pr.layers}
+    dense = {n: l.dense_weight().clone() for n, l in pr.layers}
     pr.prune()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     changed = False
@@ -184,14 +185,64 @@ def test_srste_keeps_nm_and_refines_pruned_weights():
             dense[n] = dense[n] - lr * (G[n] + lam * (~m) * dense[n])
             torch.testing.assert_close(pr.dense_weights()[n], dense[n], rtol=1e-4, atol=1e-5)
             assert torch.equal(l.mask, M.nm_mask(dense[n], 2, 4))
-            torch.testing.assert_close(l.weight.detach(), dense[n] * l.mask, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(l.dense_weight(), dense[n] * l.mask, rtol=1e-4, atol=1e-5)
             changed |= not torch.equal(m, l.mask)
     assert changed, "with a large LR some pruned weights should come back"
 
 
+def test_srste_constructs_with_defaults_and_finds_the_optimizer():
+    # like every other pruner: no lr= / optimizer= needed
+    for kw in ({}, {"pattern": "2:4"}):
+        model = mlp()
+        pr = P.SRSTE(model, **kw)
+        assert pr.pattern.is_nm and "SRSTE(" in repr(pr)
+    pr.prune()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.0)
+    assert pr._group_of(model[0].weight) is None  # not stepped yet
+    x, y = data(1)[0]
+    dense = pr.dense_weights()
+    G = dense_grads_of(model, pr, x, y)
+    before = pr.masks()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    pr.step()
+    assert pr._group_of(model[0].weight)["lr"] == 0.2  # the optimizer that steps the weight
+    for n, l in pr.layers:  # the pruned part moved with that optimizer's lr
+        m = before[n]
+        expect = torch.where(m, dense[n] - 0.2 * G[n], dense[n] - 0.2 * (G[n] + 2e-4 * dense[n]))
+        torch.testing.assert_close(pr.dense_weights()[n], expect, rtol=1e-4, atol=1e-6)
+    # without any optimizer stepping the weights: one warning, the pruned part stays
+    m3 = mlp()
+    p3 = P.SRSTE(m3)
+    p3.prune()
+    F.cross_entropy(m3(x), y).backward()
+    d3 = p3.dense_weights()
+    with pytest.warns(sparsefast.SparsefastWarning, match="lr="):
+        p3.step()
+    for n, l in p3.layers:
+        assert torch.equal(p3.dense_weights()[n][~l.mask], d3[n][~l.mask])
+
+
+def test_srste_bad_args_leave_no_broken_object():
+    with pytest.raises(ValueError):
+        P.SRSTE(mlp(), pattern="3:3")
+    with pytest.raises(ValueError):
+        P.SRSTE(mlp(), decay=-1.0)
+    with pytest.raises(TypeError):
+        P.SRSTE(mlp(), optimizer="sgd")
+    # a pruner whose construction failed part-way still has a repr (tracebacks, debuggers show it)
+    half = P.SRSTE.__new__(P.SRSTE)
+    half.decay = 2e-4
+    assert "SRSTE" in repr(half)
+
+
+def dense_grads_of(model, pr, x, y):
+    ref = sparsefast.densify(copy.deepcopy(model))
+    F.cross_entropy(ref(x), y).backward()
+    return {n: m.weight.grad for (n, _), m in zip(pr.layers, [m for m in ref if isinstance(m, nn.Linear)])}
+
+
 def test_srste_lr_from_optimizer_and_args():
-    with pytest.raises(ValueError, match="lr"):
-        P.SRSTE(mlp())
     model = sparsefast.sparsify(mlp())
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
     pr = P.SRSTE(model, optimizer=opt)
@@ -236,7 +287,7 @@ def test_robust_omp_and_imp_and_finetune():
     thr = torch.sort(a, descending=True).values[int(round(0.2 * a.numel())) - 1]
     for n, l in pr.layers:
         assert bool((pre[f"{n}.weight"].abs()[l.mask] >= thr).all())
-        assert torch.equal(l.weight.detach()[l.mask], pre[f"{n}.weight"][l.mask])
+        assert torch.equal(l.dense_weight()[l.mask], pre[f"{n}.weight"][l.mask])
     params = pr.finetune("linear")
     assert {id(p) for p in params} == {id(model[4].weight), id(model[4].bias)}
     assert not model[0].weight.requires_grad and model[4].weight.requires_grad
@@ -260,6 +311,6 @@ def test_robust_omp_and_imp_and_finetune():
     pr.run(train_fn, final_train=False)
     assert pr.sparsity() == pytest.approx(0.75, abs=2e-3)
     for n, l in pr.layers:  # rewound to the pre-trained weights
-        assert torch.equal(l.weight.detach()[l.mask], pre[f"{n}.weight"][l.mask])
+        assert torch.equal(l.dense_weight()[l.mask], pre[f"{n}.weight"][l.mask])
     with pytest.raises(ValueError, match="method"):
         P.RobustTicket(mlp(), sparsity=0.5, method="lmp")

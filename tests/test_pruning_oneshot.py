@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsefast
 from sparsefast import masks as M
 from sparsefast import pruning as P
 from _util import data, mlp
@@ -29,9 +30,31 @@ def test_magnitude_global_keeps_the_largest():
     thr = torch.sort(a, descending=True).values[k - 1]
     pr = P.Magnitude(model, sparsity=0.7)
     pr.prune()
-    kept = torch.cat([l.weight.detach().abs()[l.mask] for _, l in pr.layers])
+    kept = torch.cat([l.dense_weight().abs()[l.mask] for _, l in pr.layers])
     assert kept.numel() == k and float(kept.min()) >= float(thr)
     assert pr.sparsity() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_magnitude_global_never_empties_a_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # a plain global threshold would keep none of these
+    a = all_abs(model)
+    pr = P.Magnitude(model, sparsity=0.9)
+    pr.prune()
+    counts = [int(l.mask.sum()) for _, l in pr.layers]
+    assert counts[1] == 1  # the minimum every layer keeps: its largest |W|
+    mid = pr.layers[1][1]
+    assert bool(mid.mask.reshape(-1)[int(mid.dense_weight().abs().argmax())])
+    assert sum(counts) == int(round(0.1 * a.numel()))  # the budget is still exact
+    # the other layers hold the global top-|W| of what is left
+    k = int(round(0.1 * a.numel())) - 1
+    thr = torch.sort(torch.cat([model[0].dense_weight().abs().reshape(-1),
+                                model[4].dense_weight().abs().reshape(-1)]), descending=True).values[k - 1]
+    for i in (0, 2):
+        l = pr.layers[i][1]
+        assert float(l.dense_weight().abs()[l.mask].min()) >= float(thr)
 
 
 def test_magnitude_per_layer_distribution():
@@ -108,7 +131,7 @@ def test_random_scale_init_and_nm():
     pr = P.Random(model, sparsity=0.75, distribution="uniform", scale_init=True)
     pr.prune()
     l = model[0]
-    torch.testing.assert_close(l.weight.detach()[l.mask], w[l.mask] * 2.0)
+    torch.testing.assert_close(l.dense_weight()[l.mask], w[l.mask] * 2.0)
     m2 = mlp()
     pr = P.Random(m2, pattern="1:4")
     pr.prune()
@@ -142,13 +165,20 @@ def test_gmp_follows_the_cubic_schedule_and_never_regrows():
 def test_gmp_prunes_smallest_magnitudes():
     model = mlp()
     pr = P.GradualMagnitude(model, sparsity=0.5, end_step=1, update_every=1)
-    w = {n: l.weight.detach().clone() for n, l in pr.layers}
+    w = {n: l.dense_weight().clone() for n, l in pr.layers}
     pr.step()  # t = 1 = end_step -> final sparsity, weights unchanged (no training)
     for n, l in pr.layers:
         assert torch.equal(l.mask, M.topk_mask(w[n], 0.5))
 
 
 def test_gmp_bad_args():
+    # N:M can never work for GMP: refused first, before the missing end_step
+    with pytest.raises(ValueError, match="N:M"):
+        P.GradualMagnitude(mlp(), pattern="2:4")
+    with pytest.raises(ValueError, match="N:M"):
+        P.GradualMagnitude(mlp(), pattern="2:4", sparsity=0.5)
+    with pytest.raises(ValueError, match="N:M"):  # the pattern the model's sparse layers share
+        P.GradualMagnitude(sparsefast.sparsify(mlp(), pattern="2:4"))
     with pytest.raises(ValueError, match="end_step"):
         P.GradualMagnitude(mlp(), sparsity=0.5)
     with pytest.raises(ValueError):
@@ -175,14 +205,14 @@ def test_imp_rewinds_survivors_to_initial_weights():
     sparsities = []
     for r in range(pr.rounds):
         _train(model, pr, data(3, seed=r), opt)
-        trained = {n: l.weight.detach().clone() for n, l in pr.layers}
+        trained = {n: l.dense_weight().clone() for n, l in pr.layers}
         before = pr.masks()
         pr.prune()
         sparsities.append(pr.sparsity())
         for n, l in pr.layers:
             # survivors are rewound to W(0), pruned are zero, pruned by trained magnitude
-            assert torch.equal(l.weight.detach()[l.mask], init[f"{n}.weight"][l.mask])
-            assert bool((l.weight.detach()[~l.mask] == 0).all())
+            assert torch.equal(l.dense_weight()[l.mask], init[f"{n}.weight"][l.mask])
+            assert bool((l.dense_weight()[~l.mask] == 0).all())
             assert bool((l.mask <= before[n]).all())
         # biases rewound as well
         assert torch.equal(model[0].bias.detach(), init["0.bias"])
@@ -213,11 +243,11 @@ def test_imp_late_rewinding_and_lr_rewinding():
         pr.step()
         opt.zero_grad()
         if t == 2:
-            snap = {n: l.weight.detach().clone() for n, l in pr.layers}
+            snap = {n: l.dense_weight().clone() for n, l in pr.layers}
             lr_at_2 = opt.param_groups[0]["lr"]
     pr.prune()
     for n, l in pr.layers:
-        assert torch.equal(l.weight.detach()[l.mask], snap[n][l.mask])
+        assert torch.equal(l.dense_weight()[l.mask], snap[n][l.mask])
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_at_2)
 
     # LR rewinding keeps the trained weights and restores the schedule
@@ -232,10 +262,10 @@ def test_imp_late_rewinding_and_lr_rewinding():
         sched.step()
         pr.step()
         opt.zero_grad()
-    trained = {n: l.weight.detach().clone() for n, l in pr.layers}
+    trained = {n: l.dense_weight().clone() for n, l in pr.layers}
     pr.prune()
     for n, l in pr.layers:
-        assert torch.equal(l.weight.detach()[l.mask], trained[n][l.mask])
+        assert torch.equal(l.dense_weight()[l.mask], trained[n][l.mask])
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0)
 
 
@@ -271,12 +301,12 @@ def test_lobster_regulariser_shrinks_insensitive_weights():
     pr = P.LOBSTER(model, lmbda=0.1)
     x, y = data(1)[0]
     F.cross_entropy(model(x), y).backward()
-    w = {n: l.weight.detach().clone() for n, l in pr.layers}
-    g = {n: l.weight.grad.detach().clone() for n, l in pr.layers}
+    w = {n: l.dense_weight().clone() for n, l in pr.layers}
+    g = {n: l.dense_grad() for n, l in pr.layers}
     pr.step()
     for n, l in pr.layers:
         expect = w[n] - 0.1 * w[n] * (1 - g[n].abs()).clamp(min=0)
-        torch.testing.assert_close(l.weight.detach(), expect)
+        torch.testing.assert_close(l.dense_weight(), expect)
 
 
 def test_lobster_threshold_respects_the_loss_tolerance():
@@ -294,7 +324,7 @@ def test_lobster_threshold_respects_the_loss_tolerance():
             return sum(float(F.cross_entropy(model(x), y)) for x, y in val) / len(val)
 
     base = vloss()
-    mags = {n: l.weight.detach().abs().clone() for n, l in pr.layers}
+    mags = {n: l.dense_weight().abs().clone() for n, l in pr.layers}
     pr.prune(val, force=True)
     s = pr.sparsity()
     assert s > 0.05

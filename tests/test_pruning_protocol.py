@@ -86,7 +86,7 @@ def test_plain_layers_become_sparse_all_kept(name):
     assert all(isinstance(m, SparseModule) for m in (model[0], model[2], model[4]))
     assert [n for n, _ in pr.layers] == ["0", "2", "4"]
     if name not in ("FreezeNet", "EdgePopup"):  # those two re-initialise from the seed (documented)
-        assert torch.equal(model[0].weight.detach(), w0)
+        assert torch.equal(model[0].dense_weight(), w0)
         assert pr.sparsity() == 0.0
     assert set(pr.masks()) == {"0", "2", "4"}
 
@@ -107,7 +107,9 @@ def test_prune_step_reaches_target_and_masks_only_via_layers(name):
     else:
         assert s == pytest.approx(0.8, abs=0.02)
     for _, l in sparse_layers(model):
-        assert bool((l.weight.detach()[~l.mask] == 0).all()), "pruned weights must stay exactly zero"
+        assert l.weight.shape == (int(l.mask.sum()),), "a sparse layer stores its kept values only"
+        assert bool((l.dense_weight()[~l.mask] == 0).all()), "pruned weights must stay exactly zero"
+        assert torch.equal(model.state_dict()[f"{_}.weight"], l.dense_weight())
         assert l.mask.dtype == torch.bool
     masks = pr.masks()
     for n, l in pr.layers:
@@ -239,6 +241,32 @@ def test_resume_mid_schedule_gives_identical_masks(name):
     for (n, l1), (_, l3) in zip(p1.layers, p3.layers):
         assert torch.equal(l1.mask, l3.mask), f"{name}: masks of layer {n} differ after resume"
         torch.testing.assert_close(l1.weight, l3.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_validates_every_layer_before_changing_anything():
+    model = mlp()
+    pr = P.Magnitude(model, sparsity=0.5)
+    pr.prune()
+    sd = pr.state_dict()
+    other = P.Magnitude(mlp(1), sparsity=0.8)
+    other.prune()
+    bad = copy.deepcopy(other.state_dict())
+    bad["step"] = 7
+    bad["masks"]["4"] = torch.ones(3, 3, dtype=torch.bool)  # layer "0" valid, layer "4" not
+    before = {n: (l.mask.clone(), l.dense_weight()) for n, l in pr.layers}
+    with pytest.raises(ValueError, match="'4'"):
+        pr.load_state_dict(bad)
+    for n, l in pr.layers:  # nothing changed: not the valid first layer either
+        assert torch.equal(l.mask, before[n][0]) and torch.equal(l.dense_weight(), before[n][1])
+    assert pr.step_count == 0 and pr.state_dict()["step"] == sd["step"]
+    bad["masks"]["4"] = other.state_dict()["masks"]["4"]
+    bad["patterns"]["2"] = "2:3"  # 16 inputs: not divisible by 3
+    with pytest.raises(ValueError):
+        pr.load_state_dict(bad)
+    assert all(torch.equal(l.mask, before[n][0]) for n, l in pr.layers)
+    bad["patterns"]["2"] = "unstructured"
+    pr.load_state_dict(bad)  # now valid: applied
+    assert all(torch.equal(l.mask, other.masks()[n]) for n, l in pr.layers) and pr.step_count == 7
 
 
 def test_load_state_dict_rejects_other_methods():

@@ -78,6 +78,17 @@ def param_groups(model: nn.Module, weight_decay: float, **no_decay_options: Any)
                                                              **no_decay_options}]
 
 
+def _resize_param(p: nn.Parameter, values: torch.Tensor) -> None:
+    """``p.data = values`` where the length changes. Autograd caches a leaf's gradient accumulator with
+    the leaf's old shape while any graph that used it is alive, and ``.data =`` only drops that cache on
+    a dtype/device change: so swap in an empty tensor of another dtype first (drops it), then the values.
+    Otherwise the next backward fails ("invalid gradient ... expected [old nnz]") whenever the user
+    still holds the previous step's graph (``loss`` from the last iteration)."""
+    other = torch.float64 if values.dtype != torch.float64 else torch.float32
+    p.data = torch.empty(0, dtype=other, device=values.device)
+    p.data = values
+
+
 class SparseModule(nn.Module):
     """Shared behaviour of the sparse layers (kept-values storage, mask handling, backend choice, state dict)."""
 
@@ -191,7 +202,7 @@ class SparseModule(nn.Module):
             if values.shape[0] == old_nnz:
                 p.copy_(values)
             else:
-                p.data = values
+                _resize_param(p, values)
             if p.grad is not None:
                 p.grad = grad
             for st, moved in states:
@@ -259,19 +270,14 @@ class SparseModule(nn.Module):
 
     # ---- state dict: a dense-shaped weight, as a plain layer's --------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # bias, mask, any extra params/buffers
         w = self.weight if keep_vars else self.weight.detach()
         destination[prefix + "weight"] = _kept.scatter(w, self.mask) if self.mask.device.type != "meta" \
             else torch.empty(self.weight_shape, dtype=w.dtype, device="meta")
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        destination[prefix + "mask"] = self.mask if keep_vars else self.mask.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         wkey, bkey, mkey = prefix + "weight", prefix + "bias", prefix + "mask"
-        for k in state_dict:
-            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] not in ("weight", "bias", "mask"):
-                unexpected_keys.append(k)
         if wkey not in state_dict and mkey not in state_dict:
             missing_keys.append(wkey)
         if self.bias is not None and bkey not in state_dict:
@@ -282,8 +288,19 @@ class SparseModule(nn.Module):
         if isinstance(err, str):
             error_msgs.append(err)
             return
-        commit = err
-        commit()
+        # everything else (extra parameters/buffers a method registered, e.g. EdgePopup's scores) the
+        # default way: hide the three entries handled here from nn.Module's loader
+        ours = {wkey, bkey, mkey}
+        rest = {k: v for k, v in state_dict.items() if k not in ours}
+        params, buffers = self._parameters, self._buffers
+        self._parameters = {k: v for k, v in params.items() if k not in ("weight", "bias")}
+        self._buffers = {k: v for k, v in buffers.items() if k != "mask"}
+        try:
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._parameters, self._buffers = params, buffers
+        err()
 
     def _staged_load(self, sd, wkey, bkey, mkey):
         """Validate a state dict's entries for this layer; returns an error string, or a function that

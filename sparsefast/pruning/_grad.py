@@ -1,7 +1,7 @@
 """Dense weight gradients of sparse layers, computed only when a method asks for them.
 
-A sparse layer's ``weight.grad`` is *masked* by design (exactly zero at pruned positions: the backend's
-masked weight-gradient primitive never computes them). Methods that must rank pruned positions by their
+A sparse layer's ``weight.grad`` holds the gradient of its kept values only (pruned positions are not
+stored; ``layer.dense_grad()`` scatters it, zeros at pruned positions). Methods that must rank pruned positions by their
 gradient (RigL growth, SNFS momentum, SR-STE, EdgePopup scores) need the *dense* gradient
 ``G = ∂L/∂(W⊙M)`` at every position. It is recovered from what the layer sees:
 
@@ -49,12 +49,12 @@ def conv_input_and_padding(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
 def dense_weight_grad(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Dense ``∂L/∂W`` (weight-shaped, float32) of a Linear/Conv2d-like layer from its input ``x`` and
     output gradient ``dy`` — every position, pruned or not."""
-    w = layer.weight
+    shape = tuple(getattr(layer, "weight_shape", None) or layer.weight.shape)  # sparse layers store kept values
     x, dy = x.detach().float(), dy.detach().float()
-    if w.dim() == 2:
+    if len(shape) == 2:
         return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     xp, pad = conv_input_and_padding(layer, x)
-    return torch.nn.grad.conv2d_weight(xp, tuple(w.shape), dy, stride=layer.stride, padding=pad,
+    return torch.nn.grad.conv2d_weight(xp, shape, dy, stride=layer.stride, padding=pad,
                                        dilation=layer.dilation, groups=layer.groups)
 
 

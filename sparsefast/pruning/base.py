@@ -13,8 +13,12 @@ Rules every method keeps:
   ``nn.Linear`` / ``nn.Conv2d`` layers are first swapped by :func:`sparsefast.sparsify` with an all-kept
   unstructured mask (``sparsity=None``), so the model holds sparse layers from construction on (build the
   optimizer *after* the pruner: the swap creates new Parameters).
-* Masks change only through ``layer.set_mask`` (validates, zeroes pruned weights); weights only through
-  in-place ops under ``torch.no_grad()``. No method knows which backend runs the layers.
+* A sparse layer stores only its kept values (``layer.weight`` is 1-D); methods read the masked dense
+  weight with ``layer.dense_weight()`` and the dense shape with ``layer.weight_shape``.
+* Masks change only through ``layer.set_mask(mask, pattern=..., weight=...)`` (validated and atomic; it
+  moves the kept values, their gradient and the optimizer state, newly kept positions starting at zero);
+  weights only through ``layer.set_dense_weight`` or in-place ops on the kept values under
+  ``torch.no_grad()``. No method knows which backend runs the layers.
 * All randomness comes from CPU ``torch.Generator`` objects seeded from ``(seed, purpose, step, layer)``,
   never the global RNG, so the same seed gives the same masks on every backend and after a resume.
 * Bad arguments raise ``ValueError`` / ``TypeError`` before any weight or module is touched.
@@ -43,13 +47,40 @@ from ..nn.swap import sparsify
 from . import distributions as _dist
 from ._grad import GradCapture
 
-__all__ = ["Pruner", "progress", "mix_seed"]
+__all__ = ["Pruner", "progress", "mix_seed", "weight_shape", "resolve_pattern"]
 
 
 def mix_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed derived deterministically from ``seed`` and ``keys`` (platform independent)."""
     h = hashlib.blake2b(repr((int(seed),) + tuple(keys)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """Dense weight shape of a sparse layer (``weight_shape``) or a plain ``nn.Linear`` / ``nn.Conv2d``."""
+    ws = getattr(layer, "weight_shape", None)
+    return tuple(ws) if ws is not None else tuple(layer.weight.shape)
+
+
+def resolve_pattern(method: str, model: nn.Module, pattern: str | None, supports_nm: bool | str,
+                    supports_unstructured: bool = True,
+                    filter_fn: Callable[[str, nn.Module], bool] | None = None) -> _masks.Pattern:
+    """The pattern a pruner will use (``None``: the N:M pattern the model's sparse layers share, else
+    unstructured); raises ``ValueError`` when the method refuses it. Cheap and side-effect free, so
+    methods call it before checking their own arguments."""
+    if pattern is None:
+        pats = set()
+        if isinstance(model, nn.Module):
+            for n, m in model.named_modules():
+                if isinstance(m, SparseModule) and (filter_fn is None or filter_fn(n, m)):
+                    pats.add(str(m.pattern))
+        pattern = pats.pop() if len(pats) == 1 else "unstructured"
+    pat = _masks.parse_pattern(pattern)
+    if pat.is_nm and supports_nm is not True:
+        raise ValueError(f"{method} does not support N:M patterns ({pattern}): {supports_nm}")
+    if not pat.is_nm and not supports_unstructured:
+        raise ValueError(f"{method} needs an N:M pattern such as '2:4', got {pattern!r}")
+    return pat
 
 
 def progress(iterable: Iterable, *, total: int | None = None, desc: str | None = None,
@@ -225,14 +256,9 @@ class Pruner:
                              "SparseLinear / SparseConv2d" + (" accepted by filter_fn" if filter_fn else "") + ")")
 
         # pattern
-        if pattern is None:
-            pats = {str(m._pattern) for _, m in cands if isinstance(m, SparseModule)}
-            pattern = pats.pop() if len(pats) == 1 and any(isinstance(m, SparseModule) for _, m in cands) else "unstructured"
-        pat = _masks.parse_pattern(pattern)
-        if pat.is_nm and self.supports_nm is not True:
-            raise ValueError(f"{name} does not support N:M patterns ({pattern}): {self.supports_nm}")
-        if not pat.is_nm and not self.supports_unstructured:
-            raise ValueError(f"{name} needs an N:M pattern such as '2:4', got {pattern!r}")
+        cand_ids = {id(m) for _, m in cands}
+        pat = resolve_pattern(name, model, pattern, self.supports_nm, self.supports_unstructured,
+                              lambda n, m: id(m) in cand_ids)
         self.pattern = pat
 
         # sparsity
@@ -260,13 +286,13 @@ class Pruner:
         if pat.is_nm:
             keep = []
             for n, m in cands:
-                w = m.weight
-                red = _masks.reduction_view(w).shape[1] if w.dim() in (2, 4) else 0
-                ok = red % pat.m == 0 and (w.dim() != 4 or w.shape[1] % pat.m == 0)
+                ws = weight_shape(m)
+                red = math.prod(ws[1:]) if len(ws) in (2, 4) else 1
+                ok = len(ws) in (2, 4) and red % pat.m == 0 and (len(ws) != 4 or ws[1] % pat.m == 0)
                 if ok:
                     keep.append((n, m))
                 else:
-                    warnings.warn(f"{name}: leaving layer {n or '<root>'!r} (weight {tuple(w.shape)}) unpruned: its "
+                    warnings.warn(f"{name}: leaving layer {n or '<root>'!r} (weight {ws}) unpruned: its "
                                   f"reduction dim does not fit pattern {pat} (groups of {pat.m} consecutive input "
                                   "channels)", SparsefastWarning, stacklevel=3)
             if not keep:
@@ -285,7 +311,7 @@ class Pruner:
         self.model = model
         self._layers: list[tuple[str, SparseModule]] = [(n, mods[n]) for n, _ in cands]
         self._names = [n for n, _ in self._layers]
-        self._infos = [_dist.LayerInfo(n, tuple(l.weight.shape), "linear" if l.weight.dim() == 2 else "conv")
+        self._infos = [_dist.LayerInfo(n, l.weight_shape, "linear" if len(l.weight_shape) == 2 else "conv")
                        for n, l in self._layers]
         self.flow_repair = bool(flow_repair)
         self.progress = bool(progress)
@@ -353,25 +379,49 @@ class Pruner:
                 "patterns": {n: l.pattern for n, l in self._layers}, **self._extra_state()}
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore from :meth:`state_dict` (masks are set through ``set_mask``)."""
+        """Restore from :meth:`state_dict` (masks are set through ``set_mask``). Every layer's mask and
+        pattern is validated first: on error nothing (no layer, no counter) is changed."""
         if not isinstance(d, dict) or "step" not in d:
             raise TypeError("load_state_dict expects a dict produced by state_dict()")
         if d.get("method") != type(self).__name__:
             raise ValueError(f"state dict is for {d.get('method')!r}, not {type(self).__name__}")
-        missing = set(self._names) - set(d["masks"])
+        masks, patterns = d.get("masks"), d.get("patterns")
+        if not isinstance(masks, dict) or not isinstance(patterns, dict):
+            raise TypeError("load_state_dict: the state dict lacks its 'masks' / 'patterns' dicts")
+        missing = set(self._names) - set(masks)
         if missing:
             raise ValueError(f"state dict lacks masks for layer(s) {sorted(missing)}")
-        for n, l in self._layers:
-            m = d["masks"][n].to(l.weight.device)
-            self._set_layer_mask(l, m, _masks.parse_pattern(d["patterns"][n]))
-        self._step = int(d["step"])
-        self._pruned = bool(d["pruned"])
-        self.seed = int(d["seed"])
+        missing = set(self._names) - set(patterns)
+        if missing:
+            raise ValueError(f"state dict lacks patterns for layer(s) {sorted(missing)}")
+        staged = []
+        for n, l in self._layers:  # validate everything before the first change
+            where = f"{type(self).__name__}.load_state_dict, layer {n!r}"
+            try:
+                pat = _masks.parse_pattern(patterns[n])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            m = masks[n]
+            if isinstance(m, torch.Tensor):
+                m = m.to(l.mask.device)
+            ws = l.weight_shape
+            if pat.is_nm and len(ws) == 4 and ws[1] % pat.m:
+                raise ValueError(f"{where}: pattern {pat} needs in_channels/groups={ws[1]} divisible by {pat.m}")
+            m = _masks.validate_mask(m, l.mask, pat, where=where)
+            staged.append((l, m, pat))
+        step, pruned, seed = int(d["step"]), bool(d["pruned"]), int(d["seed"])
+        for l, m, pat in staged:
+            self._set_layer_mask(l, m, pat)
+        self._step = step
+        self._pruned = pruned
+        self.seed = seed
         self._load_extra_state(d)
         self._capture.clear()
         self._rearm()
 
     def __repr__(self) -> str:
+        if "_layers" not in self.__dict__ or "_step" not in self.__dict__:  # construction failed part-way
+            return f"{type(self).__name__}(<not constructed>)"
         return (f"{type(self).__name__}(layers={len(self._layers)}, pattern={self.pattern}, "
                 f"target_sparsity={self.target_sparsity}, distribution={self.distribution}, step={self._step}, "
                 f"sparsity={self.sparsity():.4f})")
@@ -396,40 +446,28 @@ class Pruner:
                                "before step()")
 
     @staticmethod
-    def _set_layer_mask(layer: SparseModule, mask: torch.Tensor, pattern: _masks.Pattern) -> None:
-        """``layer.set_mask(mask)``, switching the layer's pattern first when it differs (an all-kept
-        unstructured layer becoming N:M)."""
-        if layer._pattern == pattern:
-            layer.set_mask(mask)
-            return
-        setter = getattr(layer, "set_pattern", None)
-        if setter is not None:
-            setter(str(pattern), mask)
-            return
-        # The layers have no public pattern setter yet: validate against the new pattern first, then
-        # switch the two pattern attributes and set the mask (restored on any error).
-        _masks.validate_mask(mask, layer.weight, pattern, where=layer._name())
-        old = (layer._pattern, layer.pattern)
-        layer._pattern, layer.pattern = pattern, str(pattern)
-        try:
-            layer.set_mask(mask)
-        except Exception:
-            layer._pattern, layer.pattern = old
-            raise
+    def _set_layer_mask(layer: SparseModule, mask: torch.Tensor, pattern: _masks.Pattern,
+                        weight: torch.Tensor | None = None) -> None:
+        """``layer.set_mask(mask)``, switching the layer's pattern with it when it differs (an all-kept
+        unstructured layer becoming N:M). ``weight``: dense values for every kept position."""
+        pat = None if layer.pattern == str(pattern) else str(pattern)
+        layer.set_mask(mask, pat, weight=weight)
 
-    def _apply(self, new: dict[str, torch.Tensor], *, zero_grown: bool = False) -> dict[str, torch.Tensor]:
-        """Set every layer's mask (target pattern). With ``zero_grown`` the weights at newly kept positions
-        are set to 0 (DST growth). Returns the grown positions per layer."""
+    def _apply(self, new: dict[str, torch.Tensor], *,
+               weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Set every layer's mask (target pattern). Newly kept positions start at 0 (value and optimizer
+        state) unless ``weights`` gives a layer's dense weight: then every kept position takes its value
+        from it. Returns the grown positions per layer."""
         grown = {}
         for n, l in self._layers:
             if n not in new:
                 continue
             m = new[n].to(l.mask.device)
             g = m & ~l.mask
-            self._set_layer_mask(l, m, self.pattern)
-            if zero_grown and bool(g.any()):
-                with torch.no_grad():
-                    l.weight.masked_fill_(g, 0)
+            w = None if weights is None else weights.get(n)
+            if w is not None:
+                w = w.to(l.mask.device)
+            self._set_layer_mask(l, m, self.pattern, w)
             grown[n] = g
         return grown
 
@@ -452,20 +490,19 @@ class Pruner:
             N = sum(i.numel for i in self._infos)
             keep = int(round((1.0 - sp) * N))
             flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in self._names])
-            kept = torch.zeros_like(flat, dtype=torch.bool)
-            kept[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+            kept = _dist.global_top_k(flat, [i.numel for i in self._infos], keep)
             out, off = {}, 0
             for n, l in self._layers:
-                k = l.weight.numel()
-                out[n] = kept[off:off + k].reshape(l.weight.shape).to(l.weight.device)
+                k = l.mask.numel()
+                out[n] = kept[off:off + k].reshape(l.weight_shape).to(l.mask.device)
                 off += k
             return out
         if densities is None:
             densities = _dist.compute_densities(self._infos, sp, dist)
         out = {}
         for n, l in self._layers:
-            k = max(1, int(round(densities[n] * l.weight.numel())))
-            out[n] = top_k_mask(scores[n], k).to(l.weight.device)
+            k = max(1, int(round(densities[n] * l.mask.numel())))
+            out[n] = top_k_mask(scores[n], k).to(l.mask.device)
         return out
 
     def _maybe_flow_repair(self, new: dict[str, torch.Tensor], *keys: Any) -> dict[str, torch.Tensor]:

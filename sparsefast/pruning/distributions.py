@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["DISTRIBUTIONS", "LayerInfo", "layer_densities", "compute_densities", "check_distribution",
-           "flow_repair", "layer_infos"]
+           "flow_repair", "layer_infos", "global_top_k"]
 
 DISTRIBUTIONS = ("global", "uniform", "uniform+", "er", "erk", "erk+", "balanced", "pyramidal")
 
@@ -84,7 +84,8 @@ def layer_infos(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | 
     out = []
     for name, m in model.named_modules():
         if _is_prunable(m) and (filter_fn is None or filter_fn(name, m)):
-            out.append(LayerInfo(name, tuple(m.weight.shape), "linear" if m.weight.dim() == 2 else "conv"))
+            shape = tuple(getattr(m, "weight_shape", None) or m.weight.shape)
+            out.append(LayerInfo(name, shape, "linear" if len(shape) == 2 else "conv"))
     return out
 
 
@@ -193,9 +194,7 @@ def compute_densities(infos: list[LayerInfo], sparsity: float, distribution: str
             raise ValueError("the 'global' distribution needs scores (e.g. |W|) to place its single threshold")
         keep = int(round(D * N))
         flat = torch.cat([scores[i.name].detach().reshape(-1).float().cpu() for i in infos])
-        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-        kept = torch.zeros_like(flat, dtype=torch.bool)
-        kept[order] = True
+        kept = global_top_k(flat, [i.numel for i in infos], keep)
         d, off = [], 0
         for i in infos:
             d.append(float(kept[off:off + i.numel].sum()) / i.numel)
@@ -203,6 +202,29 @@ def compute_densities(infos: list[LayerInfo], sparsity: float, distribution: str
     else:  # pragma: no cover - check_distribution guards
         raise AssertionError(dist)
     return {i.name: float(min(1.0, max(0.0, v))) for i, v in zip(infos, d)}
+
+
+def global_top_k(flat: torch.Tensor, sizes: list[int], keep: int) -> torch.Tensor:
+    """One global top-``keep`` over the concatenated layer scores ``flat`` (layer ``l`` owns the next
+    ``sizes[l]`` entries; ties: lower index first) in which every layer keeps at least one entry (its
+    best): the budget is ``max(keep, number of layers)``. Identical to the plain top-k whenever that
+    leaves no layer empty."""
+    flat = flat.reshape(-1)
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    forced = torch.zeros_like(out)
+    off = 0
+    for k in sizes:
+        if k > 0:
+            forced[off + int(torch.argmin(rank[off:off + k]))] = True
+        off += k
+    out |= forced
+    rest = max(0, int(keep) - int(forced.sum()))
+    if rest:
+        out[order[~forced[order]][:rest]] = True
+    return out
 
 
 def layer_densities(model: nn.Module, sparsity: float, distribution: str = "erk", *,
@@ -227,10 +249,8 @@ def layer_densities(model: nn.Module, sparsity: float, distribution: str = "erk"
         scores = {}
         for i in infos:
             m = mods[i.name]
-            w = m.weight.detach().abs()
-            if hasattr(m, "mask"):
-                w = w * m.mask
-            scores[i.name] = w
+            dense = getattr(m, "dense_weight", None)
+            scores[i.name] = dense().abs() if callable(dense) else m.weight.detach().abs()
     return compute_densities(infos, sparsity, distribution, scores)
 
 

@@ -3,8 +3,9 @@
 Common behaviour: ``prune()`` draws the initial random masks at the layer densities of
 ``distribution`` (``"erk"`` by default) from the seed; ``step()`` (after every optimizer step) runs a
 mask update at ``t = start_step + k·update_every`` while ``t < end_step``. An update drops active
-weights with the smallest ``|W|`` and grows as many inactive positions (the new weights start at 0,
-and, when ``optimizer=`` is given, their optimizer state, e.g. momentum, is zeroed). The density of
+weights with the smallest ``|W|`` and grows as many inactive positions (the new weights start at 0, and
+so does their optimizer state, e.g. momentum, in every ``torch.optim`` optimizer: ``layer.set_mask`` moves
+the kept values' state and starts grown positions at zero; ``optimizer=`` is accepted but not needed). The density of
 every layer (SET, RigL) or of the model (DSR, SNFS) stays constant. ``last_update`` holds the dropped
 and grown masks of the latest update (for inspection).
 
@@ -82,7 +83,7 @@ class _DST(Pruner):
 
     # ---- init ------------------------------------------------------------------------------------
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
-        scores = {n: self._rand(l.weight.shape, "init", n) for n, l in self._layers}
+        scores = {n: self._rand(l.weight_shape, "init", n) for n, l in self._layers}
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
 
     def _on_step(self, t: int) -> None:
@@ -96,7 +97,7 @@ class _DST(Pruner):
     # ---- shared drop / grow ----------------------------------------------------------------------
     def _drop(self, layer, k: int) -> torch.Tensor:
         """The ``k`` active weights with the smallest |W| (ties: lower index)."""
-        w = layer.weight.detach().abs().float()
+        w = layer.dense_weight().abs().float()
         s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
         return top_k_mask(s, k) & layer.mask
 
@@ -110,18 +111,13 @@ class _DST(Pruner):
 
     def _commit(self, new: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
                 dropped: dict[str, torch.Tensor]) -> None:
+        # grown positions start at 0 with zero optimizer state (set_mask does that for newly kept ones); a
+        # position dropped and regrown in the same update is dropped first, so it restarts the same way
+        regrown = {n: new[n] & ~grown[n] for n, l in self._layers
+                   if n in new and bool((grown[n] & l.mask.to(grown[n].device)).any())}
+        if regrown:
+            self._apply(regrown)
         self._apply(new)
-        with torch.no_grad():
-            for n, l in self._layers:
-                g = grown.get(n)
-                if g is None or not bool(g.any()):
-                    continue
-                l.weight.masked_fill_(g, 0)
-                if self.optimizer is not None:
-                    st = self.optimizer.state.get(l.weight, {})
-                    for v in st.values():
-                        if isinstance(v, torch.Tensor) and v.shape == l.weight.shape:
-                            v.masked_fill_(g, 0)
         self.last_update = {n: {"dropped": dropped[n], "grown": grown[n]} for n in new}
 
     def _drop_grow_per_layer(self, t: int, frac: float, grow_score: Callable[[str, Any], torch.Tensor]) -> None:
@@ -153,7 +149,7 @@ class SET(_DST):
 
     def _update(self, t: int) -> None:
         self._drop_grow_per_layer(t, self.drop_schedule(t),
-                                  lambda n, l: self._rand(l.weight.shape, "grow", t, n, device=l.weight.device))
+                                  lambda n, l: self._rand(l.weight_shape, "grow", t, n, device=l.mask.device))
 
 
 class RigL(_DST):
@@ -179,7 +175,7 @@ class RigL(_DST):
         grads = self._grads_or_warn("RigL mask update")
         if grads is None:
             return
-        self._drop_grow_per_layer(t, self.drop_schedule(t), lambda n, l: grads[n].abs().to(l.weight.device))
+        self._drop_grow_per_layer(t, self.drop_schedule(t), lambda n, l: grads[n].abs().to(l.mask.device))
 
 
 class DSR(_DST):
@@ -208,7 +204,7 @@ class DSR(_DST):
         target = self.drop_schedule(t) * total_nnz
         after, dropped = {}, {}
         for n, l in self._layers:
-            w = l.weight.detach().abs()
+            w = l.dense_weight().abs()
             d = l.mask & (w < H)
             if int(d.sum()) > 0 and int(d.sum()) == int(l.mask.sum()):
                 # keep the largest weight of a layer that would be emptied
@@ -225,7 +221,7 @@ class DSR(_DST):
         alloc = largest_remainder(K, surv, caps)
         new, grown = {}, {}
         for (n, l), r in zip(self._layers, alloc):
-            s = self._rand(l.weight.shape, "grow", t, n, device=l.weight.device)
+            s = self._rand(l.weight_shape, "grow", t, n, device=l.mask.device)
             g = self._grow(after[n], s, r) if r > 0 else torch.zeros_like(l.mask)
             new[n], grown[n] = after[n] | g, g
         self._commit(new, grown, dropped)
@@ -269,7 +265,7 @@ class SNFS(_DST):
         if grads is not None:
             b = self.momentum
             for n, l in self._layers:
-                g = grads[n].to(l.weight.device)
+                g = grads[n].to(l.mask.device)
                 m = self._mom.get(n)
                 self._mom[n] = (1 - b) * g if m is None else m.mul_(b).add_(g, alpha=1 - b)
         if self.updates.is_update(t) and len(self._mom) == len(self._layers):

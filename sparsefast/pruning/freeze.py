@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import masks as _masks
 from .base import Pruner, _check_batch, _check_int, _check_number
 from ._grad import dense_forward, dense_weight_grad
 from .pai import snip_grads
@@ -45,7 +46,7 @@ class _SeededInit:
     def _w0(self, n: str, layer: nn.Module) -> torch.Tensor:
         c = self._w0_cache.get(n)
         if c is None:
-            c = init_weight(tuple(layer.weight.shape), self.init, self._gen("w0", n)).to(
+            c = init_weight(tuple(layer.weight_shape), self.init, self._gen("w0", n)).to(
                 device=layer.weight.device, dtype=layer.weight.dtype)
             self._w0_cache[n] = c
         return c
@@ -53,13 +54,11 @@ class _SeededInit:
     def _reset_to_w0(self) -> None:
         """All-kept masks (in the layers' current pattern class) and W ← W(0)."""
         for n, l in self._layers:
-            if not bool(l.mask.all()):
-                if l._pattern.is_nm:  # an N:M layer cannot be all-kept: the method sets masks in prune()
-                    pass
-                else:
-                    l.set_mask(torch.ones_like(l.mask))
-            with torch.no_grad():
-                l.weight.copy_(self._w0(n, l) * l.mask)
+            # an N:M layer cannot be all-kept: the method sets its mask in prune()
+            if not bool(l.mask.all()) and not _masks.parse_pattern(l.pattern).is_nm:
+                l.set_mask(torch.ones_like(l.mask), weight=self._w0(n, l))
+            else:
+                l.set_dense_weight(self._w0(n, l))
 
 
 class FreezeNet(_SeededInit, Pruner):
@@ -99,7 +98,7 @@ class FreezeNet(_SeededInit, Pruner):
     def effective_weight(self, name: str) -> torch.Tensor:
         """What the layer computes with: trained ``W⊙M`` plus frozen ``W(0)⊙¬M``."""
         l = dict(self._layers)[name]
-        return l.weight.detach() * l.mask + (self.frozen_weight(name) if name in self._frozen else 0)
+        return l.dense_weight() + (self.frozen_weight(name) if name in self._frozen else 0)
 
     def _install(self) -> None:
         self.remove()
@@ -122,7 +121,7 @@ class FreezeNet(_SeededInit, Pruner):
         _check_batch("FreezeNet", batch)
         self.remove()
         g = snip_grads(self, batch, loss_fn, self.batches)
-        scores = {n: (g[n] * l.weight.detach().float()).abs() for n, l in self._layers}
+        scores = {n: (g[n] * l.dense_weight().float()).abs() for n, l in self._layers}
         self._apply(self._allocate(scores))
         self._install()
 
@@ -192,7 +191,7 @@ class EdgePopup(_SeededInit, Pruner):
             l.freeze()
             if l.bias is not None and not self.train_bias:
                 l.bias.requires_grad_(False)
-            s = init_weight(tuple(l.weight.shape), "kaiming_uniform", self._gen("scores", n))
+            s = init_weight(tuple(l.weight_shape), "kaiming_uniform", self._gen("scores", n))
             if "popup_scores" in l._parameters:
                 with torch.no_grad():
                     l.popup_scores.copy_(s)
@@ -220,10 +219,8 @@ class EdgePopup(_SeededInit, Pruner):
 
     def _update_masks(self) -> None:
         scores = {n: l.popup_scores.detach().abs().float() for n, l in self._layers}
-        self._apply(self._allocate(scores))
-        with torch.no_grad():
-            for n, l in self._layers:
-                l.weight.copy_(self._w0(n, l) * l.mask)
+        # every kept position (returning edges included) holds W(0)
+        self._apply(self._allocate(scores), weights={n: self._w0(n, l) for n, l in self._layers})
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         self._update_masks()
@@ -239,6 +236,5 @@ class EdgePopup(_SeededInit, Pruner):
     def _load_extra_state(self, d: dict) -> None:
         self.init = d["init"]
         self._w0_cache = {}
-        with torch.no_grad():
-            for n, l in self._layers:
-                l.weight.copy_(self._w0(n, l) * l.mask)
+        for n, l in self._layers:
+            l.set_dense_weight(self._w0(n, l))

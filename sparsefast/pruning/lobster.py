@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..formats import kept as _kept
 from .base import Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, top_k_mask
 
 __all__ = ["LOBSTER"]
@@ -45,8 +46,8 @@ class LOBSTER(Pruner):
     def _on_step(self, t: int) -> None:
         with torch.no_grad():
             for _, l in self._layers:
-                g = l.weight.grad
-                if g is None:
+                g = l.weight.grad  # the kept values' gradient: elementwise with the kept values
+                if g is None:       # (pruned positions hold 0 and stay 0)
                     continue
                 sens = (1.0 - g.abs()).clamp_(min=0.0)
                 l.weight.sub_(self.lmbda * l.weight * sens)
@@ -85,10 +86,11 @@ class LOBSTER(Pruner):
     @torch.no_grad()
     def _threshold_prune(self, batch: Any, loss_fn: Callable | None, base: float) -> None:
         layers = self._layers
-        saved_w = [l.weight.detach().clone() for _, l in layers]
+        saved_v = [l.weight.detach().clone() for _, l in layers]  # kept values
         saved_m = [l.mask.clone() for _, l in layers]
-        mags = torch.cat([torch.where(l.mask, l.weight.detach().abs().float(),
-                                      torch.full_like(l.weight, math.inf, dtype=torch.float32)).reshape(-1).cpu()
+        mags = torch.cat([torch.where(l.mask, l.dense_weight().abs().float(),
+                                      torch.full(l.weight_shape, math.inf, dtype=torch.float32,
+                                                 device=l.mask.device)).reshape(-1).cpu()
                           for _, l in layers])
         total = mags.numel()
         nnz = int(torch.isfinite(mags).sum())
@@ -104,19 +106,21 @@ class LOBSTER(Pruner):
             drop[order[:k]] = True
             out, off = [], 0
             for (_, l), m in zip(layers, saved_m):
-                c = l.weight.numel()
+                c = l.mask.numel()
                 out.append(m & ~drop[off:off + c].reshape(m.shape).to(m.device))
                 off += c
             return out
 
         def trial(k: int) -> float:
-            for (_, l), m in zip(layers, masks_for(k)):
-                l.set_mask(m)
-            v = self._val_loss(batch, loss_fn)
-            for (_, l), m, w in zip(layers, saved_m, saved_w):
-                l.set_mask(m)
-                l.weight.copy_(w)
-            return v
+            # masked-dense semantics: evaluating W·[|W| ≥ T] = zeroing the trial-pruned kept values (the
+            # masks, gradients and optimizer state stay untouched)
+            for (_, l), m, m0, v in zip(layers, masks_for(k), saved_m, saved_v):
+                l.weight.copy_(torch.where(_kept.gather(m, m0), v, torch.zeros_like(v)))
+            try:
+                return self._val_loss(batch, loss_fn)
+            finally:
+                for (_, l), v in zip(layers, saved_v):
+                    l.weight.copy_(v)
 
         limit = (1.0 + self.twt) * base
         lo, hi = 0, max_prune  # invariant: lo acceptable

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends.base import masked
+from ..formats import kept as _kept
+from ..nn.layers import SparseModule
 from .base import Pruner, _check_int, _check_number, progress
 
 __all__ = ["LotteryTicket", "RobustTicket"]
@@ -65,9 +66,19 @@ class LotteryTicket(Pruner):
     def _mask_ids(self) -> set[int]:
         return {id(l.mask) for _, l in self._layers}
 
+    def _sparse_params(self) -> dict[str, SparseModule]:
+        """``{parameter name: sparse layer}`` for the kept-values weight of every sparse layer of the model."""
+        return {(f"{mn}." if mn else "") + "weight": m for mn, m in self.model.named_modules()
+                if isinstance(m, SparseModule)}
+
     def _take_snapshot(self) -> None:
         mids = self._mask_ids()
-        snap = {"params": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+        sparse = self._sparse_params()
+        # sparse layers' weights are saved dense (their kept values shrink with the masks), with the masks
+        # they had (to move the optimizer state saved with them onto later masks)
+        snap = {"params": {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in sparse},
+                "dense": {n: l.dense_weight() for n, l in sparse.items()},
+                "masks": {n: l.mask.detach().clone() for n, l in sparse.items()},
                 "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers() if id(b) not in mids}}
         if self.optimizer is not None:
             snap["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
@@ -75,26 +86,35 @@ class LotteryTicket(Pruner):
             snap["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
         self._snapshot = snap
 
-    def _restore(self) -> None:
-        if self.rewind is None:
-            return
+    def _check_snapshot(self) -> dict:
         snap = self._snapshot
         if snap is None:
             raise RuntimeError(f"LotteryTicket: no weights saved at rewind_step={self.rewind_step} (the first "
                                f"round ran only {self._step} steps); call pruner.step() after every optimizer step")
+        return snap
+
+    def _restore(self) -> None:
+        """Rewind everything but the managed layers' weights (:meth:`_prune` sets those with the masks)."""
+        if self.rewind is None:
+            return
+        snap = self._check_snapshot()
         if self.rewind == "weights":
+            managed = {id(l) for _, l in self._layers}
+            sparse = self._sparse_params()
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
-                    if n in snap["params"]:
+                    if n in sparse:
+                        if id(sparse[n]) not in managed and n in snap["dense"]:
+                            sparse[n].set_dense_weight(snap["dense"][n])
+                    elif n in snap["params"]:
                         p.copy_(snap["params"][n])
                 mids = self._mask_ids()
                 for n, b in self.model.named_buffers():
                     if id(b) not in mids and n in snap["buffers"]:
                         b.copy_(snap["buffers"][n])
-                for _, l in self._layers:
-                    masked(l.weight, l.mask, inplace=True)
             if self.optimizer is not None and "optimizer" in snap:
                 self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+                self._remap_optimizer_state(snap, sparse)
         if self.rewind in ("weights", "lr") and self.scheduler is not None and "scheduler" in snap:
             self.scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
             if self.optimizer is not None:
@@ -105,6 +125,22 @@ class LotteryTicket(Pruner):
         elif self.rewind == "lr" and self.optimizer is not None and "optimizer" in snap:
             for g, gs in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
                 g["lr"] = gs["lr"]
+
+    def _remap_optimizer_state(self, snap: dict, sparse: dict[str, SparseModule]) -> None:
+        """The rewound optimizer state of a sparse layer's weight is laid out for the mask at snapshot time:
+        move it onto the current mask (positions kept in both keep their state; others start at 0)."""
+        with torch.no_grad():
+            for n, l in sparse.items():
+                old = snap.get("masks", {}).get(n)
+                st = self.optimizer.state.get(l.weight)
+                if old is None or not st:
+                    continue
+                old = old.to(l.mask.device)
+                old_nnz = int(old.count_nonzero())
+                src, keep = _kept.remap(old, l.mask)
+                for k, v in list(st.items()):
+                    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == old_nnz:
+                        st[k] = _kept.remap_tensor(v, src, keep)
 
     # ---- rounds ------------------------------------------------------------------------------------
     @property
@@ -125,12 +161,12 @@ class LotteryTicket(Pruner):
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         if self.done:
             return
-        if self.rewind is not None and self._snapshot is None:
-            self._restore()  # raises the explanation before any mask changes
+        if self.rewind is not None:
+            self._check_snapshot()  # raises the explanation before any mask changes
         target = self._round_target()
-        scores = self._masked_scores({n: l.weight.detach().abs() for n, l in self._layers})
+        scores = self._masked_scores({n: l.dense_weight().abs() for n, l in self._layers})
         if self.pattern.is_nm:
-            new = self._allocate({n: l.weight.detach().abs() for n, l in self._layers})
+            new = self._allocate({n: l.dense_weight().abs() for n, l in self._layers})
         elif self.distribution == "global":
             new = self._allocate(scores, target)
         else:  # each layer moves towards its own final density
@@ -141,7 +177,11 @@ class LotteryTicket(Pruner):
             new = self._allocate(scores, densities=dens)
         if not self.pattern.is_nm:
             new = {n: new[n] & l.mask for n, l in self._layers}
-        self._apply(new)
+        if self.rewind == "weights":  # the survivors go back to their values at the rewind point
+            names = {id(l): n for n, l in self._sparse_params().items()}
+            self._apply(new, weights={n: self._snapshot["dense"][names[id(l)]] for n, l in self._layers})
+        else:
+            self._apply(new)
         self.round += 1
         self._round_step = 0
         self._restore()

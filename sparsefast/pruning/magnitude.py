@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Pruner, _check_number
+from .base import Pruner, _check_number, resolve_pattern
 from .schedules import CubicSparsity
 
 __all__ = ["Magnitude", "Random", "GradualMagnitude"]
@@ -24,7 +24,7 @@ class Magnitude(Pruner):
     default_distribution = "global"
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
-        scores = {n: l.weight.detach().abs() for n, l in self._layers}
+        scores = {n: l.dense_weight().abs() for n, l in self._layers}
         if not self.pattern.is_nm:
             scores = self._masked_scores(scores)
         self._apply(self._allocate(scores))
@@ -50,7 +50,7 @@ class Random(Pruner):
         super().__init__(model, **kw)
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
-        scores = {n: self._rand(l.weight.shape, "init", n) for n, l in self._layers}
+        scores = {n: self._rand(l.weight_shape, "init", n) for n, l in self._layers}
         new = self._maybe_flow_repair(self._allocate(scores), "init")
         self._apply(new)
         if self.scale_init:
@@ -58,7 +58,7 @@ class Random(Pruner):
                 for n, l in self._layers:
                     d = float(new[n].float().mean())
                     if d > 0:
-                        l.weight.mul_(1.0 / math.sqrt(d))
+                        l.weight.mul_(1.0 / math.sqrt(d))  # the kept values
 
 
 class GradualMagnitude(Pruner):
@@ -83,6 +83,9 @@ class GradualMagnitude(Pruner):
 
     def __init__(self, model: nn.Module, *, sparsity: float | None = None, initial_sparsity: float = 0.0,
                  start_step: int = 0, end_step: int | None = None, update_every: int = 100, **kw: Any) -> None:
+        # refuse an N:M pattern (it can never work) before asking for the schedule's arguments
+        resolve_pattern(type(self).__name__, model, kw.get("pattern"), self.supports_nm,
+                        self.supports_unstructured, kw.get("filter_fn"))
         if end_step is None:
             raise ValueError("GradualMagnitude needs end_step (the step at which the final sparsity is reached)")
         if sparsity is not None:
@@ -95,7 +98,7 @@ class GradualMagnitude(Pruner):
 
     def _level(self, t: int) -> dict[str, torch.Tensor]:
         s_t = self.schedule(t)
-        scores = self._masked_scores({n: l.weight.detach().abs() for n, l in self._layers})
+        scores = self._masked_scores({n: l.dense_weight().abs() for n, l in self._layers})
         if self.distribution == "global":
             return self._allocate(scores, s_t)
         si, sf = self.schedule.initial, self.schedule.final

@@ -1,8 +1,9 @@
 """Pruning at initialisation: SNIP, GraSP, SynFlow (masks fixed after ``prune()``).
 
 Gradients: the three scores multiply the gradient by ``W``, which is exactly zero at pruned positions,
-so the *masked* weight gradient of the sparse layers (equal to the dense gradient at every kept
-position) gives the exact scores; no dense-gradient capture is needed. Already pruned weights score
+so the gradient of the sparse layers' kept values (equal to the dense gradient at every kept position;
+scattered to the dense shape with zeros at pruned positions) gives the exact scores; no dense-gradient
+capture is needed. At initialisation every position is kept, so these are the full dense gradients. Already pruned weights score
 ``-inf`` and never return. ``.grad`` of the model is never touched (``torch.autograd.grad``).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..backends.base import masked
+from ..formats import kept as _kept
 from .base import Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, progress
 from .schedules import ExponentialDensity
 
@@ -37,8 +38,17 @@ class _Scoring:
             w.requires_grad_(r)
 
 
+def _dense(layer: nn.Module, values: torch.Tensor | None) -> torch.Tensor:
+    """Kept-values tensor ``values`` (a gradient) as the dense weight-shaped tensor, zeros at pruned
+    positions (all zeros for ``None``)."""
+    if values is None:
+        return torch.zeros(layer.weight_shape, dtype=layer.weight.dtype, device=layer.mask.device)
+    return _kept.scatter(values.detach(), layer.mask)
+
+
 def snip_grads(pruner: Pruner, batch: Any, loss_fn: Callable | None, batches: int) -> dict[str, torch.Tensor]:
-    """Sum over up to ``batches`` batches of ``∂L/∂W`` (float32) for every managed layer."""
+    """Sum over up to ``batches`` batches of ``∂L/∂W`` (float32, weight-shaped; zero at pruned positions)
+    for every managed layer."""
     weights = [l.weight for _, l in pruner._layers]
     acc = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     nb = 0
@@ -52,7 +62,7 @@ def snip_grads(pruner: Pruner, batch: Any, loss_fn: Callable | None, batches: in
             nb += 1
     if nb == 0:
         raise ValueError(f"{type(pruner).__name__}.prune(): the batch iterable yielded no batch")
-    return {n: a for n, a in zip(pruner._names, acc)}
+    return {n: _dense(l, a) for (n, l), a in zip(pruner._layers, acc)}
 
 
 class SNIP(Pruner):
@@ -71,7 +81,7 @@ class SNIP(Pruner):
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         _check_batch(type(self).__name__, batch)
         g = snip_grads(self, batch, loss_fn, self.batches)
-        scores = {n: (g[n] * l.weight.detach().float()).abs() for n, l in self._layers}
+        scores = {n: (g[n] * l.dense_weight().float()).abs() for n, l in self._layers}
         if not self.pattern.is_nm:
             scores = self._masked_scores(scores)
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
@@ -117,7 +127,7 @@ class GraSP(Pruner):
                     if h is not None:
                         a.add_(h.detach())
         # keep = lowest S = -W*Hg  <=>  largest W*Hg
-        scores = {n: (l.weight.detach() * h).float() for (n, l), h in zip(self._layers, hg)}
+        scores = {n: (l.dense_weight() * _dense(l, h)).float() for (n, l), h in zip(self._layers, hg)}
         if not self.pattern.is_nm:
             scores = self._masked_scores(scores)
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
@@ -162,19 +172,22 @@ class SynFlow(Pruner):
             shape = tuple(x0.shape[1:])
         w0 = self._layers[0][1].weight
         model = self.model
-        mids = {id(l.mask) for _, l in self._layers}
+        layers = [l for _, l in self._layers]
+        # the managed layers' kept values shrink with the masks: saved (and restored) as dense weights
+        skip = {id(l.mask) for l in layers} | {id(l.weight) for l in layers}
         state = [t for t in list(model.parameters()) + list(model.buffers())
-                 if id(t) not in mids and t.is_floating_point()]
+                 if id(t) not in skip and t.is_floating_point()]
         saved = [t.detach().clone() for t in state]
+        saved_dense = [l.dense_weight() for l in layers]
         was_training = model.training
-        weights = [l.weight for _, l in self._layers]
+        weights = [l.weight for l in layers]
         rounds = 1 if self.pattern.is_nm else self.iterations
         sched = ExponentialDensity(1.0 - self.target_sparsity, rounds)
         final = None if self.distribution == "global" or self.pattern.is_nm else self._densities(self.target_sparsity)
         try:
             model.eval()
             with torch.no_grad():
-                for t in state:
+                for t in state + weights:
                     t.abs_()
                 if self.zero_bias:
                     for mod in model.modules():
@@ -189,8 +202,9 @@ class SynFlow(Pruner):
                 with _Scoring(weights):
                     R = model(x).sum()
                     gs = torch.autograd.grad(R, weights, allow_unused=True)
-                scores = {n: ((g if g is not None else torch.zeros_like(l.weight)) * l.weight.detach()).abs().float()
+                scores = {n: (_dense(l, g) * l.dense_weight()).abs().float()
                           for (n, l), g in zip(self._layers, gs)}
+                del R, gs  # no graph may outlive a mask change that resizes the kept values
                 if self.pattern.is_nm:
                     new = self._allocate(scores)
                 else:
@@ -201,12 +215,12 @@ class SynFlow(Pruner):
                         new = self._allocate(scores, densities={n: final[n] ** (k / rounds) for n in self._names})
                     new = {n: new[n] & l.mask for n, l in self._layers}
                 self._apply(new)
-            if self.flow_repair and not self.pattern.is_nm:  # before the restore: repaired edges get W(0)
+            if self.flow_repair and not self.pattern.is_nm:  # repaired edges get W(0) in the restore below
                 self._apply(self._maybe_flow_repair(self.masks(), "init"))
         finally:
             with torch.no_grad():
                 for t, s in zip(state, saved):
                     t.copy_(s)
-                for _, l in self._layers:
-                    masked(l.weight, l.mask, inplace=True)
+                for l, w in zip(layers, saved_dense):
+                    l.set_dense_weight(w)  # the signed values of the kept positions
             model.train(was_training)

@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..backends import SparsefastWarning
 from .base import Pruner, _check_int, _check_number
 
 __all__ = ["SRSTE"]
+
+#: torch.optim optimizers that have stepped since an SRSTE without lr=/optimizer= was built (their
+#: param groups give the learning rate of the pruned weights); the hook is registered on first need.
+_STEPPED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_HOOK: list = []
+
+
+def _track_stepped_optimizers() -> None:
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(lambda opt, args, kwargs: _STEPPED.add(opt)))
 
 
 class SRSTE(Pruner):
@@ -23,10 +37,11 @@ class SRSTE(Pruner):
     How it is split with your optimizer: the *kept* weights live in the sparse layer and are updated by
     your optimizer (with ``G`` at kept positions). The *pruned* part of ``W`` lives in the pruner
     (a dense copy) and ``step()`` updates it with SGD (+ ``momentum``) using the dense gradient
-    (recorded every step: ``dYᵀX``) plus the refining decay; the learning rate is ``lr`` or, when
-    ``optimizer=`` is given, the current ``lr`` (and ``momentum``) of the group holding the layer's weight
-    (so LR schedules are followed). Then the new mask (top-n ``|W|`` of each m-group) is set and the kept
-    weights take their values from ``W``.
+    (recorded every step: ``dYᵀX``) plus the refining decay; the learning rate is ``lr`` or else the
+    current ``lr`` (and ``momentum``) of the param group holding the layer's weight — in ``optimizer=``
+    when given, otherwise in the ``torch.optim`` optimizer that steps that weight (found automatically),
+    so LR schedules are followed. Then the new mask (top-n ``|W|`` of each m-group) is set and every kept
+    weight takes its value from ``W`` (``layer.set_mask(mask, weight=W)``).
 
     ``pattern`` defaults to ``"2:4"``; unstructured is accepted too (top ``|W|`` at ``sparsity`` per
     ``distribution``, ``"uniform"`` by default).
@@ -38,8 +53,8 @@ class SRSTE(Pruner):
                  lr: float | None = None, momentum: float | None = None, optimizer: Any = None,
                  update_every: int = 1, **kw: Any) -> None:
         self.decay = _check_number("decay", decay, 0.0, math.inf)
-        if lr is None and optimizer is None:
-            raise ValueError("SRSTE updates the pruned part of the dense weights itself: pass lr= or optimizer=")
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"SRSTE: optimizer= must be a torch.optim optimizer, got {type(optimizer).__name__}")
         self.lr = None if lr is None else _check_number("lr", lr, 0.0, math.inf)
         self.mom = None if momentum is None else _check_number("momentum", momentum, 0.0, 1.0, hi_open=True)
         self.optimizer = optimizer
@@ -47,13 +62,17 @@ class SRSTE(Pruner):
         super().__init__(model, pattern=pattern, **kw)
         self._dense: dict[str, torch.Tensor] = {}
         self._buf: dict[str, torch.Tensor] = {}
+        self._warned_no_lr = False
+        if self.lr is None and self.optimizer is None:
+            _track_stepped_optimizers()
 
     def _group_of(self, p: torch.Tensor) -> dict | None:
-        if self.optimizer is None:
-            return None
-        for g in self.optimizer.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
+        """The param group (of ``optimizer=``, else of a stepped torch.optim optimizer) holding ``p``."""
+        opts = [self.optimizer] if self.optimizer is not None else list(_STEPPED)
+        for opt in opts:
+            for g in opt.param_groups:
+                if any(q is p for q in g["params"]):
+                    return g
         return None
 
     def _wants_dense_grad(self, t: int) -> bool:
@@ -63,7 +82,7 @@ class SRSTE(Pruner):
         return self._allocate({n: self._dense[n].abs() for n in self._names})
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
-        self._dense = {n: l.weight.detach().float().clone() for n, l in self._layers}
+        self._dense = {n: l.dense_weight().float() for n, l in self._layers}
         self._buf = {n: torch.zeros_like(w) for n, w in self._dense.items()}
         self._apply(self._new_masks())
 
@@ -71,12 +90,15 @@ class SRSTE(Pruner):
         self._require_pruned()
         grads = self._grads_or_warn("SR-STE update of the pruned weights")
         with torch.no_grad():
+            no_lr = []
             for n, l in self._layers:
                 wd, m = self._dense[n], l.mask
-                wd[m] = l.weight.detach()[m].float()  # kept part: what your optimizer made of it
+                wd.copy_(torch.where(m, l.dense_weight().float(), wd))  # kept part: what your optimizer made of it
                 if grads is None:
                     continue
                 g = self._group_of(l.weight)
+                if self.lr is None and g is None:
+                    no_lr.append(n)
                 lr = self.lr if self.lr is not None else float(g["lr"]) if g is not None else 0.0
                 mom = self.mom if self.mom is not None else float(g.get("momentum", 0.0)) if g is not None else 0.0
                 upd = grads[n].to(wd.device) + self.decay * wd
@@ -84,20 +106,20 @@ class SRSTE(Pruner):
                 buf.mul_(mom).add_(upd)
                 buf[m] = 0.0
                 wd.sub_(lr * buf * ~m)
+        if no_lr and not self._warned_no_lr:
+            self._warned_no_lr = True
+            warnings.warn(f"SRSTE: no lr= was given and no optimizer holding the weight of layer(s) {no_lr} has "
+                          "stepped: their pruned weights are not updated (pass lr= or optimizer=)",
+                          SparsefastWarning, stacklevel=2)
         if t % self.update_every == 0:
-            new = self._new_masks()
-            self._apply(new)
-            with torch.no_grad():
-                for n, l in self._layers:
-                    l.weight.copy_((self._dense[n] * l.mask).to(l.weight.dtype))
+            # every kept position (returning ones included) takes its value from the dense W
+            self._apply(self._new_masks(), weights=self._dense)
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
         """The dense ``W`` (kept values from the layers, pruned values from the pruner), float32 copies."""
         out = {}
         for n, l in self._layers:
-            w = self._dense[n].clone()
-            w[l.mask] = l.weight.detach()[l.mask].float()
-            out[n] = w
+            out[n] = torch.where(l.mask, l.dense_weight().float(), self._dense[n])
         return out
 
     def _extra_state(self) -> dict:
