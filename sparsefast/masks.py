@@ -68,6 +68,12 @@ class Pattern:
         """The pattern for the lower-cased string ``s``, or ``None`` if ``s`` is not of this type."""
         return None
 
+    @classmethod
+    def examples(cls) -> list[tuple[str, float | None]]:
+        """``(pattern string, density)`` cases the backend conformance tests run for this type (a
+        registered pattern is tested on every backend that declares it by being listed here)."""
+        return []
+
     def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
         """Why a weight of ``shape`` (2-D Linear or 4-D conv) cannot take this pattern (``None``: it can)."""
         return None
@@ -90,6 +96,10 @@ class Unstructured(Pattern):
     @classmethod
     def parse(cls, s: str) -> "Pattern | None":
         return cls() if s in ("unstructured", "dense") else None
+
+    @classmethod
+    def examples(cls) -> list[tuple[str, float | None]]:
+        return [("unstructured", 0.1), ("unstructured", 0.6)]
 
     def top_mask(self, scores_rv: torch.Tensor, density: float | None) -> torch.Tensor:
         if density is None:
@@ -129,6 +139,10 @@ class NM(Pattern):
         if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
             return cls(int(parts[0]), int(parts[1]))
         return None
+
+    @classmethod
+    def examples(cls) -> list[tuple[str, float | None]]:
+        return [("2:4", None), ("1:4", None), ("4:8", None)]
 
     def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
         k = int(math.prod(shape[1:]))
@@ -185,6 +199,10 @@ class Block(Pattern):
                 raise ValueError(f"cannot parse block pattern {s!r}: expected 'block:B' with B in {BLOCK_SIZES}")
             return cls(int(v))
         return None
+
+    @classmethod
+    def examples(cls) -> list[tuple[str, float | None]]:
+        return [("block:8", 0.5), ("block:16", 0.25)]
 
     def fits(self, shape: tuple[int, ...], op: str = "linear") -> str | None:
         rows, k = int(shape[0]), int(math.prod(shape[1:]))

@@ -256,3 +256,53 @@ def test_kept_primitives_match_dense_primitives(name, pattern, m_rows):
                  torch.float32, "conv dx")
     assert_close(b_.kept_conv_dw(dyc, xc, cmask, p, cp), kept.gather(ref.conv_dw(dyc, xc, cmask, p, cp, cw.shape),
                                                                       cmask), torch.float32, "conv dW")
+
+
+def _pattern_cases():
+    from sparsefast.masks import PATTERN_TYPES
+    return [(t, s, d) for t in PATTERN_TYPES for s, d in t.examples()]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", _pattern_cases(), ids=lambda c: f"{c[1]}@{c[2]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_registered_pattern_on_every_backend(name, case, dtype):
+    """Backend x registered pattern type: Linear and conv forward, dX and kept dW against the float64
+    reference, with the backend's declared tolerance; a backend refuses (with its reason) exactly the
+    pattern types it does not declare."""
+    from sparsefast.formats import kept
+    from sparsefast.masks import magnitude_mask, parse_pattern
+    from sparsefast.ops import sparse_conv2d_kept, sparse_linear_kept
+    b_ = _backend_or_skip(name)
+    ptype, pstr, density = case
+    pat = parse_pattern(pstr)
+    q = backends.make_query("linear", None, torch.empty(32, 64, device="meta"), pat, dtype=dtype)
+    q = __import__("dataclasses").replace(q, device=torch.device("cpu"))
+    reasons = b_.not_supported_reasons(q)
+    if not isinstance(pat, b_.patterns):
+        assert reasons and any(ptype.kind in r for r in reasons), reasons
+        pytest.skip(f"{name} does not declare {ptype.kind} patterns")
+    assert not reasons, reasons
+    atol, rtol = b_.tolerances[dtype]
+    sparsity = None if density is None else 1 - density
+    g = torch.Generator().manual_seed(hash((name, pstr, str(dtype))) % 2**31)
+    for shape in ((32, 64), (16, 16, 3, 3)):
+        w = torch.randn(shape, generator=g)
+        mask = magnitude_mask(torch.rand(shape, generator=g), pat, sparsity)
+        v = kept.gather(w, mask).to(dtype).requires_grad_(True)
+        wd = kept.scatter(v.detach().double(), mask).requires_grad_(True)
+        if len(shape) == 2:
+            x = torch.randn(5, 64, generator=g)
+            y = sparse_linear_kept(x.to(dtype).requires_grad_(True), v, mask, backend=name, pattern=pstr)
+            ry = torch.nn.functional.linear(x.double().requires_grad_(True), wd)
+        else:
+            x = torch.randn(2, 16, 6, 5, generator=g)
+            y = sparse_conv2d_kept(x.to(dtype), v, mask, None, 1, 1, backend=name, pattern=pstr)
+            ry = torch.nn.functional.conv2d(x.double(), wd, None, 1, 1)
+        dy = torch.randn(y.shape, generator=g)
+        y.backward(dy.to(dtype))
+        ry.backward(dy.double())
+        scale = max(1.0, float(ry.abs().max()))
+        torch.testing.assert_close(y.double(), ry.detach(), atol=atol * scale, rtol=rtol)
+        rdv = kept.gather(wd.grad, mask)
+        torch.testing.assert_close(v.grad.double(), rdv, atol=atol * max(1.0, float(rdv.abs().max())), rtol=rtol)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsefast
 from sparsefast.backends import SparsefastWarning
 from sparsefast.nn import SparseConv2d, SparseLinear, densify, sparse_layers, sparsify
 
@@ -147,3 +148,28 @@ def test_root_layer_and_filter():
     m = _mlp()
     sparsify(m, sparsity=0.5, filter_fn=lambda n, mod: n == "2")
     assert type(m[0]) is nn.Linear and isinstance(m[2], SparseLinear)
+
+
+def test_model_load_is_all_or_nothing():
+    """A later layer's bad mask, a wrong shape or (strict) missing/extra keys: a clear error and the model
+    unchanged — earlier layers are not overwritten."""
+    import copy as _copy
+    torch.manual_seed(0)
+    model = sparsefast.sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4)),
+                                pattern="2:4")
+    before = _copy.deepcopy(model.state_dict())
+    other = sparsefast.sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4)),
+                                pattern="2:4")
+    good = other.state_dict()
+    bad_mask = dict(good, **{"3.mask": torch.ones(4, 8, dtype=torch.bool)})
+    bad_shape = dict(good, **{"2.bias": torch.zeros(5)})
+    missing = {k: v for k, v in good.items() if k != "3.bias"}
+    extra = dict(good, **{"9.weight": torch.zeros(1)})
+    for sd, strict, match in ((bad_mask, True, "2:4"), (bad_mask, False, "2:4"), (bad_shape, True, "shape"),
+                              (missing, True, "Missing"), (extra, True, "Unexpected")):
+        with pytest.raises(RuntimeError, match=match):
+            model.load_state_dict(sd, strict=strict)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), (k, match)
+    model.load_state_dict(missing, strict=False)   # non-strict with a missing key: loads the rest
+    assert torch.equal(model[0].dense_weight(), other[0].dense_weight())

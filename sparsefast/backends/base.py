@@ -51,7 +51,7 @@ import torch
 
 from .. import _build_cpu
 from ..formats import kept as _kept
-from ..masks import Pattern
+from ..masks import NM, Block, Pattern, Unstructured
 
 
 #: same-size integer dtype of each float dtype, for :func:`masked`
@@ -111,12 +111,27 @@ class OpQuery:
 
 
 class Backend:
-    """Base class. Subclasses set ``name``/``devices`` and implement the six primitives."""
+    """Base class. A backend *declares* what it runs — ``ops``, ``patterns`` (pattern types), ``devices``,
+    ``dtypes``, its test ``tolerances`` and its ``auto`` priority per device — and implements the
+    primitives. :meth:`not_supported_reasons` refuses, with reasons, every call outside the declarations
+    (subclasses add their own limits in :meth:`extra_reasons`); ``auto`` orders the backends per call by
+    :meth:`priority`. Add one from outside the package with
+    :func:`sparsefast.backends.register_backend`."""
 
     name: ClassVar[str] = "?"
+    #: ops it implements
+    ops: ClassVar[tuple[str, ...]] = ("linear", "conv")
+    #: pattern types it runs (:mod:`sparsefast.masks`): any mask of those types, exactly
+    patterns: ClassVar[tuple[type, ...]] = (Unstructured, NM, Block)
     #: device types this backend can run on (e.g. ("cuda",), or ("cpu",))
     devices: ClassVar[tuple[str, ...]] = ()
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    #: (atol, rtol) per dtype its results meet against the float64 masked-dense reference (scaled by
+    #: max(1, |expected|) in the conformance tests)
+    tolerances: ClassVar[dict] = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
+                                  torch.float16: (2e-2, 1e-2), torch.bfloat16: (8e-2, 3e-2)}
+    #: ``auto`` priority per device type (higher is tried first; absent: ``auto`` never picks it there)
+    auto_priority: ClassVar[dict[str, int]] = {}
     #: the kernels read kept values (canonical order) as they are; False: the ``kept_*`` defaults
     #: scatter them into a dense weight per call (see module docstring)
     kept_native: ClassVar[bool] = False
@@ -132,13 +147,36 @@ class Backend:
         return None
 
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
-        """Why this backend cannot run the call described by ``q`` (empty: it can)."""
+        """Why this backend cannot run the call described by ``q`` (empty: it can): the declarations
+        (op, device, dtype, pattern type, the pattern fitting the weight), then :meth:`extra_reasons`."""
         reasons = []
+        if q.op not in self.ops:
+            reasons.append(f"{self.name} does not implement {q.op!r} (it has {', '.join(self.ops)})")
         if q.device.type not in self.devices:
             reasons.append(f"{self.name} runs on {'/'.join(self.devices)} tensors, not {q.device.type}")
         if q.dtype not in self.dtypes:
-            reasons.append(f"{self.name} does not support dtype {q.dtype}")
+            reasons.append(f"{self.name} does not support dtype {q.dtype} "
+                           f"({', '.join(str(d).replace('torch.', '') for d in self.dtypes)} only)")
+        if not isinstance(q.pattern, self.patterns):
+            reasons.append(f"{self.name} does not run {q.pattern.kind} patterns ({q.pattern}); it runs "
+                           f"{', '.join(p.kind for p in self.patterns)}")
+        else:
+            why = q.pattern.fits(tuple(q.weight_shape), q.op)
+            if why is not None:
+                reasons.append(why)
+        if not reasons:
+            reasons.extend(self.extra_reasons(q))
         return reasons
+
+    def extra_reasons(self, q: OpQuery) -> list[str]:
+        """A backend's own limits beyond its declarations (index widths, tile sizes...)."""
+        return []
+
+    def priority(self, q: OpQuery) -> int | None:
+        """Rank of this backend for ``auto`` on call ``q`` (higher first); ``None``: never auto-picked.
+        Default: :attr:`auto_priority` of the device. A specialist overrides it to rank high only for
+        the calls it is built for (e.g. one pattern type)."""
+        return self.auto_priority.get(q.device.type)
 
     def prefer_dense_reason(self, q: OpQuery) -> str | None:
         """A reason why masked-dense work beats this backend for ``q`` (``None``: use this backend)."""

@@ -224,12 +224,11 @@ class CpuBackend(Backend):
             self._hw_info = {"isa": d["isa"], "bf16_dot": bool(d.get("bf16_dot", False))}
         return self._hw_info
 
-    def not_supported_reasons(self, q: OpQuery) -> list[str]:
+    auto_priority = {"cpu": 10}
+
+    def extra_reasons(self, q: OpQuery) -> list[str]:
+        """16-bit column indices and 32-bit offsets (block masks run on the CSR kernels)."""
         reasons = []
-        if q.device.type != "cpu":
-            reasons.append(f"cpu runs on cpu tensors, not {q.device.type}")
-        if q.dtype not in self.dtypes:
-            reasons.append(f"cpu does not support dtype {q.dtype} (float32, bfloat16, float16 only)")
         ws = tuple(q.weight_shape)
         if q.op == "linear":
             if len(ws) != 2:
@@ -238,7 +237,7 @@ class CpuBackend(Backend):
                 rows, k = ws
                 if k > _MAX_IDX or rows > _MAX_IDX:
                     reasons.append(f"cpu uses 16-bit indices: in/out features must be <= {_MAX_IDX}, got {ws}")
-        elif q.op == "conv":
+        else:
             if len(ws) != 4:
                 reasons.append(f"conv weight must be 4-D, got {ws}")
             else:
@@ -247,8 +246,6 @@ class CpuBackend(Backend):
                 if kred > _MAX_IDX or ws[0] // max(groups, 1) > _MAX_IDX:
                     reasons.append(f"cpu uses 16-bit indices: C/groups*kh*kw and out_channels/groups must be "
                                    f"<= {_MAX_IDX}, got weight {ws}")
-        else:
-            reasons.append(f"unknown op {q.op!r}")
         numel = 1
         for s in ws:
             numel *= int(s)

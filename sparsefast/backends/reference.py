@@ -21,7 +21,10 @@ class ReferenceBackend(Backend):
     kept_native = True
 
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
-        return [] if q.dtype.is_floating_point else [f"reference needs a floating dtype, got {q.dtype}"]
+        """Any floating dtype, any device, every registered pattern type: masked dense is always exact."""
+        reasons = [] if q.dtype.is_floating_point else [f"reference needs a floating dtype, got {q.dtype}"]
+        why = q.pattern.fits(tuple(q.weight_shape), q.op)
+        return reasons + ([why] if why is not None else [])
 
     def linear_fwd(self, x, weight, mask, bias, pattern):
         return F.linear(x, masked(weight, mask), bias)

@@ -140,22 +140,16 @@ class SparseModule(nn.Module):
             return self._validated(mask, dense)
         if sparsity is not None:
             _masks.check_sparsity(sparsity)
-        elif not self._pattern.is_nm:
-            raise ValueError(f"{self._name()}: an unstructured pattern needs sparsity= (or mask= with from_dense)")
+        elif self._pattern.density is None:
+            raise ValueError(f"{self._name()}: pattern {self.pattern} needs sparsity= (or mask= with from_dense)")
         self._check_divisible(tuple(dense.shape))
         return _masks.magnitude_mask(dense.detach(), self._pattern, sparsity)
 
     def _check_divisible(self, shape: tuple, pattern: "_masks.Pattern | None" = None) -> None:
         pat = self._pattern if pattern is None else pattern
-        if pat.is_nm:
-            k = int(math.prod(shape[1:]))
-            if self._op == "conv" and shape[1] % pat.m:
-                raise ValueError(f"{self._name()}: pattern {pat} groups {pat.m} consecutive input "
-                                 f"channels per kernel position, but in_channels/groups={shape[1]} "
-                                 f"is not divisible by {pat.m}")
-            if k % pat.m:
-                raise ValueError(f"{self._name()}: reduction dim {k} is not divisible by m={pat.m} "
-                                 f"(pattern {pat}, weight {tuple(shape)})")
+        why = pat.fits(tuple(shape), self._op)
+        if why is not None:
+            raise ValueError(f"{self._name()}: {why}")
 
     def _validated(self, mask: torch.Tensor, like: torch.Tensor | None = None,
                    pattern: "_masks.Pattern | None" = None, where: str | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ..formats import kept as _kept
 from . import layers as _layers
 from .layers import SparseConv2d, SparseLinear, SparseModule
 
-__all__ = ["sparsify", "densify", "sparse_layers", "set_backend"]
+__all__ = ["sparsify", "densify", "sparse_layers", "set_backend", "guard_load_state_dict"]
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -123,7 +123,83 @@ def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = 
                 _set_child(model, name, new)
             else:
                 new_root = new
+    guard_load_state_dict(new_root)
     return new_root
+
+
+def _check_load(root: nn.Module, state_dict, prefix: str, strict: bool) -> list[str]:
+    """Every problem loading ``state_dict`` (keys under ``prefix``) into ``root`` would hit, found
+    before anything is changed: sparse layers' masks/patterns/shapes, plain parameters' shapes, and with
+    ``strict`` the missing and unexpected keys (as ``nn.Module.load_state_dict`` reports them)."""
+    errors: list[str] = []
+    own = root.state_dict(prefix=prefix, keep_vars=True)
+    optional = set()
+    for name, mod in root.named_modules(prefix=prefix.rstrip(".")):
+        p = f"{name}." if name else ""
+        if isinstance(mod, SparseModule):
+            err = mod._staged_load(state_dict, p + "weight", p + "bias", p + "mask")
+            if isinstance(err, str):
+                errors.append(err)
+            if p + "weight" in state_dict:
+                optional.add(p + "mask")  # a plain nn.Linear/nn.Conv2d dict: the mask comes from the nonzeros
+            continue
+        for key, t in list(mod.named_parameters(prefix=name, recurse=False)) + list(
+                mod.named_buffers(prefix=name, recurse=False)):
+            v = state_dict.get(key)
+            if isinstance(v, torch.Tensor) and t is not None and tuple(v.shape) != tuple(t.shape):
+                errors.append(f"size mismatch for {key}: copying a param with shape {tuple(v.shape)} from "
+                              f"checkpoint, the shape in current model is {tuple(t.shape)}.")
+    if strict:
+        missing = [k for k in own if k not in state_dict and k not in optional]
+        unexpected = [k for k in state_dict if k.startswith(prefix) and k not in own]
+        if unexpected:
+            errors.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
+        if missing:
+            errors.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+    return errors
+
+
+def _fail_load(model: nn.Module, errors: list[str]):
+    raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__} (nothing was loaded):"
+                       "\n\t" + "\n\t".join(errors))
+
+
+def _guard_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Runs before ``module`` (and so any of its children) is loaded, also when a parent loads it. torch
+    passes strict=True here whatever the caller asked, so the key-set check is :class:`_GuardedLoad`'s."""
+    errors = _check_load(module, state_dict, prefix, False)
+    if errors:
+        _fail_load(module, errors)
+
+
+class _GuardedLoad:
+    """``model.load_state_dict`` that checks the strict key sets before loading (picklable)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:
+            errors = _check_load(self.model, state_dict, "", True)
+            if errors:
+                _fail_load(self.model, errors)
+        return type(self.model).load_state_dict(self.model, state_dict, strict=strict, assign=assign)
+
+
+def guard_load_state_dict(model: nn.Module) -> nn.Module:
+    """Make ``model.load_state_dict`` all-or-nothing for its sparse layers: before any module is touched,
+    every sparse layer's entries (mask, pattern, shapes), every plain parameter's shape and, with
+    ``strict=True``, the missing/unexpected keys are checked; a problem raises the usual
+    ``RuntimeError`` with every message and leaves the model unchanged. :func:`sparsify` (and so every
+    pruner) installs it on the model it returns; call it yourself on a model whose sparse layers you
+    built by hand. Idempotent."""
+    if getattr(model, "_sparsefast_load_guard", False):
+        return model
+
+    model._register_load_state_dict_pre_hook(_guard_pre_hook, with_module=True)
+    model.load_state_dict = _GuardedLoad(model)  # an instance attribute: checks strict key sets first
+    model._sparsefast_load_guard = True
+    return model
 
 
 def densify(model: nn.Module) -> nn.Module:
