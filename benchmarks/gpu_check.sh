@@ -1,15 +1,55 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (e.g. the lent H100/H200):
-#   1. pip install --no-build-isolation --no-deps -e .   (builds sparsefast._C for this GPU's arch)
-#   2. pytest -m gpu tests                                 (every GPU test against the reference)
-#   3. pytest benchmarks                                   (if the suite exists; it prints the ratio table)
-#   4. appends date / GPU / versions / command and the printed tables to benchmarks/RESULTS.md
-# Logs go to $OUT (when set, e.g. on the device tool) or benchmarks/logs/. Exit status: non-zero when
-# the install or any test/benchmark failed (the results are appended anyway).
+# One command for a GPU machine (e.g. the lent H100/H200), in stages, each under its own time budget
+# (a stage that runs out is killed and reported; the later stages still run and the results are
+# written):
+#   install       pip install --no-build-isolation --no-deps -e .   (builds sparsefast._C for this GPU only)
+#   backends      import + availability of every backend (runs the CUDA backend's self-check)
+#   gpu-tests     pytest -m gpu tests                     (every GPU test against the reference; junit xml)
+#   triton-tests  pytest -m "triton and not gpu" tests    (the Triton kernels compiled for this GPU; junit xml)
+#   benchmarks    pytest benchmarks                       (if the suite exists; it prints the ratio table)
+# then appends date / GPU / versions / command and the printed tables to benchmarks/RESULTS.md.
+#
+#   bash benchmarks/gpu_check.sh --plan   prints the stages and their budgets and `total: N s`, exit 0
+#                                         (needs no GPU; CI runs it)
+#
+# Logs go to $SPARSEFAST_OUT, else $OUT (e.g. on the device tool), else benchmarks/logs/. Exit status:
+# non-zero when the install or any test/benchmark failed or ran out of time (results are appended anyway).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-LOGDIR=${OUT:-$ROOT/benchmarks/logs}
+
+# stage budgets in seconds; their sum stays <= 540 (9 minutes) with room for the kill grace below
+STAGES=(install backends gpu-tests triton-tests benchmarks)
+declare -A BUDGET=([install]=180 [backends]=30 [gpu-tests]=140 [triton-tests]=110 [benchmarks]=50)
+declare -A WHAT=(
+  [install]="pip install -e . (sparsefast._C for this GPU's arch only)"
+  [backends]="import sparsefast.backends; availability + CUDA self-check"
+  [gpu-tests]="pytest -m gpu tests (junit: gpu_tests.xml)"
+  [triton-tests]="pytest -m 'triton and not gpu' tests (junit: triton_tests.xml)"
+  [benchmarks]="pytest benchmarks (ratio tables)"
+)
+KILL_GRACE=5   # seconds between SIGTERM and SIGKILL when a stage runs out
+
+plan() {
+  local total=0 s
+  echo "gpu_check plan (stage: budget):"
+  for s in "${STAGES[@]}"; do
+    printf '  %-13s %4d s  %s\n' "$s" "${BUDGET[$s]}" "${WHAT[$s]}"
+    total=$(( total + BUDGET[$s] ))
+  done
+  echo "total: $total s"
+}
+
+if [ "${1:-}" = "--plan" ]; then
+  plan
+  exit 0
+fi
+if [ $# -gt 0 ]; then
+  echo "usage: bash benchmarks/gpu_check.sh [--plan]" >&2
+  exit 2
+fi
+
+LOGDIR=${SPARSEFAST_OUT:-${OUT:-$ROOT/benchmarks/logs}}
 mkdir -p "$LOGDIR"
 RESULTS=${SPARSEFAST_RESULTS:-$ROOT/benchmarks/RESULTS.md}
 PY=${PYTHON:-python3}
@@ -35,24 +75,45 @@ except Exception: pass
 print(f'python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {t}')")
 echo "gpu_check: $GPU | $VERS | TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 
-t0=$(date +%s)
-if ! "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGDIR/install.log" 2>&1; then
+plan
+declare -A RC=()
+# run_stage NAME LOG CMD...: CMD under the stage's budget, output to LOG (and the console); records
+# the exit status (124/137: out of time) in RC[NAME]
+run_stage() {
+  local name=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  local rc
+  if [ "$name" = install ]; then   # the build log is long: file only
+    timeout --kill-after="$KILL_GRACE" "${BUDGET[$name]}" "$@" >"$log" 2>&1
+    rc=$?
+  else
+    timeout --kill-after="$KILL_GRACE" "${BUDGET[$name]}" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  RC[$name]=$rc
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "gpu_check: stage $name ran out of its ${BUDGET[$name]} s budget" | tee -a "$log" >&2
+  fi
+  echo "gpu_check: stage $name: exit $rc after $(( $(date +%s) - t0 )) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+run_stage install "$LOGDIR/install.log" "$PY" -m pip install --no-build-isolation --no-deps -e .
+if [ "${RC[install]}" -ne 0 ]; then
   echo "gpu_check: install failed (tail of $LOGDIR/install.log):" >&2
   tail -n 40 "$LOGDIR/install.log" >&2
-  status=1
 fi
-echo "gpu_check: install took $(( $(date +%s) - t0 ))s"
-"$PY" -c "import sparsefast.backends as b; print('backends available:', b.available()); print('cuda:', b.why_unavailable('cuda') or 'ok')" 2>&1 | tee "$LOGDIR/backends.txt"
-
-"$PY" -m pytest -m gpu tests -q -rfE -p no:cacheprovider 2>&1 | tee "$LOGDIR/gpu_tests.log"
-rc_tests=${PIPESTATUS[0]}
-[ "$rc_tests" -eq 0 ] || status=1
+run_stage backends "$LOGDIR/backends.txt" "$PY" -c "import sparsefast.backends as b; print('backends available:', b.available()); print('cuda:', b.why_unavailable('cuda') or 'ok')"
+run_stage gpu-tests "$LOGDIR/gpu_tests.log" "$PY" -m pytest -m gpu tests -q -rfE -p no:cacheprovider \
+  --junitxml="$LOGDIR/gpu_tests.xml"
+rc_tests=${RC[gpu-tests]}
+run_stage triton-tests "$LOGDIR/triton_tests.log" "$PY" -m pytest -m "triton and not gpu" tests -q -rfE \
+  -p no:cacheprovider --junitxml="$LOGDIR/triton_tests.xml"
 
 rc_bench="n/a"
 if ls benchmarks/test_*.py benchmarks/*_test.py >/dev/null 2>&1 || ls benchmarks/bench_*.py >/dev/null 2>&1; then
-  "$PY" -m pytest benchmarks -q -s -p no:cacheprovider 2>&1 | tee "$LOGDIR/benchmarks.log"
-  rc_bench=${PIPESTATUS[0]}
-  [ "$rc_bench" -eq 0 ] || status=1
+  run_stage benchmarks "$LOGDIR/benchmarks.log" "$PY" -m pytest benchmarks -q -s -p no:cacheprovider
+  rc_bench=${RC[benchmarks]}
 fi
 
 {
@@ -60,9 +121,10 @@ fi
   echo "## $(date -u '+%Y-%m-%d %H:%M UTC') — GPU check on $GPU"
   echo
   echo "- versions: $VERS; TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-  echo "- command: \`bash benchmarks/gpu_check.sh\` (pytest -m gpu tests; pytest benchmarks)"
+  echo "- command: \`bash benchmarks/gpu_check.sh\` (stages: $(for s in "${STAGES[@]}"; do printf '%s=%s/%ss ' "$s" "${RC[$s]:-not run}" "${BUDGET[$s]}"; done))"
   echo "- backends: $(tr '\n' ' ' < "$LOGDIR/backends.txt")"
   echo "- gpu tests: $(grep -E '(passed|failed|error)' "$LOGDIR/gpu_tests.log" | tail -n 1) (exit $rc_tests)"
+  echo "- triton tests: $(grep -E '(passed|failed|error)' "$LOGDIR/triton_tests.log" | tail -n 1) (exit ${RC[triton-tests]})"
   if [ -f "$LOGDIR/benchmarks.log" ]; then
     echo "- benchmarks: exit $rc_bench"
     echo

@@ -34,6 +34,18 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "sparsefast._C: ", name, " must be a CUDA tensor");
 }
 
+// every tensor argument must live on the device of the call's reference tensor (the guard is set
+// from it; a tensor on another GPU would be read through the wrong context: illegal address)
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "sparsefast._C: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), "; all tensors of a call must be on the same device");
+}
+
+void check_same_device(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name,
+                       const char* ref_name) {
+  if (t.has_value()) check_same_device(*t, ref, name, ref_name);
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 int num_sms() {
@@ -56,6 +68,7 @@ std::vector<at::Tensor> sf24_pack(const at::Tensor& w_in, const at::Tensor& keep
   TORCH_CHECK(w_in.scalar_type() == at::kHalf || w_in.scalar_type() == at::kBFloat16,
               "sf24_pack: weight must be float16 or bfloat16");
   TORCH_CHECK(w_in.size(1) % 4 == 0, "sf24_pack: columns must be a multiple of 4");
+  check_same_device(keep_in, w_in, "keep", "weight");
   c10::cuda::CUDAGuard guard(w_in.device());
   const auto w = w_in.contiguous();
   const auto keep = keep_in.to(at::kBool).contiguous();
@@ -71,6 +84,7 @@ std::vector<at::Tensor> sf24_pack(const at::Tensor& w_in, const at::Tensor& keep
 
 at::Tensor sf24_unpack(const at::Tensor& vals, const at::Tensor& meta, int64_t R, int64_t C) {
   check_cuda(vals, "vals");
+  check_same_device(meta, vals, "meta", "vals");
   TORCH_CHECK(vals.is_contiguous() && meta.is_contiguous(), "sf24_unpack: packed buffers must be contiguous");
   TORCH_CHECK(vals.size(0) == sf::sf24_rows_padded(R) && vals.size(1) == sf::sf24_cols_padded(C) / 2 &&
                   meta.numel() == sf::sf24_meta_words(R, C) && C % 4 == 0,
@@ -135,6 +149,10 @@ at::Tensor sf24_linear(const at::Tensor& x_in, const at::Tensor& vals, const c10
   check_cuda(x_in, "x");
   TORCH_CHECK(x_in.dim() == 2, "sf24_linear: x must be 2-D");
   const int64_t K = x_in.size(1);
+  check_same_device(vals, x_in, "vals", "x");
+  check_same_device(vals_lo, x_in, "vals_lo", "x");
+  check_same_device(meta, x_in, "meta", "x");
+  check_same_device(bias, x_in, "bias", "x");
   check_packed(vals, meta, R, K);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in;
@@ -170,6 +188,10 @@ at::Tensor sf24_conv2d(const at::Tensor& x_in, const at::Tensor& vals, const c10
   TORCH_CHECK(x_in.dim() == 4, "sf24_conv2d: x must be 4-D");
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   TORCH_CHECK(C % 8 == 0, "sf24_conv2d: in_channels must be a multiple of 8, got ", C);
+  check_same_device(vals, x_in, "vals", "x");
+  check_same_device(vals_lo, x_in, "vals_lo", "x");
+  check_same_device(meta, x_in, "meta", "x");
+  check_same_device(bias, x_in, "bias", "x");
   check_packed(vals, meta, O, KH * KW * C);
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -209,6 +231,11 @@ at::Tensor csr_spmm(const at::Tensor& row_ptr, const at::Tensor& col, const at::
                     const at::Tensor& row_order, int64_t C, const at::Tensor& xT, int64_t M,
                     const c10::optional<at::Tensor>& bias) {
   check_cuda(xT, "xT");
+  check_same_device(row_ptr, xT, "row_ptr", "xT");
+  check_same_device(col, xT, "col", "xT");
+  check_same_device(vals, xT, "vals", "xT");
+  check_same_device(row_order, xT, "row_order", "xT");
+  check_same_device(bias, xT, "bias", "xT");
   const int64_t R = row_order.numel();
   TORCH_CHECK(row_ptr.numel() == R + 1 && row_ptr.scalar_type() == at::kInt && row_order.scalar_type() == at::kInt &&
                   col.scalar_type() == at::kShort && vals.scalar_type() == xT.scalar_type(),
@@ -235,6 +262,10 @@ at::Tensor csr_spmm(const at::Tensor& row_ptr, const at::Tensor& col, const at::
 at::Tensor csr_sddmm(const at::Tensor& row_ptr, const at::Tensor& col, const at::Tensor& row_order, int64_t C,
                      const at::Tensor& aT, const at::Tensor& bT, int64_t M) {
   check_cuda(aT, "aT");
+  check_same_device(row_ptr, aT, "row_ptr", "aT");
+  check_same_device(col, aT, "col", "aT");
+  check_same_device(row_order, aT, "row_order", "aT");
+  check_same_device(bT, aT, "bT", "aT");
   const int64_t R = row_order.numel();
   TORCH_CHECK(row_ptr.numel() == R + 1 && col.scalar_type() == at::kShort, "csr_sddmm: bad CSR buffers");
   TORCH_CHECK(aT.dim() == 2 && bT.dim() == 2 && aT.size(0) == R && bT.size(0) == C && aT.size(1) == bT.size(1) &&

@@ -49,12 +49,13 @@ class _Picky(Backend):
 
 @pytest.fixture
 def picky(monkeypatch):
-    monkeypatch.setitem(backends._REGISTRY, "picky", "test_registry:_Picky")
-    monkeypatch.setitem(backends.PRIORITY, "cpu", ["picky"])
+    monkeypatch.setattr(_Picky, "auto_priority", {"cpu": 100})  # ahead of every built-in backend
+    backends.register_backend("picky", "test_registry:_Picky")
+    yield
+    backends._REGISTRY.pop("picky", None)
     backends._instances.pop("picky", None)
     backends._errors.pop("picky", None)
-    yield
-    backends._instances.pop("picky", None)
+    backends.clear_route_cache()
 
 
 def test_auto_priority_fallback_warns_once_and_explain(picky, fresh_warnings):
@@ -100,3 +101,41 @@ def test_conv_query_counts_output_pixels():
     w = torch.randn(8, 4, 3, 3)
     q = backends.make_query("conv", x, w, "unstructured", backends.ConvParams((2, 2), (1, 1), (1, 1), 1))
     assert q.m_rows == 2 * 8 * 8
+
+
+def test_register_backend_specialist_wins_only_where_it_ranks(fresh_warnings):
+    """A backend from outside the package: declared pattern types and a per-query priority decide where
+    auto picks it; the base class refuses the rest with a reason; no code keys on its name."""
+    from sparsefast.masks import Block
+
+    class BlockOnly(Backend):
+        name, devices, patterns = "blockonly", ("cpu",), (Block,)
+        calls = 0
+
+        def priority(self, q):
+            return 1000 if isinstance(q.pattern, Block) else None
+
+        def kept_linear_fwd(self, x, values, mask, bias, pattern):
+            BlockOnly.calls += 1
+            return backends.get("reference").kept_linear_fwd(x, values, mask, bias, pattern)
+
+    with pytest.raises(TypeError):
+        backends.register_backend("bad", object())
+    backends.register_backend("blockonly", BlockOnly)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register_backend("blockonly", BlockOnly)
+        x = torch.randn(3, 32)
+        blk = sparsefast.SparseLinear(32, 32, sparsity=0.5, pattern="block:8")
+        uns = sparsefast.SparseLinear(32, 32, sparsity=0.5)
+        torch.testing.assert_close(blk(x), torch.nn.functional.linear(x, blk.dense_weight(), blk.bias))
+        assert blk.backend == "blockonly" and BlockOnly.calls == 1
+        uns(x)
+        assert uns.backend != "blockonly"
+        with pytest.raises(RuntimeError, match="does not run unstructured patterns"):
+            sparsefast.SparseLinear(32, 32, sparsity=0.5, backend="blockonly")(x)
+        assert "blockonly" in backends.explain(uns, x)
+    finally:
+        backends._REGISTRY.pop("blockonly", None)
+        backends._instances.pop("blockonly", None)
+        backends.clear_route_cache()

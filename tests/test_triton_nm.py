@@ -315,8 +315,8 @@ def test_gpu_launch_planning_shape_classes():
     assert all(c.kwargs["SPLIT_K"] == 1 for c in tnm._candidates("dw", tnm._DW_CONFIGS, 16, 4096, 4096, sms))
     assert max(c.kwargs["SPLIT_K"] for c in tnm._candidates("dw", tnm._DW_CONFIGS, 8192, 256, 256, sms)) > 1
     from sparsefast.backends.triton import _nm_conv
-    assert max(c.kwargs["SPLIT_K"] for c in _nm_conv._dw_candidates(_nm_conv._CONV_DW_CONFIGS, 256 * 56 * 56,
-                                                                    64, 576, 1, sms)) > 1
+    assert max(c.kwargs["SPLIT_K"] for c in _nm_conv._dw_candidates(_nm_conv._CONV_DW_CONFIGS,
+                                                                    tnm._m_class(256 * 56 * 56), 64, 576, 1, sms)) > 1
 
 
 def test_aot_compile_configs_cover_every_autotune_config():

@@ -1,9 +1,12 @@
 """Backend registry, ``auto`` selection, ``use()`` and ``explain()``.
 
-Each backend is a record (name -> module:class) loaded lazily on first use; a backend that fails to
-load is *unavailable* and :func:`why_unavailable` returns the real error. ``auto`` walks a per-device
-priority list (like xFormers' dispatcher): the first backend that is available, supports the call and
-does not prefer dense work wins; the reference (masked dense) is the last resort. Falling back
+Each backend is a record (name -> module:class, or a class/instance given to :func:`register_backend`)
+loaded lazily on first use; a backend that fails to load is *unavailable* and :func:`why_unavailable`
+returns the real error. Backends declare what they run (ops, pattern types, devices, dtypes: see
+:class:`~sparsefast.backends.base.Backend`). ``auto`` orders the backends *per call* by their
+:meth:`~sparsefast.backends.base.Backend.priority` for that query (like xFormers' dispatcher): the first
+that is available, supports the call and does not prefer dense work wins; the reference (masked dense)
+is the last resort. Nothing here knows a backend by name except the reference. Falling back
 because a faster backend is unavailable or unsupported warns once per reason; choosing dense because
 it is faster for the shape is not a fallback and is reported by :func:`explain` only.
 """
@@ -19,28 +22,22 @@ from typing import Iterator
 import torch
 
 from ..masks import Pattern, parse_pattern
-from .base import Backend, ConvParams, OpQuery
+from .base import Backend, ConvParams, OpQuery, matmul_fp32_precision
 
 __all__ = ["available", "why_unavailable", "use", "get", "explain", "resolve", "names", "default",
-           "Backend", "ConvParams", "OpQuery", "SparsefastWarning", "make_query", "check_requested", "PRIORITY"]
+           "Backend", "ConvParams", "OpQuery", "SparsefastWarning", "make_query", "check_requested",
+           "register_backend", "auto_order"]
 
 
 class SparsefastWarning(UserWarning):
     """Warnings sparsefast emits (backend fallbacks, skipped layers)."""
 
 
-_REGISTRY: dict[str, str] = {
+_REGISTRY: dict[str, "str | type | Backend"] = {
     "reference": "sparsefast.backends.reference:ReferenceBackend",
     "triton": "sparsefast.backends.triton:TritonBackend",
     "cuda": "sparsefast.backends.cuda:CudaBackend",
     "cpu": "sparsefast.backends.cpu:CpuBackend",
-}
-
-#: ``auto`` priority per device type (first usable wins; reference is always appended last).
-#: On CPU the Triton interpreter is a correctness tool, never a speed choice, so it is not listed.
-PRIORITY: dict[str, list[str]] = {
-    "cuda": ["cuda", "triton"],
-    "cpu": ["cpu"],
 }
 
 _instances: dict[str, Backend] = {}
@@ -61,17 +58,88 @@ def _load(name: str) -> Backend | None:
             return _instances[name]
         if name in _errors:
             return None
-        mod_name, cls_name = _REGISTRY[name].split(":")
+        spec = _REGISTRY[name]
         try:
-            inst = getattr(importlib.import_module(mod_name), cls_name)()
+            if isinstance(spec, Backend):
+                inst = spec
+            elif isinstance(spec, type):
+                inst = spec()
+            else:
+                mod_name, cls_name = spec.split(":")
+                inst = getattr(importlib.import_module(mod_name), cls_name)()
             reason = inst.unavailable_reason()
         except Exception as e:  # noqa: BLE001 - report the real error, whatever it is
-            inst, reason = None, f"failed to load {mod_name}: {type(e).__name__}: {e}"
+            inst, reason = None, f"failed to load {spec!r}: {type(e).__name__}: {e}"
         if reason is not None:
             _errors[name] = reason
             return None
         _instances[name] = inst
         return inst
+
+
+def register_backend(name: str, backend: "str | type | Backend", *, replace: bool = False) -> None:
+    """Add a backend from outside the package.
+
+    ``backend`` is a :class:`~sparsefast.backends.base.Backend` subclass (instantiated on first use), an
+    instance, or a ``"module:Class"`` string. It declares what it runs (``ops``, ``patterns``, ``devices``,
+    ``dtypes``, ``tolerances``), its ``auto`` rank (``auto_priority`` per device, or a ``priority(q)``
+    method that ranks high only where it should: e.g. one pattern type), implements the ``kept_*``
+    primitives (or the dense-weight ones, which the base class adapts) and may refuse calls in
+    ``extra_reasons``. Layers then use it by name (``backend="mine"``) and ``auto`` considers it per call.
+    ``replace=True`` swaps an existing registration (not ``"reference"``). Example::
+
+        class Mine(sparsefast.backends.Backend):
+            name, devices, auto_priority = "mine", ("cpu",), {"cpu": 20}
+            patterns = (sparsefast.masks.Block,)
+            def kept_linear_fwd(self, x, values, mask, bias, pattern): ...
+        sparsefast.backends.register_backend("mine", Mine)
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"register_backend: a backend needs a name other than 'auto', got {name!r}")
+    ok = isinstance(backend, (str, Backend)) or (isinstance(backend, type) and issubclass(backend, Backend))
+    if not ok:
+        raise TypeError(f"register_backend({name!r}): expected a Backend subclass, instance or 'module:Class', "
+                        f"got {type(backend).__name__}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"register_backend: {name!r} is already registered (pass replace=True to swap it)")
+    if name == "reference":
+        raise ValueError("register_backend: the reference backend defines the semantics and cannot be replaced")
+    with _lock:
+        _REGISTRY[name] = backend
+        _instances.pop(name, None)
+        _errors.pop(name, None)
+    clear_route_cache()
+
+
+def auto_order(q: OpQuery) -> list[str]:
+    """The backends ``auto`` tries for call ``q``, in order (available ones with a priority there, highest
+    first, registration order on ties), then ``"reference"``."""
+    ranked = []
+    for i, name in enumerate(_REGISTRY):
+        if name == "reference":
+            continue
+        b = _load(name)
+        if b is None:  # unavailable: still listed (explain() says why) where its class ranks itself here
+            cls = _class_of(_REGISTRY[name])
+            pr = getattr(cls, "auto_priority", {}).get(q.device.type) if cls is not None else None
+        else:
+            pr = b.priority(q)
+        if pr is not None:
+            ranked.append((-pr, i, name))
+    return [n for _, _, n in sorted(ranked)] + ["reference"]
+
+
+def _class_of(spec) -> type | None:
+    """The Backend class of a registry entry, or None when its module cannot be imported."""
+    if isinstance(spec, type):
+        return spec
+    if isinstance(spec, Backend):
+        return type(spec)
+    try:
+        mod_name, cls_name = spec.split(":")
+        return getattr(importlib.import_module(mod_name), cls_name)
+    except Exception:  # noqa: BLE001 - the load error is reported by why_unavailable()
+        return None
 
 
 def _check_name(name: str) -> None:
@@ -108,7 +176,7 @@ def _reset_for_tests() -> None:
 
 
 #: (requested, OpQuery, TF32 flag) -> backend chosen by :func:`resolve` (each op call asks; the answer
-#: only changes with the machine, :meth:`CpuBackend.set_isa` or ``allow_tf32``)
+#: only changes with the machine or :meth:`CpuBackend.set_isa`; the query carries the fp32 precision)
 _ROUTES: dict[tuple, str] = {}
 
 
@@ -161,7 +229,7 @@ def _consider(q: OpQuery) -> list[tuple[str, str, str | None]]:
     {'use', 'unavailable', 'unsupported', 'dense-faster', 'skipped'}."""
     out: list[tuple[str, str, str | None]] = []
     chosen = False
-    order = [*PRIORITY.get(q.device.type, []), "reference"]
+    order = auto_order(q)
     for name in order:
         if chosen:
             out.append((name, "skipped", "an earlier backend was chosen"))
@@ -191,7 +259,7 @@ def resolve(requested: str, q: OpQuery) -> str:
     unavailable or does not support the call."""
     if requested == "auto":
         requested = _default.get()
-    key = (requested, q, q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    key = (requested, q)  # the query carries what the choice depends on (fp32 precision included)
     hit = _ROUTES.get(key)
     if hit is not None:
         return hit
@@ -269,8 +337,9 @@ def explain(obj, x: torch.Tensor | None = None) -> str:
             lines.append(f"  -> {name}: chosen" + (f" [{desc()}]" if callable(desc) else ""))
         else:
             lines.append(f"     {name}: {verdict}" + (f" ({reason})" if reason else ""))
+    order = auto_order(q)
     for name in _REGISTRY:
-        if name not in [*PRIORITY.get(q.device.type, []), "reference"]:
+        if name not in order:
             r = why_unavailable(name)
             lines.append(f"     {name}: not used for {q.device.type} tensors by auto"
                          + (f" (unavailable: {r})" if r else ""))
@@ -297,4 +366,5 @@ def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "
             m_rows = (x.shape[0] if x.dim() == 4 else 1) * max(ho, 0) * max(wo, 0)
     device = x.device if x is not None else weight.device
     dtype = _effective_dtype(device.type, x.dtype if x is not None else (dtype or weight.dtype))
-    return OpQuery(op, device, dtype, tuple(weight.shape), pat, m_rows, density, conv)
+    precision = matmul_fp32_precision() if device.type == "cuda" and dtype == torch.float32 else None
+    return OpQuery(op, device, dtype, tuple(weight.shape), pat, m_rows, density, conv, precision)

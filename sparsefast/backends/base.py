@@ -88,6 +88,29 @@ def masked(t: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> tor
     return (t.view(bits) * m).view(t.dtype)
 
 
+def matmul_fp32_precision() -> str:
+    """torch's fp32 matmul precision for CUDA: ``"tf32"``, ``"ieee"`` or ``"none"`` (nothing chosen:
+    torch's default, full fp32). Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9)
+    where it exists -- reading the legacy ``allow_tf32`` raises ``RuntimeError`` once a user set the new
+    API -- and falls back to ``allow_tf32``. Never raises. (The one place sparsefast reads this
+    setting: :func:`sparsefast.backends.make_query` puts it in the query, and the Triton kernels use it
+    for ``input_precision`` and their autotune keys.)"""
+    m = torch.backends.cuda.matmul
+    try:
+        p = getattr(m, "fp32_precision", None)
+    except Exception:  # noqa: BLE001 - a settings read must never fail a dispatch
+        p = None
+    if p in ("tf32", "ieee"):
+        return p
+    try:
+        legacy = bool(m.allow_tf32)
+    except Exception:  # noqa: BLE001 - mixed legacy / new API use
+        return p if isinstance(p, str) and p else "none"
+    if legacy:
+        return "tf32"
+    return "none" if p == "none" else "ieee"
+
+
 @dataclass(frozen=True)
 class ConvParams:
     stride: tuple[int, int] = (1, 1)
@@ -108,6 +131,9 @@ class OpQuery:
     m_rows: int | None = None    # GEMM M (batch rows, or B*Ho*Wo for conv); None if unknown
     density: float | None = None  # mask density if known
     conv: ConvParams | None = None
+    #: fp32 matmul precision on CUDA (:func:`matmul_fp32_precision`); part of the query because a
+    #: backend's choice for float32 can depend on it (TF32 tensor cores)
+    precision: str | None = None
 
 
 class Backend:

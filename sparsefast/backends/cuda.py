@@ -219,6 +219,7 @@ def _in_format_of(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 class CudaBackend(Backend):
     name = "cuda"
     devices = ("cuda",)
+    auto_priority = {"cuda": 20}
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self) -> None:
@@ -312,7 +313,8 @@ class CudaBackend(Backend):
         return None
 
     def _path(self, x: torch.Tensor, rows: int) -> int:
-        """0: mma.sp kernels; 1: wgmma.sp (sm_90a) where enabled and the GEMM has enough rows to fill it."""
+        """0: mma.sp kernels; 1: wgmma.sp (sm_90a) where enabled and the GEMM has enough rows to fill it.
+        ``rows``: the GEMM's M -- batch rows (Linear) or output pixels B*Ho*Wo (conv)."""
         if rows <= 64 or not self._wgmma:
             return 0
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -534,8 +536,10 @@ class CudaBackend(Backend):
             return self._conv_fwd_csr(x, weight, mask, bias, conv)
         p = self.packed(weight, mask, pattern)
         o, _, kh, kw = weight.shape
+        ho, wo = conv_out_size(x.shape[-2:], (kh, kw), conv)
+        # the GEMM's rows are the OUTPUT pixels (a strided conv has fewer than the input)
         y = self._C.sf24_conv2d(x, p.vals, p.vals_lo, p.meta, o, kh, kw, list(conv.stride), list(conv.padding),
-                                list(conv.dilation), bias, self._path(x, x.shape[0] * x.shape[2] * x.shape[3]))
+                                list(conv.dilation), bias, self._path(x, x.shape[0] * ho * wo))
         return _like(y, x)
 
     # ---- unstructured conv: im2col + SpMM; SpMM on the transpose + col2im; SDDMM ----------------------

@@ -8,9 +8,15 @@ import warnings
 
 
 def _best_backend(device) -> str:
+    """The first available backend ``auto`` would try for an unstructured float32 Linear on ``device``."""
+    import dataclasses
+
+    import torch
+
     from sparsefast import backends
-    order = [*backends.PRIORITY.get(device.type, []), "reference"]
-    return next(n for n in order if backends.why_unavailable(n) is None)
+    q = dataclasses.replace(backends.make_query("linear", None, torch.empty(256, 256, device="meta"), "unstructured",
+                                                dtype=torch.float32), device=device)
+    return next(n for n in backends.auto_order(q) if backends.why_unavailable(n) is None)
 
 
 def _median_ms(fn, reps: int) -> float:

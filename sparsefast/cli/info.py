@@ -9,6 +9,8 @@ import platform
 def main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="python -m sparsefast info", description=__doc__).parse_args(argv)
     import numpy
+    import dataclasses
+
     import torch
 
     import sparsefast
@@ -39,6 +41,9 @@ def main(argv: list[str]) -> int:
             desc = getattr(backends.get(name), "describe", None)
             if callable(desc):
                 print(f"  {'':10s} {desc()}")
-    print("\nauto picks, per device: " + "; ".join(f"{d}: {' > '.join([*p, 'reference'])}"
-                                                 for d, p in backends.PRIORITY.items()))
+    order = {d: backends.auto_order(dataclasses.replace(backends.make_query("linear", None, torch.empty(64, 64, device="meta"),
+                                                        "unstructured", dtype=torch.float32), device=torch.device(d)))
+             for d in ("cpu", "cuda")}
+    print("\nauto tries, per device (unstructured Linear; the order is built per call): "
+          + "; ".join(f"{d}: {' > '.join(p)}" for d, p in order.items()))
     return 0

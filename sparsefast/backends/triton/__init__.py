@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..base import Backend, OpQuery
+from ..base import Backend, OpQuery, matmul_fp32_precision  # noqa: F401 - re-exported
 
 
 def interpreting() -> bool:
@@ -21,8 +21,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tf32_enabled() -> bool:
+    """True when fp32 CUDA matmuls may use TF32 (:func:`matmul_fp32_precision` is ``"tf32"``)."""
+    return matmul_fp32_precision() == "tf32"
+
+
 class TritonBackend(Backend):
     name = "triton"
+    #: after the cuda backend on CUDA; on CPU the interpreter is a correctness tool, never auto-picked
+    auto_priority = {"cuda": 10}
 
     def __init__(self) -> None:
         super().__init__()

@@ -8,14 +8,15 @@ Importing this module applies :func:`fix_interpreter_loops` when ``TRITON_INTERP
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
-from . import interpreting
+from . import interpreting, tf32_enabled
 
-__all__ = ["AotSpec", "DTYPE_NAMES", "cuda_sms", "fix_interpreter_loops", "prec", "specialize"]
+__all__ = ["AotSpec", "DTYPE_NAMES", "cuda_sms", "device_guard", "fix_interpreter_loops", "prec", "specialize"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,9 +53,18 @@ if interpreting():
 def prec(dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot``: fp32 follows torch's matmul setting (TF32 only when torch
     allows it, never in the interpreter); 16-bit types ignore it."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not interpreting() and tf32_enabled():
         return "tf32"
     return "ieee"
+
+
+def device_guard(device: torch.device):
+    """Context in which Triton launches target ``device``: ``torch.cuda.device(device)`` for a CUDA
+    tensor (Triton launches on the *current* device; a tensor on another GPU would be read through
+    the wrong context -- illegal address), a no-op otherwise (CPU tensors under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ...formats import nm as fmt
 from ..base import ConvParams
-from .nm import (_AOT_HINTS, _launch, _m_class, _num_sms, _pick_split, _prec, _store_tile, _bitmap_keep,
-                 _dot, _nm_tile)
+from .nm import (_AOT_HINTS, _check_numel, _class_rows, _dev_index, _launch, _m_class, _num_sms, _pick_split,
+                 _prec, _store_tile, _bitmap_keep, _dot, _nm_tile)
 
 
 @triton.jit
@@ -93,11 +93,12 @@ def _conv_dx_kernel(dy_ptr, v_ptr, m_ptr, dx_ptr, M_CLASS, B, H, W, Ho, Wo, Cg, 
 
 
 @triton.jit
-def _conv_dw_kernel(dy_ptr, x_ptr, bm_ptr, dw_ptr, ws_ptr, lock_ptr, M_CLASS, B, H, W, Ho, Wo, Cg, Og, KW, Kred,
+def _conv_dw_kernel(dy_ptr, x_ptr, bm_ptr, dw_ptr, ws_ptr, lock_ptr, M_CLASS, G, B, H, W, Ho, Wo, Cg, Og, KW, Kred,
                     sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, sbr, swo, swc, swh, sww, sh, sw, ph, pw, dh, dw,
                     PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr):
     """dW = conv2d_weight(x, dy) * mask. Grid (channel x k tiles, groups, SPLIT_K); loop over
-    output pixels in chunks of BB."""
+    output pixels in chunks of BB. ``G`` (= groups) and ``M_CLASS`` (class of the output pixels)
+    are only autotune keys: SPLIT_K is a function of them."""
     pid, grp, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     grid_k = tl.cdiv(Kred, BK)
     ro = (pid // grid_k) * BN + tl.arange(0, BN)
@@ -138,7 +139,9 @@ _CONV_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stage
                                           (32, 32, 64, 4, 3))]
 _CONV_DW_CONFIGS = [triton.Config(dict(BN=bn, BK=bk, BB=bb, SPLIT_K=1), num_warps=w, num_stages=s)
                     for bn, bk, bb, w, s in ((64, 64, 64, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3))]
-_CONV_KEY = ["M_CLASS", "Cg", "Og", "KW", "Kred"]
+_CONV_KEY = ["M_CLASS", "Cg", "Og", "KW", "Kred", "PREC"]
+#: dW's SPLIT_K (and the workspace sized for it) depends on this key only: pixel class and groups too
+_CONV_DW_KEY = _CONV_KEY + ["G"]
 _NHWC = ("sxb", "sxh", "sxw", "syb", "syh", "syw", "sdb", "sdh", "sdw")
 _AOT_HINTS.update({
     "_conv_fwd_kernel": (("Cg", "Og", "Kred", "svr", "smr", *_NHWC), ("sxc", "syc")),
@@ -147,8 +150,11 @@ _AOT_HINTS.update({
 })
 
 
-def _dw_candidates(configs, P, Og, Kred, groups, sms) -> list:
-    """Each dW config with its SPLIT_K over the P = B*Ho*Wo output pixels."""
+def _dw_candidates(configs, p_class, Og, Kred, groups, sms) -> list:
+    """Each dW config with its SPLIT_K over the output pixels, for every P = B*Ho*Wo of class
+    ``p_class`` (``_m_class(P)``; the split is computed for the class's smallest P, so it is the same
+    for all of them -- the autotuner reuses one config per key)."""
+    P = _class_rows(p_class)
     out = []
     for c in configs:
         tiles = groups * triton.cdiv(Og, c.kwargs["BN"]) * triton.cdiv(Kred, c.kwargs["BK"])
@@ -157,20 +163,20 @@ def _dw_candidates(configs, P, Og, Kred, groups, sms) -> list:
     return out
 
 
-def _prune_dw(configs, named_args, **_):
-    a = named_args
-    return _dw_candidates(configs, a["B"] * a["Ho"] * a["Wo"], a["Og"], a["Kred"],
-                          a["dw_ptr"].shape[0] // a["Og"], _num_sms(a["dw_ptr"].device.index))
+def _prune_dw(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}  # positional args arrive as named_args, keyword ones (all, here) as kwargs
+    return _dw_candidates(configs, a["M_CLASS"], a["Og"], a["Kred"], a["G"], _num_sms(a["dw_ptr"].device.index))
 
 
 @functools.lru_cache(maxsize=4096)
-def _max_dw_split(P: int, Og: int, Kred: int, groups: int, dev_index: int) -> int:
-    return max(c.kwargs["SPLIT_K"] for c in _dw_candidates(_CONV_DW_CONFIGS, P, Og, Kred, groups, _num_sms(dev_index)))
+def _max_dw_split(p_class: int, Og: int, Kred: int, groups: int, sms: int) -> int:
+    """Largest SPLIT_K of any dW candidate for this autotune key (sizes the workspace)."""
+    return max(c.kwargs["SPLIT_K"] for c in _dw_candidates(_CONV_DW_CONFIGS, p_class, Og, Kred, groups, sms))
 
 
 _FWD = (triton.autotune(_CONV_CONFIGS, key=_CONV_KEY)(_conv_fwd_kernel), _CONV_CONFIGS)
 _DX = (triton.autotune(_CONV_CONFIGS, key=_CONV_KEY)(_conv_dx_kernel), _CONV_CONFIGS)
-_DW = (triton.autotune(_CONV_DW_CONFIGS, key=_CONV_KEY,
+_DW = (triton.autotune(_CONV_DW_CONFIGS, key=_CONV_DW_KEY,
                        prune_configs_by={"early_config_prune": _prune_dw})(_conv_dw_kernel), _CONV_DW_CONFIGS)
 
 
@@ -200,6 +206,7 @@ def conv_fwd(x: torch.Tensor, p: fmt.NMPacked, bias: torch.Tensor | None, conv: 
     y = _empty_like_layout((B, O, Ho, Wo), x)
     if y.numel() == 0:
         return y
+    _check_numel(x, y, p.values)
     args = dict(x_ptr=x, v_ptr=p.values, m_ptr=p.meta, b_ptr=bias.contiguous() if bias is not None else y, y_ptr=y,
                 M_CLASS=_m_class(B * Ho * Wo), B=B, H=H, W=W, Ho=Ho, Wo=Wo, Cg=Cg, Og=O // G, KW=KW, Kred=KH * KW * Cg,
                 sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
@@ -220,6 +227,7 @@ def conv_dx(dy: torch.Tensor, p: fmt.NMPacked, conv: ConvParams, input_shape: Se
     dx = _empty_like_layout(input_shape, dy)
     if dx.numel() == 0:
         return dx
+    _check_numel(dy, dx, p.values)
     args = dict(dy_ptr=dy, v_ptr=p.values, m_ptr=p.meta, dx_ptr=dx, M_CLASS=_m_class(B * H * W),
                 B=B, H=H, W=W, Ho=Ho, Wo=Wo, Cg=Cg, Og=O // G, KH=KH, KW=KW,
                 sdb=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
@@ -242,14 +250,16 @@ def conv_dw(dy: torch.Tensor, x: torch.Tensor, bm: torch.Tensor, conv: ConvParam
     Kred = KH * KW * Cg
     if dw.numel() == 0:
         return dw
+    _check_numel(dy, x, dw)
+    p_class = _m_class(B * Ho * Wo)
     args = dict(dy_ptr=dy, x_ptr=x, bm_ptr=bm, dw_ptr=dw,
-                M_CLASS=_m_class(B * Ho * Wo), B=B, H=H, W=W, Ho=Ho, Wo=Wo, Cg=Cg, Og=O // G, KW=KW, Kred=Kred,
+                M_CLASS=p_class, G=G, B=B, H=H, W=W, Ho=Ho, Wo=Wo, Cg=Cg, Og=O // G, KW=KW, Kred=Kred,
                 sdb=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
                 sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3), sbr=bm.stride(0),
                 swo=dw.stride(0), swc=dw.stride(1), swh=dw.stride(2), sww=dw.stride(3), **_conv_args(conv),
                 PREC=_prec(dy.dtype))
     grid = lambda c: (triton.cdiv(O // G, c["BN"]) * triton.cdiv(Kred, c["BK"]), G, c["SPLIT_K"])  # noqa: E731
-    max_split = lambda: _max_dw_split(B * Ho * Wo, O // G, Kred, G, dw.device.index)  # noqa: E731
+    max_split = lambda: _max_dw_split(p_class, O // G, Kred, G, _num_sms(_dev_index(dw.device)))  # noqa: E731
     _launch(_conv_dw_kernel, _DW, grid, args, dw, max_split, G * triton.cdiv(O // G, 16) * triton.cdiv(Kred, 16))
     return dw
 

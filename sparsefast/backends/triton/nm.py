@@ -21,7 +21,9 @@ dense FLOPs plus decode work, so :meth:`Impl.prefer_dense_reason` sends those to
 
 Split-K: each split writes an fp32 partial tile; the last split to arrive (atomic counter per
 tile) sums the partials in a fixed order and stores the result -- one launch, deterministic, and
-the counters reset themselves.
+the counters reset themselves. SPLIT_K is a function of the autotune key only (``M_CLASS``, N, K,
+precision; :func:`_split_for` reads the class, not the call's M), so a config tuned at one M and
+reused at another M of the class never splits more ways than the workspace ``_launch`` sized.
 
 Under ``TRITON_INTERPRET=1`` kernels run with one small fixed config (no autotuning).
 """
@@ -39,7 +41,7 @@ from ...formats import nm as fmt
 from ...masks import Pattern, is_transposable_nm, reduction_view
 from ..base import Backend, ConvParams, OpQuery
 from . import interpreting
-from ._common import DTYPE_NAMES as _TY, AotSpec, specialize
+from ._common import DTYPE_NAMES as _TY, AotSpec, device_guard, specialize
 from ._common import cuda_sms as _num_sms
 from ._common import prec as _prec
 
@@ -49,6 +51,8 @@ SUPPORTED_N = (1, 2, 4, 8)
 SMALL_M = 64
 #: smallest weight (elements) worth a sparse launch under ``auto``
 MIN_WEIGHT_NUMEL = 1 << 20
+#: the kernels index with int32 offsets: no tensor (nor split-K workspace) may hold more elements
+INT32_MAX = 2**31 - 1
 
 _INTERPRET = tl.constexpr(interpreting())
 
@@ -292,8 +296,16 @@ def _dw_kernel(dy_ptr, x_ptr, bm_ptr, dw_ptr, ws_ptr, lock_ptr, M, N, K, M_CLASS
 # launch configuration: autotuned per shape class on GPUs, one small config under the interpreter
 # ------------------------------------------------------------------------------------------------
 def _m_class(m: int) -> int:
-    """Shape class of the GEMM M used as autotune key: 16, 32, 64 (memory-bound) ... 4096."""
-    return min(max(16, triton.next_power_of_2(max(m, 1))), 4096)
+    """Shape class of the GEMM M used as autotune key: the power of two >= M (at least 16): 16, 32,
+    64 (memory-bound), 128, ... Every M of a class shares one tuned config, so whatever the config
+    depends on (SPLIT_K) is computed from the class (:func:`_class_rows`), never from M itself."""
+    return max(16, triton.next_power_of_2(max(m, 1)))
+
+
+def _class_rows(m_class: int) -> int:
+    """The smallest M of class ``m_class`` (1 for the first class): split-K decisions use it, so the
+    split fits every M of the class -- fewest reduction tiles, fewest output tiles."""
+    return 1 if m_class <= 16 else m_class // 2 + 1
 
 
 def _pick_split(tiles: int, red_tiles: int, sms: int, max_split: int = 8) -> int:
@@ -320,9 +332,11 @@ _DW_CONFIGS = [triton.Config(dict(BN=bn, BK=bk, BB=bb, SPLIT_K=1), num_warps=w, 
                                         (64, 64, 64, 4, 3))]
 
 
-def _split_for(kind: str, kw: dict, M: int, N: int, K: int, sms: int) -> int:
+def _split_for(kind: str, kw: dict, m_class: int, N: int, K: int, sms: int) -> int:
     """SPLIT_K for config ``kw`` of GEMM ``kind`` ("fwd": y(M,N) reduce K; "dx": dx(M,K) reduce N;
-    "dw": dW(N,K) reduce M)."""
+    "dw": dW(N,K) reduce M) -- a function of the autotune key (M class, N, K) only: the tuned config
+    is reused for every M of the class, and the workspace is sized from the same key."""
+    M = _class_rows(m_class)
     if kind == "fwd":
         tiles, red = triton.cdiv(M, kw["BM"]) * triton.cdiv(N, kw["BN"]), triton.cdiv(K, kw["BK"])
     elif kind == "dx":
@@ -333,21 +347,30 @@ def _split_for(kind: str, kw: dict, M: int, N: int, K: int, sms: int) -> int:
 
 
 def _candidates(kind: str, configs: list, M: int, N: int, K: int, sms: int) -> list:
-    """The configs of this M class (small M: BM = M class), each with its SPLIT_K."""
+    """The configs of this M class (small M: BM = M class), each with its SPLIT_K (from the class)."""
     out = []
+    cls = _m_class(M)
     for c in configs:
-        if kind != "dw" and M <= SMALL_M and c.kwargs["BM"] != min(_m_class(M), 64):
+        if kind != "dw" and M <= SMALL_M and c.kwargs["BM"] != min(cls, 64):
             continue
-        kw = dict(c.kwargs, SPLIT_K=_split_for(kind, c.kwargs, M, N, K, sms))
+        kw = dict(c.kwargs, SPLIT_K=_split_for(kind, c.kwargs, cls, N, K, sms))
         out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
     return out or [configs[0]]
 
 
+#: autotune key of the linear kernels: SPLIT_K (and so the workspace) depends on nothing else;
+#: PREC (fp32: "tf32" / "ieee", from torch's fp32 matmul precision) selects a different kernel
+_GEMM_KEY = ["M_CLASS", "N", "K", "PREC"]
+
+
 def _tuned(kernel, configs, kind):
-    def prune(cfgs, named_args, **_):
-        dev = named_args["ws_ptr"].device
-        return _candidates(kind, cfgs, named_args["M"], named_args["N"], named_args["K"], _num_sms(dev.index))
-    tuner = triton.autotune(configs=configs, key=["M_CLASS", "N", "K"], prune_configs_by={"early_config_prune": prune})
+    def prune(cfgs, named_args, **kwargs):
+        # Triton passes the positional arguments as ``named_args`` and the keyword ones as kwargs;
+        # _launch passes everything by keyword
+        a = {**named_args, **kwargs}
+        dev = a["ws_ptr"].device
+        return _candidates(kind, cfgs, a["M"], a["N"], a["K"], _num_sms(dev.index))
+    tuner = triton.autotune(configs=configs, key=_GEMM_KEY, prune_configs_by={"early_config_prune": prune})
     return tuner(kernel), configs
 
 
@@ -380,41 +403,68 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
+def _workspace_numel(split: int, out_numel: int) -> int:
+    """Elements of the fp32 split-K workspace (0 without a split); refuses what int32 offsets cannot
+    address."""
+    if split <= 1:
+        return 0
+    n = split * out_numel
+    if n > INT32_MAX:
+        raise RuntimeError(f"triton N:M: split-K workspace of {split} x {out_numel} elements exceeds the "
+                           "kernels' int32 offsets")
+    return n
+
+
 def _launch(kernel, tuned: tuple, grid, args: dict, out: torch.Tensor, max_split, tiles: int) -> None:
     """Launch ``kernel`` writing ``out``: one small config under the interpreter, else the
     autotuner ``tuned = (autotuner, configs)``. ``grid(meta) -> tuple``; ``args`` are the
     non-config arguments without ``ws_ptr``/``lock_ptr``, which are added here: fp32 partials
     (SPLIT_K x out.numel()) and ``tiles`` counters when some candidate config splits, else dummies.
-    ``max_split() -> int``: the largest SPLIT_K the autotuner may pick for this call."""
+    ``max_split() -> int``: the largest SPLIT_K the autotuner may pick for any call of this
+    autotune key (a function of the key, like the configs' SPLIT_K, so a config cached at another M
+    of the same key fits the workspace). Runs under a device guard for ``out``'s device."""
     dev = out.device
     if interpreting():
         cfg = {k: v for k, v in _INTERP.items() if k in kernel.arg_names}
         split = cfg.get("SPLIT_K", 1)
     else:
         split = max_split()
-    if split > 1:
-        args["ws_ptr"] = torch.empty(split * out.numel(), dtype=torch.float32, device=dev)
+    ws = _workspace_numel(split, out.numel())
+    if ws:
+        args["ws_ptr"] = torch.empty(ws, dtype=torch.float32, device=dev)
         args["lock_ptr"] = _SCRATCH.locks(dev, tiles)
     elif "ws_ptr" in kernel.arg_names:
         args["ws_ptr"], args["lock_ptr"] = out, out
-    if interpreting():
-        kernel[grid(cfg)](**args, **cfg)
-    elif dev.index == torch.cuda.current_device():
-        tuned[0][grid](**args)
-    else:
-        with torch.cuda.device(dev):
+    with device_guard(dev):
+        if interpreting():
+            kernel[grid(cfg)](**args, **cfg)
+        else:
             tuned[0][grid](**args)
 
 
 @functools.lru_cache(maxsize=4096)
-def _max_split(kind: str, M: int, N: int, K: int, dev_index: int) -> int:
-    """Largest SPLIT_K among the candidate configs of a linear GEMM (cached: no per-call loop)."""
+def _max_split(kind: str, m_class: int, N: int, K: int, sms: int) -> int:
+    """Largest SPLIT_K among the candidate configs of a linear GEMM of this autotune key -- the same
+    for every M of the class (cached: no per-call loop)."""
+    M = _class_rows(m_class)  # a representative M: the candidates depend on the class only
     cfgs = {"fwd": _FWD, "dx": _DX, "dw": _DW}[kind][kind != "dw" and M > SMALL_M][1]
-    return max(c.kwargs["SPLIT_K"] for c in _candidates(kind, cfgs, M, N, K, _num_sms(dev_index)))
+    return max(c.kwargs["SPLIT_K"] for c in _candidates(kind, cfgs, M, N, K, sms))
 
 
 def _gemm_split(kind: str, M: int, N: int, K: int, dev: torch.device):
-    return lambda: _max_split(kind, M, N, K, dev.index)
+    return lambda: _max_split(kind, _m_class(M), N, K, _num_sms(_dev_index(dev)))
+
+
+def _dev_index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+def _check_numel(*ts: torch.Tensor) -> None:
+    """The kernels index with int32 offsets: refuse tensors of more than 2**31-1 elements."""
+    for t in ts:
+        if t is not None and t.numel() > INT32_MAX:
+            raise RuntimeError(f"triton N:M: a tensor of shape {tuple(t.shape)} has more than 2**31-1 elements "
+                               "(the kernels use 32-bit offsets)")
 
 
 def _max_tiles(a: int, b: int) -> int:
@@ -438,8 +488,10 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> fmt.NMPack
     groups = max(triton.cdiv(sv, n), triton.cdiv(sm * (8 // bits), n))
     cfg = dict(BR=8, BG=16) if interpreting() else _PACK_CFG
     grid = (triton.cdiv(R, cfg["BR"]), triton.cdiv(groups, cfg["BG"]))
-    _pack_kernel[grid](w2, k2, values, meta, R, K, w2.stride(0), w2.stride(1), k2.stride(0), k2.stride(1),
-                       values.stride(0), meta.stride(0), sv, sm, NK=n, MG=m, BITS=bits, **cfg)
+    _check_numel(w2, k2, values)
+    with device_guard(weight.device):
+        _pack_kernel[grid](w2, k2, values, meta, R, K, w2.stride(0), w2.stride(1), k2.stride(0), k2.stride(1),
+                           values.stride(0), meta.stride(0), sv, sm, NK=n, MG=m, BITS=bits, **cfg)
     return fmt.NMPacked(values, meta, n, m, tuple(weight.shape))
 
 
@@ -451,8 +503,10 @@ def bitmap(mask: torch.Tensor) -> torch.Tensor:
     sb = max(fmt._round_up(triton.cdiv(K, 8), 16), 16)
     out = torch.empty(R, sb, dtype=torch.uint8, device=mask.device)
     BR, BB = (8, 16) if interpreting() else (16, 64)
-    _bitmap_kernel[(triton.cdiv(R, BR), triton.cdiv(sb, BB))](k2, out, R, K, k2.stride(0), k2.stride(1),
-                                                               sb, sb, BR=BR, BB=BB)
+    _check_numel(k2)
+    with device_guard(mask.device):
+        _bitmap_kernel[(triton.cdiv(R, BR), triton.cdiv(sb, BB))](k2, out, R, K, k2.stride(0), k2.stride(1),
+                                                                   sb, sb, BR=BR, BB=BB)
     return out
 
 
@@ -463,6 +517,7 @@ def linear_fwd(x: torch.Tensor, p: fmt.NMPacked, bias: torch.Tensor | None) -> t
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
+    _check_numel(x, y, p.values)
     args = dict(x_ptr=x, v_ptr=p.values, m_ptr=p.meta, b_ptr=bias.contiguous() if bias is not None else y, y_ptr=y,
                 M=M, N=N, K=K, M_CLASS=_m_class(M), sxm=x.stride(0), sxk=x.stride(1), svr=p.values.stride(0),
                 smr=p.meta.stride(0), sym=y.stride(0), syn=y.stride(1), HAS_BIAS=bias is not None,
@@ -479,6 +534,7 @@ def linear_dx_general(dy: torch.Tensor, p: fmt.NMPacked) -> torch.Tensor:
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
     if dx.numel() == 0:
         return dx
+    _check_numel(dy, dx, p.values)
     args = dict(dy_ptr=dy, v_ptr=p.values, m_ptr=p.meta, dx_ptr=dx, M=M, N=N, K=K, M_CLASS=_m_class(M),
                 sdm=dy.stride(0), sdn=dy.stride(1), svr=p.values.stride(0), smr=p.meta.stride(0),
                 sxm=dx.stride(0), sxk=dx.stride(1), NK=p.n, MG=p.m, BITS=p.bits, PREC=_prec(dy.dtype))
@@ -494,6 +550,7 @@ def linear_dw(dy: torch.Tensor, x: torch.Tensor, bm: torch.Tensor) -> torch.Tens
     dw = torch.empty(N, K, dtype=dy.dtype, device=dy.device)
     if dw.numel() == 0:
         return dw
+    _check_numel(dy, x, dw)
     args = dict(dy_ptr=dy, x_ptr=x, bm_ptr=bm, dw_ptr=dw, M=M, N=N, K=K, M_CLASS=_m_class(M),
                 sdm=dy.stride(0), sdn=dy.stride(1), sxm=x.stride(0), sxk=x.stride(1),
                 sbr=bm.stride(0), swn=dw.stride(0), swk=dw.stride(1), PREC=_prec(dy.dtype))
@@ -505,6 +562,21 @@ def linear_dw(dy: torch.Tensor, x: torch.Tensor, bm: torch.Tensor) -> torch.Tens
 # ------------------------------------------------------------------------------------------------
 # the backend
 # ------------------------------------------------------------------------------------------------
+def _int32_reasons(q: OpQuery) -> list[str]:
+    """The kernels' int32 offsets: the weight and the GEMM operands a query reveals (rows x the wider
+    of in/out features; for conv, output pixels x output channels) must stay under 2**31 elements."""
+    shape = tuple(q.weight_shape)
+    out = []
+    numel = math.prod(shape)
+    if numel > INT32_MAX:
+        out.append(f"triton N:M kernels use 32-bit offsets: weight {shape} has {numel} > 2**31-1 elements")
+    if q.m_rows is not None and len(shape) >= 2:
+        width = max(shape[0], math.prod(shape[1:])) if q.op == "linear" else shape[0]
+        if q.m_rows * width > INT32_MAX:
+            out.append(f"triton N:M kernels use 32-bit offsets: {q.m_rows} rows x {width} exceeds 2**31-1 elements")
+    return out
+
+
 class Impl(Backend):
     """N:M part of the ``"triton"`` backend (the dispatcher ``TritonBackend`` checks device and
     dtype -- float32/float16/bfloat16 -- before asking for the pattern- and shape-specific reasons)."""
@@ -531,6 +603,7 @@ class Impl(Backend):
                 reasons.append(f"conv weight {shape}: in_channels/groups must be divisible by m={pat.m}")
         else:
             reasons.append(f"unknown op {q.op!r}")
+        reasons.extend(_int32_reasons(q))
         return reasons
 
     def prefer_dense_reason(self, q: OpQuery) -> str | None:

@@ -57,8 +57,8 @@ from triton.language.extra import libdevice
 from ...formats.unstructured import CHUNK, INT32_MAX, UnstructuredIndex, UnstructuredPacked
 from ...masks import Pattern
 from ..base import Backend, ConvParams, OpQuery
-from . import interpreting
-from ._common import DTYPE_NAMES as _TY, AotSpec, cuda_sms, prec as _prec, specialize
+from . import interpreting, tf32_enabled
+from ._common import DTYPE_NAMES as _TY, AotSpec, cuda_sms, device_guard, prec as _prec, specialize
 
 __all__ = ["Impl", "aot_compile_configs", "AotSpec"]
 
@@ -282,12 +282,14 @@ def _fwd_kernel(a_ptr, bm_ptr, cp_ptr, v_ptr, bias_ptr, out_ptr,
                 M_BUCKET: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IS_CONV: tl.constexpr,
                 TRANSPOSED: tl.constexpr, CA_GE64: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """``out[m, g*NG + n] = Σ_k A[m, k] · P[g*NG + n, k]`` (+ bias) for one ``[BM, BN]`` tile and the
-    chunk range ``[pid_s*CPS, (pid_s+1)*CPS)`` (grid: M blocks × G·NB row blocks × SPLIT).
+    chunk range ``[pid_s*CPS, (pid_s+1)*CPS)`` (grid: (M blocks · G·NB row blocks) × 1 × SPLIT; the
+    M block varies fastest -- folded into axis 0 because G·NB alone can exceed axis 1's 65535 limit).
 
     ``P`` is the packed matrix (rows = output channels, grouped by ``NG``); a program walks its row
     block along K keeping a running value offset, so it reads one chunk pointer per row."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    MB = tl.cdiv(M, BM)
+    pid_m = tl.program_id(0) % MB
+    pid_n = tl.program_id(0) // MB
     pid_s = tl.program_id(2)
     NB = tl.cdiv(NG, BN)
     g = pid_n // NB
@@ -471,11 +473,12 @@ def _pruner(kind: str):
 _prune = _pruner("fwd")
 
 
-_fwd = triton.autotune(_gemm_configs("fwd"), key=["M_BUCKET", "NG", "K", "CPS", "IS_CONV", "TRANSPOSED", "CA_GE64"],
+_fwd = triton.autotune(_gemm_configs("fwd"), key=["M_BUCKET", "NG", "K", "CPS", "IS_CONV", "TRANSPOSED", "CA_GE64",
+                                                            "PREC"],
                        prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-_dx = triton.autotune(_gemm_configs("dx"), key=["M_BUCKET", "N", "K", "RPS"],
+_dx = triton.autotune(_gemm_configs("dx"), key=["M_BUCKET", "N", "K", "RPS", "PREC"],
                       prune_configs_by={"early_config_prune": _prune})(_dx_kernel)
-_dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64"],
+_dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64", "PREC"],
                       prune_configs_by={"early_config_prune": _pruner("dw")})(_dw_kernel)
 _gather = triton.autotune(_gemm_configs("gather"), key=["BMX", "R"])(_gather_kernel)
 
@@ -568,7 +571,8 @@ def build_index(mask: torch.Tensor, view: _View, R: int, K: int) -> Unstructured
     counts = torch.empty((R * C,), dtype=torch.int32, device=dev)
     if R * C:
         grid = (triton.cdiv(R, _INDEX_BR), C)
-        _index_kernel[grid](mask.view(torch.uint8), bitmap, counts, R, K, C, *view.args(), BR=_INDEX_BR)
+        with device_guard(dev):
+            _index_kernel[grid](mask.view(torch.uint8), bitmap, counts, R, K, C, *view.args(), BR=_INDEX_BR)
     ptr = torch.zeros((R * C + 1,), dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=ptr[1:])
     nnz = int(ptr[-1])
@@ -584,8 +588,9 @@ def _pack(src: torch.Tensor, view: _View, index: UnstructuredIndex, cols: bool =
     out = torch.empty((index.nnz,), dtype=dtype, device=src.device)
     if index.nnz:
         grid = (triton.cdiv(index.rows, _PACK_BR), triton.cdiv(index.chunks, _PACK_CPP))
-        _pack_kernel[grid](src, index.bitmap, index.chunkptr, out, index.rows, index.cols, index.chunks,
-                           *view.args(), BR=_PACK_BR, CPP=_PACK_CPP, COLS=cols)
+        with device_guard(src.device):
+            _pack_kernel[grid](src, index.bitmap, index.chunkptr, out, index.rows, index.cols, index.chunks,
+                               *view.args(), BR=_PACK_BR, CPP=_PACK_CPP, COLS=cols)
     return out
 
 
@@ -630,6 +635,20 @@ def _check_numel(*ts: torch.Tensor) -> None:
                                "elements (the kernels use 32-bit offsets)")
 
 
+#: CUDA grid limits: axis 0 up to 2**31-1 programs, axes 1 and 2 up to 65535
+GRID_X_MAX, GRID_YZ_MAX = 2**31 - 1, 65535
+
+
+def _fwd_grid(M: int, BM: int, G: int, NG: int, BN: int, split: int) -> tuple[int, int, int]:
+    """Grid of ``_fwd_kernel``: the M blocks and the G·NB row blocks folded into axis 0 (M block
+    fastest), the K split on axis 2."""
+    programs = triton.cdiv(M, BM) * G * triton.cdiv(NG, BN)
+    if programs > GRID_X_MAX or split > GRID_YZ_MAX:
+        raise RuntimeError(f"triton unstructured: forward grid of {programs} x {split} programs exceeds the CUDA "
+                           "grid limits")
+    return (programs, 1, split)
+
+
 def _run_fwd(a: torch.Tensor, p: UnstructuredPacked, bias: torch.Tensor | None, out: torch.Tensor,
              M: int, NG: int, CA: int, G: int, geom: _Geom, is_conv: bool, transposed: bool) -> torch.Tensor:
     """``out = A @ Pᵀ (+ bias)`` with ``_fwd_kernel``; ``out`` is written through its strides
@@ -641,11 +660,14 @@ def _run_fwd(a: torch.Tensor, p: UnstructuredPacked, bias: torch.Tensor | None, 
     split = triton.cdiv(C, cps)
     dst = out if split == 1 else torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
     so_s, so = (0, _strides4(out)) if split == 1 else (dst.stride(0), _strides4(dst[0]))
-    grid = lambda meta: (triton.cdiv(M, BM), G * triton.cdiv(NG, meta["BN"]), split)  # noqa: E731
-    _fwd[grid](a, p.index.bitmap, p.index.chunkptr, p.values, bias if bias is not None else p.values, dst,
-               M, NG, CA, K, C, cps, *geom, *_strides4(a), so_s, *so,
-               M_BUCKET=BM, BM=BM, IS_CONV=is_conv, TRANSPOSED=transposed, CA_GE64=CA >= 64,
-               HAS_BIAS=bias is not None and split == 1, PREC=_prec(a.dtype))
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[rows] densely
+    grid = lambda meta: _fwd_grid(M, BM, G, NG, meta["BN"], split)  # noqa: E731
+    with device_guard(a.device):
+        _fwd[grid](a, p.index.bitmap, p.index.chunkptr, p.values, bias if bias is not None else p.values, dst,
+                   M, NG, CA, K, C, cps, *geom, *_strides4(a), so_s, *so,
+                   M_BUCKET=BM, BM=BM, IS_CONV=is_conv, TRANSPOSED=transposed, CA_GE64=CA >= 64,
+                   HAS_BIAS=bias is not None and split == 1, PREC=_prec(a.dtype))
     if split > 1:
         red = dst.sum(0)
         if bias is not None:
@@ -662,10 +684,14 @@ def _run_gather(x: torch.Tensor, p: UnstructuredPacked, rl: _RowLists, bias: tor
     BMX = _gather_rows(M)
     xt = torch.empty((K, BMX), dtype=x.dtype, device=x.device)
     flags = torch.zeros((2 * BMX,), dtype=torch.int32, device=x.device)
-    _xt_kernel[(triton.cdiv(K, _XT_BK),)](x, xt, flags, M, K, *x.stride(), BMX=BMX, BK=_XT_BK)
+    if bias is not None:
+        bias = bias.contiguous()
     grid = lambda meta: (triton.cdiv(R, meta["BR"]),)  # noqa: E731
-    _gather[grid](xt, flags, p.index.chunkptr, max(p.index.chunks, 1), rl.cols, p.values, rl.perm,
-                  bias if bias is not None else p.values, out, R, M, *out.stride(), BMX=BMX, HAS_BIAS=bias is not None)
+    with device_guard(x.device):
+        _xt_kernel[(triton.cdiv(K, _XT_BK),)](x, xt, flags, M, K, *x.stride(), BMX=BMX, BK=_XT_BK)
+        _gather[grid](xt, flags, p.index.chunkptr, max(p.index.chunks, 1), rl.cols, p.values, rl.perm,
+                      bias if bias is not None else p.values, out, R, M, *out.stride(), BMX=BMX,
+                      HAS_BIAS=bias is not None)
     return out
 
 
@@ -682,8 +708,9 @@ def _run_dx(dy: torch.Tensor, p: UnstructuredPacked) -> torch.Tensor:
     dst = out if split == 1 else torch.empty((split, M, K), dtype=torch.float32, device=dy.device)
     so_s, so_m, so_k = (0, *out.stride()) if split == 1 else dst.stride()
     grid = (triton.cdiv(M, BM), C, split)
-    _dx[grid](dy, p.index.bitmap, p.index.chunkptr, p.values, dst, M, N, K, C, rps, *dy.stride(),
-              so_s, so_m, so_k, M_BUCKET=BM, BM=BM, PREC=_prec(dy.dtype))
+    with device_guard(dy.device):
+        _dx[grid](dy, p.index.bitmap, p.index.chunkptr, p.values, dst, M, N, K, C, rps, *dy.stride(),
+                  so_s, so_m, so_k, M_BUCKET=BM, BM=BM, PREC=_prec(dy.dtype))
     if split > 1:
         out.copy_(dst.sum(0))
     return out
@@ -703,9 +730,10 @@ def _run_dw(dy: torch.Tensor, a: torch.Tensor, index: UnstructuredIndex, out: to
     view = _view(out if split == 1 else dst[0], "fwd")[0]
     so_s = 0 if split == 1 else dst.stride(0)
     grid = lambda meta: (G * triton.cdiv(NG, meta["BN"]), C, split)  # noqa: E731
-    _dw[grid](dy, a, index.bitmap, dst, M, NG, CA, K, C, mps, *geom, *_strides4(a), *_strides4(dy), so_s,
-              view.rd, view.rs0, view.rs1, view.cd, view.cs0, view.cs1, view.cs2,
-              M_BUCKET=BM, BM=BM, IS_CONV=is_conv, CA_GE64=CA >= 64, PREC=_prec(a.dtype))
+    with device_guard(a.device):
+        _dw[grid](dy, a, index.bitmap, dst, M, NG, CA, K, C, mps, *geom, *_strides4(a), *_strides4(dy), so_s,
+                  view.rd, view.rs0, view.rs1, view.cd, view.cs0, view.cs1, view.cs2,
+                  M_BUCKET=BM, BM=BM, IS_CONV=is_conv, CA_GE64=CA >= 64, PREC=_prec(a.dtype))
     if split > 1:
         out.copy_(dst.sum(0))
     return out
@@ -932,7 +960,7 @@ def _cost_terms(q: OpQuery) -> dict[str, Any]:
     sms = _num_sms(q.device) if q.device.type == "cuda" and torch.cuda.is_available() else _H100["sms"]
     scale = sms / _H100["sms"]
     if q.dtype == torch.float32:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 = tf32_enabled()
         peak, unit = (_H100["tf32"], "TF32 tensor cores") if tf32 else (_H100["fp32"], "CUDA cores (fp32 FMA)")
     else:
         peak, unit = _H100["tc16"], "tensor cores"
