@@ -79,6 +79,23 @@ class TritonBackend(Backend):
     def pack(self, weight, mask, pattern):
         return self._get(pattern).pack(weight, mask, pattern)
 
+    # kept values: the unstructured kernels read them natively; N:M goes through the base adapter
+    def _kept(self, pattern, op: str):
+        impl = self._get(pattern)
+        return getattr(impl, op) if getattr(impl, "kept_native", False) else getattr(super(), op)
+
+    def kept_linear_fwd(self, x, values, mask, bias, pattern):
+        return self._kept(pattern, "kept_linear_fwd")(x, values, mask, bias, pattern)
+
+    def kept_linear_dx(self, dy, values, mask, pattern):
+        return self._kept(pattern, "kept_linear_dx")(dy, values, mask, pattern)
+
+    def kept_conv_fwd(self, x, values, mask, bias, pattern, conv):
+        return self._kept(pattern, "kept_conv_fwd")(x, values, mask, bias, pattern, conv)
+
+    def kept_conv_dx(self, dy, values, mask, pattern, conv, input_shape):
+        return self._kept(pattern, "kept_conv_dx")(dy, values, mask, pattern, conv, input_shape)
+
     def linear_fwd(self, x, weight, mask, bias, pattern):
         return self._get(pattern).linear_fwd(x, weight, mask, bias, pattern)
 

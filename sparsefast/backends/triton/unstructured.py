@@ -55,8 +55,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...formats.unstructured import CHUNK, INT32_MAX, UnstructuredIndex, UnstructuredPacked
+from ...formats import kept as _kept
 from ...masks import Pattern
-from ..base import Backend, ConvParams, OpQuery
+from ..base import Backend, ConvParams, OpQuery, conv_output_hw
 from . import interpreting, tf32_enabled
 from ._common import DTYPE_NAMES as _TY, AotSpec, cuda_sms, device_guard, prec as _prec, specialize
 
@@ -747,8 +748,7 @@ def _conv_geom(x_hw: Sequence[int], y_hw: Sequence[int], kw: int, conv: ConvPara
 
 
 def _out_hw(H: int, W: int, KH: int, KW: int, conv: ConvParams) -> tuple[int, int]:
-    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-    return (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1, (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    return conv_output_hw(H, W, (KH, KW), conv.stride, conv.padding, conv.dilation)
 
 
 # ================================================================================================
@@ -856,32 +856,73 @@ class Impl(Backend):
         return self.cached(f"rows-{kind}", (mask,),
                            lambda: _row_lists(self.index(mask, kind), mask, _view(mask, kind)[0]))
 
+    # ---- kept values: the layer's values *are* this format's values (CSR order of the reduction
+    # view), so forward and the transposed-traversal dX read them as they are; the gather dX and the
+    # conv dgrad view read them through a mask-only permutation (one nnz gather per call); the
+    # masked dW still writes a weight-shaped gradient, gathered at the kept positions.
+    kept_native = True
+
+    def _kept_packed(self, values: torch.Tensor, mask: torch.Tensor) -> UnstructuredPacked:
+        return UnstructuredPacked(self.index(mask), values.detach().contiguous())
+
+    def _view_perm(self, mask: torch.Tensor, kind: str, groups: int = 1) -> torch.Tensor:
+        """Canonical position of each value of the ``kind`` view's format (mask only, cached)."""
+        def build():
+            index = self.index(mask, kind, groups)
+            pos = _kept.scatter(torch.arange(_kept.nnz(mask), dtype=torch.int32, device=mask.device), mask)
+            return _pack(pos, _view(pos, kind, groups)[0], index).long()
+        return self.cached(f"perm-{kind}", (mask,), build, groups)
+
+    def _kept_view(self, values: torch.Tensor, mask: torch.Tensor, kind: str, groups: int = 1) -> UnstructuredPacked:
+        return UnstructuredPacked(self.index(mask, kind, groups),
+                                  values.detach().index_select(0, self._view_perm(mask, kind, groups)))
+
+    def kept_linear_fwd(self, x, values, mask, bias, pattern):
+        return self._linear_fwd(x, lambda: self._kept_packed(values, mask), mask, bias)
+
+    def kept_linear_dx(self, dy, values, mask, pattern):
+        return self._linear_dx(dy, lambda: self._kept_packed(values, mask),
+                               lambda: self._kept_view(values, mask, "t"), mask)
+
+    def kept_conv_fwd(self, x, values, mask, bias, pattern, conv: ConvParams):
+        return self._conv_fwd(x, lambda: self._kept_packed(values, mask), mask, bias, conv)
+
+    def kept_conv_dx(self, dy, values, mask, pattern, conv: ConvParams, input_shape):
+        return self._conv_dx(dy, lambda: self._kept_view(values, mask, "dgrad", conv.groups), mask, conv, input_shape)
+
     # ---- primitives ---------------------------------------------------------------------------
     def linear_fwd(self, x, weight, mask, bias, pattern):
+        return self._linear_fwd(x, lambda: self.packed(weight, mask, pattern), mask, bias)
+
+    def _linear_fwd(self, x, packed, mask, bias):
         M, K = x.shape
-        N = weight.shape[0]
+        N = mask.shape[0]
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
         if M == 0 or N == 0:
             return out
         if K == 0:
             return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
         _check_numel(x, out)
-        p = self.packed(weight, mask, pattern)
+        p = packed()
         if _use_gather(M, p.index.nnz / (N * K), x.dtype):
             return _run_gather(x, p, self._row_lists(mask, "fwd"), bias, out)
         return _run_fwd(x, p, bias, out, M, N, K, 1, _Geom(), False, False)
 
     def linear_dx(self, dy, weight, mask, pattern):
+        return self._linear_dx(dy, lambda: self.packed(weight, mask, pattern),
+                               lambda: self._packed_view(weight, mask, "t"), mask)
+
+    def _linear_dx(self, dy, packed, packed_t, mask):
         M, N = dy.shape
-        K = weight.shape[1]
+        K = mask.shape[1]
         if M == 0 or K == 0 or N == 0:
             return torch.zeros((M, K), dtype=dy.dtype, device=dy.device)
-        _check_numel(dy, weight)
+        _check_numel(dy, mask)
         index = self.index(mask)
         if _use_gather(M, index.nnz / (N * K), dy.dtype):
             out = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-            return _run_gather(dy, self._packed_view(weight, mask, "t"), self._row_lists(mask, "t"), None, out)
-        return _run_dx(dy, self.packed(weight, mask, pattern))
+            return _run_gather(dy, packed_t(), self._row_lists(mask, "t"), None, out)
+        return _run_dx(dy, packed())
 
     def linear_dw(self, dy, x, mask, pattern):
         M, N = dy.shape
@@ -893,8 +934,11 @@ class Impl(Backend):
         return _run_dw(dy, x, self.index(mask), out, M, N, K, 1, _Geom(), False)
 
     def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
+        return self._conv_fwd(x, lambda: self.packed(weight, mask, pattern), mask, bias, conv)
+
+    def _conv_fwd(self, x, packed, mask, bias, conv: ConvParams):
         B, Cin, H, W = x.shape
-        O, Cg, KH, KW = weight.shape
+        O, Cg, KH, KW = mask.shape
         Ho, Wo = _out_hw(H, W, KH, KW, conv)
         out = torch.empty((B, O, Ho, Wo), dtype=x.dtype, device=x.device)
         M = B * Ho * Wo
@@ -903,13 +947,17 @@ class Impl(Backend):
         if Cg * KH * KW == 0:
             return out.zero_() if bias is None else out.copy_(bias.reshape(1, O, 1, 1).expand_as(out))
         _check_numel(x, out)
-        p = self.packed(weight, mask, pattern)
+        p = packed()
         geom = _conv_geom((H, W), (Ho, Wo), KW, conv, False)
         return _run_fwd(x, p, bias, out, M, O // conv.groups, Cg, conv.groups, geom, True, False)
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape):
+        return self._conv_dx(dy, lambda: self._packed_view(weight, mask, "dgrad", conv.groups), mask, conv,
+                             input_shape)
+
+    def _conv_dx(self, dy, packed_dgrad, mask, conv: ConvParams, input_shape):
         B, Cin, H, W = input_shape
-        O, Cg, KH, KW = weight.shape
+        O, Cg, KH, KW = mask.shape
         out = torch.empty(tuple(input_shape), dtype=dy.dtype, device=dy.device)
         M = B * H * W
         if M == 0 or Cin == 0:
@@ -917,7 +965,7 @@ class Impl(Backend):
         if O * KH * KW == 0 or dy.numel() == 0:
             return out.zero_()
         _check_numel(dy, out)
-        p = self._packed_view(weight, mask, "dgrad", conv.groups)
+        p = packed_dgrad()
         geom = _conv_geom((H, W), dy.shape[-2:], KW, conv, True)
         return _run_fwd(dy, p, None, out, M, Cg, O // conv.groups, conv.groups, geom, True, True)
 
