@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI step: compile every Triton kernel, in every autotune config, ahead of time for sm_80 and sm_90
 # (no GPU needed) and check registers / spills / tensor-core instructions against each kernel's
-# `expect` (format: sparsefast/kernel_report.py). Exits non-zero on a violation (a spill in a hot
+# `expect` (format: sparsefast/kernel_report/__init__.py). Exits non-zero on a violation (a spill in a hot
 # kernel, a missing tensor-core instruction, a compile error, a bad `expect`) or when nothing could be
 # compiled (Triton or its ptxas missing). Prints the table; the JSON report is kept.
 #

@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kWarps = 4;
 
-// Compile-time evidence (format: sparsefast/kernel_report.py): both kernels stream 16-byte vectors
+// Compile-time evidence (format: sparsefast/kernel_report/__init__.py): both kernels stream 16-byte vectors
 // (uint4 loads along M) and are on the per-step path of unstructured layers (no spills allowed).
 // kernel-report: csr_spmm_kernel< vector_loads hot
 // kernel-report: csr_sddmm_kernel< vector_loads hot

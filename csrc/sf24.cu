@@ -121,7 +121,7 @@ using CfgBig = Cfg<128, 128, 64, 2, 4, 1, 3>;   // M >= 128-ish: 8 warps, warp t
 using CfgMid = Cfg<64, 64, 64, 2, 2, 1, 4>;     // mid M: 4 warps, warp tile 32 x 32
 using CfgSmall = Cfg<16, 32, 256, 1, 1, 4, 4>;  // M <= 32 (memory-bound): 16 features per block, k split
 
-// Compile-time evidence (python -m sparsefast kernels --only cuda; format: sparsefast/kernel_report.py).
+// Compile-time evidence (python -m sparsefast kernels --only cuda; format: sparsefast/kernel_report/__init__.py).
 // Every config of the GEMM: sparse tensor cores (HMMA.SP on sm_80 and sm_90), 16-byte cp.async tile
 // loads, no spills (per-step path). dyn_smem = Cfg::SMEM (the dynamic shared memory of the launch).
 // kernel-report: sf24_gemm_kernel< tensor_core=sparse vector_loads hot

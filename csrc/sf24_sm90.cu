@@ -34,7 +34,7 @@ constexpr int H_SMEM = H_STAGES * H_STAGE_BYTES + 1024;   // + slack to align th
 static_assert(H_STAGE_BYTES % 1024 == 0, "stage size must keep the B tiles 1024-byte aligned");
 static_assert(H_SMEM == 111616, "update the kernel-report dyn_smem line below");
 
-// Compile-time evidence (format: sparsefast/kernel_report.py): checked on sm_90a only (the sm_80 build
+// Compile-time evidence (format: sparsefast/kernel_report/__init__.py): checked on sm_90a only (the sm_80 build
 // is the empty stub): sparse warpgroup MMA (HGMMA...SP), 16-byte cp.async loads, no spills.
 // kernel-report: sf24_gemm_sm90_kernel< archs=90 tensor_core=sparse wgmma vector_loads hot dyn_smem=111616
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import backends as _bk
-from .backends.base import ConvParams
+from .backends.base import ConvParams, conv_output_hw
 from .formats import kept as _kept
 from .masks import parse_pattern
 
@@ -86,10 +86,6 @@ _linear_dw = torch.library.custom_op(f"{_LIB}::linear_dw", mutates_args=())(_lin
 @_linear_dw.register_fake
 def _(dy, x, mask, nnz, backend, pattern):
     return dy.new_empty(nnz)
-
-
-def _save(ctx, inputs, keys):
-    ctx.save_for_backward(*[inputs[k] for k in keys])
 
 
 def _linear_setup(ctx, inputs, output):
@@ -154,16 +150,9 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _conv_out_hw(h, w, weight, stride, padding, dilation):
-    kh, kw = weight.shape[-2:]
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
 @_conv.register_fake
 def _(x, values, mask, bias, stride, padding, dilation, groups, backend, pattern):
-    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], mask, stride, padding, dilation)
+    ho, wo = conv_output_hw(x.shape[2], x.shape[3], mask.shape[-2:], stride, padding, dilation)
     # kernels (like cuDNN and the reference) return the input's memory format (NCHW or channels_last)
     return x.new_empty(x.shape[0], mask.shape[0], ho, wo).contiguous(memory_format=_memory_format(x))
 
@@ -441,7 +430,7 @@ def sparse_conv2d_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
     padding = _pair(padding, "padding")
     if min(padding) < 0:
         raise ValueError(f"sparse_conv2d: padding {padding} must be non-negative (as in nn.Conv2d)")
-    ho, wo = _conv_out_hw(x.shape[2], x.shape[3], mask, stride, padding, dilation)
+    ho, wo = conv_output_hw(x.shape[2], x.shape[3], mask.shape[-2:], stride, padding, dilation)
     if ho < 1 or wo < 1:
         kh, kw = mask.shape[-2:]
         raise ValueError(f"sparse_conv2d: input {tuple(x.shape[-2:])} (padded by {padding}) is smaller than the "

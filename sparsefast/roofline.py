@@ -45,6 +45,7 @@ from typing import Literal
 
 import torch
 
+from .backends.base import conv_output_hw
 from .masks import Pattern, parse_pattern
 
 __all__ = ["Hardware", "HARDWARE", "Prediction", "weight_nbytes", "predict", "predict_linear", "predict_conv",
@@ -247,8 +248,7 @@ def predict_conv(kind: Kind, batch: int, in_channels: int, height: int, width: i
                  dw_writes: str = "kept", optimizer: str = "adamw") -> Prediction:
     """Bound for a Conv2d on an input ``(batch, in_channels, height, width)`` as an implicit GEMM."""
     kh, kw = kernel_size
-    ho = (height + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (width + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    ho, wo = conv_output_hw(height, width, (kh, kw), stride, padding, dilation)
     M, N, K = batch * ho * wo, out_channels, in_channels // groups * kh * kw
     return _gemm_prediction(kind, M, K, N, batch * in_channels * height * width, batch * out_channels * ho * wo,
                             dtype, pattern, density, _hw(hardware), dw_writes, optimizer)

@@ -1,4 +1,4 @@
-"""Roofline numbers (sparsefast.roofline) against the bounds PERF.md states."""
+"""Roofline numbers (sparsefast.roofline) against the bounds docs/PERF.md states."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ def test_unstructured_format_bytes():
     b = rl.weight_nbytes(4096, 4096, torch.bfloat16, "unstructured", 0.1)
     if rl.UNSTRUCTURED_FORMAT == "bitmap+values":
         assert b == pytest.approx(4096 * 4096 * (0.2 + 0.125) + 4 * 4097, rel=1e-6)
-    assert b / (4096 * 4096 * 2) <= 0.3  # PERF.md: unstructured 90% <= 0.3x dense bytes
+    assert b / (4096 * 4096 * 2) <= 0.3  # docs/PERF.md: unstructured 90% <= 0.3x dense bytes
     with pytest.raises(ValueError):
         rl.weight_nbytes(8, 8, torch.float32, "unstructured")
 
@@ -76,7 +76,7 @@ def test_sparse_peak_is_twice_dense():
             assert hw.sparse_tflops[k] == pytest.approx(2 * hw.dense_tflops[k], rel=1e-3)
 
 
-PERF_TARGETS = [  # (pattern, density, M, kind, target) from PERF.md's H100 table
+PERF_TARGETS = [  # (pattern, density, M, kind, target) from docs/PERF.md's H100 table
     ("2:4", None, 8192, "fwd", 1.6), ("2:4", None, 64, "fwd", 1.5), ("unstructured", 0.3, 64, "fwd", 2.0),
     ("unstructured", 0.1, 8192, "fwd", 1.35), ("unstructured", 0.1, 64, "fwd", 4.0),
     ("unstructured", 0.05, 8192, "fwd", 1.8), ("2:4", None, 8192, "step", 1.3), ("2:4", None, 64, "step", 1.4),

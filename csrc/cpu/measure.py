@@ -1,6 +1,6 @@
 """Measure the ``cpu`` backend against dense, torch CSR and sparseprop (developer tool, not a test).
 
-    python csrc/cpu/measure.py table   [--threads N]   # speed table (PERF.md CPU targets)
+    python csrc/cpu/measure.py table   [--threads N]   # speed table (docs/PERF.md CPU targets)
     python csrc/cpu/measure.py crossover               # density sweep behind crossover_density()
 
 ``table`` times, in one process and interleaved, per case: dense (``F.linear`` / ``F.conv2d`` on
@@ -8,7 +8,7 @@ the masked weight), torch CSR (``torch.sparse.mm``; conv: ``F.unfold`` + ``spars
 (``pip install sparseprop``; needs pybind11 and ``--no-build-isolation``) and this backend, forward
 and the training step (forward + dX + masked dW; sparseprop: forward + its backward). With
 ``--threads 1`` every library runs single-threaded and the time is the thread's CPU time (stable on
-a loaded machine); otherwise wall-clock medians. Ratios are what PERF.md asks for.
+a loaded machine); otherwise wall-clock medians. Ratios are what docs/PERF.md asks for.
 """
 from __future__ import annotations
 

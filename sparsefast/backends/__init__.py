@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..masks import Pattern, parse_pattern
-from .base import Backend, ConvParams, OpQuery, matmul_fp32_precision
+from .base import Backend, ConvParams, OpQuery, conv_output_hw, matmul_fp32_precision
 
 __all__ = ["available", "why_unavailable", "use", "get", "explain", "resolve", "names", "default",
            "Backend", "ConvParams", "OpQuery", "SparsefastWarning", "make_query", "check_requested",
@@ -360,9 +360,7 @@ def make_query(op: str, x: torch.Tensor | None, weight: torch.Tensor, pattern: "
             m_rows = x.numel() // max(x.shape[-1], 1)
         else:  # GEMM M of the implicit GEMM: batch * output pixels
             cp = conv or ConvParams()
-            kh, kw = weight.shape[-2:]
-            ho = (x.shape[-2] + 2 * cp.padding[0] - cp.dilation[0] * (kh - 1) - 1) // cp.stride[0] + 1
-            wo = (x.shape[-1] + 2 * cp.padding[1] - cp.dilation[1] * (kw - 1) - 1) // cp.stride[1] + 1
+            ho, wo = conv_output_hw(x.shape[-2], x.shape[-1], weight.shape[-2:], cp.stride, cp.padding, cp.dilation)
             m_rows = (x.shape[0] if x.dim() == 4 else 1) * max(ho, 0) * max(wo, 0)
     device = x.device if x is not None else weight.device
     dtype = _effective_dtype(device.type, x.dtype if x is not None else (dtype or weight.dtype))

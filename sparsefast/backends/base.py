@@ -119,6 +119,17 @@ class ConvParams:
     groups: int = 1
 
 
+def conv_output_hw(h, w, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output ``(Ho, Wo)`` of a conv2d with kernel ``(kh, kw)`` on an ``h x w`` input, as
+    :func:`torch.nn.functional.conv2d` computes it: per dimension
+    ``(h + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (zero or negative when the dilated
+    kernel does not fit). ``stride`` / ``padding`` / ``dilation``: ``(h, w)`` pairs or one int for both.
+    Plain arithmetic, so symbolic sizes (fake kernels under ``torch.compile``) go through."""
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = (v if isinstance(v, Sequence) else (v, v) for v in (stride, padding, dilation))
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 @dataclass(frozen=True)
 class OpQuery:
     """What ``auto`` and ``explain`` ask a backend about: one call's metadata (no data)."""

@@ -53,49 +53,18 @@ def crossover_density(op: str, m_rows: int | None, dtype: torch.dtype, weight_sh
     whose kernel path is ``isa`` (``"avx512"``, ``"avx2"`` or ``"generic"``) and which has (or not)
     bf16 dot-product instructions (``bf16_dot``: AVX512-BF16, which makes dense bf16 GEMMs fast).
 
-    Measured with ``python csrc/cpu/measure.py crossover --threads 1`` (forward time of ``F.linear`` /
-    ``F.conv2d`` on the masked weight vs this backend, density 0.1..0.7, Linear 4096² and 1024² at
-    M = 1, 16, 64, 256 and 3x3 convs C=O=256 at 14x14, 128 at 28x28, 64 at 56x56; min of 5
-    single-thread CPU-time runs) on two 2-core dev machines with torch 2.13. The thresholds are about
-    80% of the measured crossovers (dense/sparse = 1), so ``auto`` does not pick a slower kernel near
-    the edge.
+    The rule: about 80 % of the crossovers (dense/sparse = 1) measured per op, dtype, batch rows M and
+    weight size on an AVX-512 (Zen 4, AVX512-BF16) and an AVX2 (Zen 3) machine, so ``auto`` does not
+    pick a slower kernel near the edge. Low where dense is fast: one row against a cache-resident
+    weight (dense GEMV: 0.1-0.12), a small float32 Linear weight with >= 128 rows (0.2,
+    :data:`_SMALL_LINEAR`), bf16 where AVX512-BF16 makes dense bf16 fast (0.05-0.35); higher for more
+    rows and larger float32 weights (up to 0.5); float32 3x3 convs 0.15 / 0.25 (< / >= 128 output
+    channels per group).
+    Without bf16 dot instructions the bf16 thresholds are the AVX2 ones whatever the ISA (dense bf16 is
+    emulated: 0.28 at one row, else 0.7; convs 0.5); the portable (``generic``) kernels were not
+    measured against dense and get half the AVX2 fp32 thresholds.
 
-    AVX-512 (AMD EPYC Zen 4, AVX512-BF16; 2026-11-23):
-
-    ==========================  ==============================  =========
-    case                        measured crossover density      threshold
-    ==========================  ==============================  =========
-    linear fp32, M = 1          0.5 (4096²), 0.15 (1024²: the   0.4 / 0.1
-                                dense weight is cache-resident)
-    linear fp32, 2 <= M <= 64   > 0.7                           0.5
-    linear fp32, M = 256        0.6-0.7                         0.45
-    linear bf16, M = 1          0.45 (4096²), 0.17 (1024²)      0.35/0.1
-    linear bf16, M <= 16        0.35-0.4                        0.3
-    linear bf16, M >= 64        0.25-0.33                       0.2
-    conv3x3 fp32                0.33 (O >= 128), 0.22 (O = 64)  0.25/0.15
-    conv3x3 bf16                0.12-0.2 (O >= 128), < 0.1      0.12/0.05
-    ==========================  ==============================  =========
-
-    AVX2 (AMD EPYC Zen 3, no AVX-512, no bf16 dot; 2026-11-23). MKL's small-M fp32 GEMM is slow on
-    this AMD part and dense bf16 has no hardware path, so sparse wins further up:
-
-    ==========================  ==============================  =========
-    case                        measured crossover density      threshold
-    ==========================  ==============================  =========
-    linear fp32, M = 1          0.3 (4096²), 0.17 (1024²)       0.25/0.12
-    linear fp32, 2 <= M <= 64   > 0.7 (4096²), 0.7 (1024²)      0.5
-    linear fp32, M = 256        0.6 (4096²), 0.5 (1024²)        0.4
-    linear fp32, M >= 128,      2:4 ~1.0x dense; training step  0.2
-    weight <= 512K elements     0.93x at 0.3 (_SMALL_LINEAR)
-    linear bf16, M = 1          0.35 (4096²), 0.4 (1024²)       0.28
-    linear bf16, M >= 16        > 0.7 (4-6x faster at 0.7)      0.7
-    conv3x3 fp32                0.3 (O >= 128), 0.22 (O = 64)   0.25/0.15
-    conv3x3 bf16                > 0.5 (24-40x faster at 0.5)    0.5
-    ==========================  ==============================  =========
-
-    Without bf16 dot instructions the bf16 thresholds are the AVX2 ones whatever the ISA (dense
-    bf16 is then emulated); the portable (``generic``) kernels were not measured against dense and
-    get half the AVX2 fp32 thresholds.
+    measurements: docs/measurements.md
     """
     ws = tuple(int(v) for v in weight_shape)
     bf16 = dtype == torch.bfloat16
@@ -151,18 +120,12 @@ def sddmm_crossover(op: str, m_rows: int, dtype: torch.dtype, numel: int, *, isa
     """Highest mask density at which the masked weight gradient (SDDMM: only kept positions) still
     beats the dense ``dyᵀ x`` GEMM followed by the mask; above it ``linear_dw``/``conv_dw`` run the GEMM.
 
-    Measured (AVX2 Zen 3, 2 threads, 2026-11-23; dense/SDDMM time at density 0.3 / 0.4 / 0.5):
-
-    * float32 Linear 1024² at M = 16..1024: 0.97-1.32 / 0.74-1.06 / 0.62-0.95 (the SDDMM loses at 2:4);
-      1024x256 at M = 256: 0.95 at 0.3, 0.63 at 0.5.
-    * float32 Linear 4096²: M <= 64 2.7x at 0.5 (MKL's few-row GEMM is slow here), M = 256 1.06x at
-      0.5, M = 1024 0.79x at 0.5.
-    * float32 3x3 conv, C = O = 64..256: 0.93-1.93 at 0.3, 0.59-0.90 at 0.5.
-    * bfloat16 everywhere: the SDDMM wins 4-9x even at 0.5 (dense bf16 has no dot instructions).
-
     Threshold 0.4 for float32 (and for bf16 where AVX512-BF16 makes dense bf16 fast: not measured),
-    except large Linear weights (> 4M elements) with M <= 256 rows; the portable kernels get 0.2.
-    The AVX-512 path was not re-measured: it uses the AVX2 numbers."""
+    except large Linear weights (> 4M elements) with M <= 256 rows, where MKL's few-row GEMM is slow
+    (1.0: always the SDDMM); the portable kernels get 0.2; bf16 without fast dense bf16: 1.0 (the
+    SDDMM wins even at 0.5). Measured on AVX2 (Zen 3); the AVX-512 path uses the AVX2 numbers.
+
+    measurements: docs/measurements.md"""
     fast_dense = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_dot and isa == "avx512")
     if not fast_dense:
         return 1.0

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import masks as _masks
-from .base import Backend, ConvParams, OpQuery, masked
+from .base import Backend, ConvParams, OpQuery, conv_output_hw, masked
 from .reference import ReferenceBackend
 from ..masks import Pattern
 
@@ -139,8 +139,7 @@ def build_csr(mask: torch.Tensor, flat_of: torch.Tensor | None = None, col_offse
 
 def conv_out_size(hw: Sequence[int], k: Sequence[int], conv: ConvParams) -> tuple[int, int]:
     """Output (Ho, Wo) of a conv2d with kernel ``k`` on an input of spatial size ``hw``."""
-    return tuple((h + 2 * p - d * (kk - 1) - 1) // s + 1  # type: ignore[return-value]
-                 for h, kk, s, p, d in zip(hw, k, conv.stride, conv.padding, conv.dilation))
+    return conv_output_hw(hw[0], hw[1], k, conv.stride, conv.padding, conv.dilation)
 
 
 def build_conv_csr(mask: torch.Tensor, groups: int) -> Csr:
@@ -367,7 +366,7 @@ class CudaBackend(Backend):
         return reasons
 
     def prefer_dense_reason(self, q: OpQuery) -> str | None:
-        """Conservative routing until GPU measurements tune it (see PERF.md targets); unstructured conv:
+        """Conservative routing until GPU measurements tune it (see docs/PERF.md targets); unstructured conv:
         :meth:`_conv_unstructured_dense_reason`. ``explain()`` prints the returned reason."""
         if os.environ.get("SPARSEFAST_CUDA_NEVER_DENSE", "0") not in ("", "0"):
             return None
@@ -615,8 +614,7 @@ class CudaBackend(Backend):
         if min(pad) < 0:
             return False
         ho, wo = dy.shape[-2:]
-        if (ho + 2 * pad[0] - conv.dilation[0] * (kh - 1), wo + 2 * pad[1] - conv.dilation[1] * (kw - 1)) != \
-                tuple(input_shape[-2:]):
+        if conv_output_hw(ho, wo, (kh, kw), 1, pad, conv.dilation) != tuple(input_shape[-2:]):
             return False
 
         def check() -> bool:

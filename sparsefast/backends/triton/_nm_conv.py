@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ...formats import nm as fmt
-from ..base import ConvParams
+from ..base import ConvParams, conv_output_hw
 from .nm import (_AOT_HINTS, _check_numel, _class_rows, _dev_index, _launch, _m_class, _num_sms, _pick_split,
                  _prec, _store_tile, _bitmap_keep, _dot, _nm_tile)
 
@@ -181,8 +181,7 @@ _DW = (triton.autotune(_CONV_DW_CONFIGS, key=_CONV_DW_KEY,
 
 
 def _out_hw(h: int, w: int, kh: int, kw: int, conv: ConvParams) -> tuple[int, int]:
-    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return conv_output_hw(h, w, (kh, kw), conv.stride, conv.padding, conv.dilation)
 
 
 def _empty_like_layout(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
