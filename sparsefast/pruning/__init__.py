@@ -8,23 +8,26 @@ Every method shares one protocol (:class:`~sparsefast.pruning.base.Pruner`)::
         loss_fn(model(x), y).backward(); optimizer.step(); pruner.step(); optimizer.zero_grad()
     pruner.masks(); pruner.sparsity(); pruner.state_dict(); pruner.load_state_dict(d)
 
-=================  ==========================  =====================================================
-class              family                      N:M
-=================  ==========================  =====================================================
-Magnitude          one-shot                    yes (top-n |W| per m-group)
-Random             at init                     yes (n random per group)
-GradualMagnitude   gradual (cubic)             refused (intermediate levels are not N:M)
-LotteryTicket      IMP + rewinding             refused (rate of remaining weights per round)
-LOBSTER            regularise + threshold      refused (global magnitude threshold)
-SNIP / GraSP       at init, data               yes (top-n score per group)
-SynFlow            at init, data-free          yes (one round)
-SET / RigL         dynamic sparse training     yes (drop/grow inside m-groups)
-DSR / SNFS         DST with reallocation       refused (weights move between layers)
-FreezeNet          freeze the non-trainable    yes (trainable set is N:M)
-EdgePopup          learned mask, frozen W      yes (top-n |score| per group)
-SRSTE              N:M from scratch            yes (default 2:4; unstructured also accepted)
-RobustTicket       adversarial OMP / A-IMP     OMP yes, A-IMP refused
-=================  ==========================  =====================================================
+================  ========================  =============================================  ============================
+class             family                    N:M                                            block:B
+================  ========================  =============================================  ============================
+Magnitude         one-shot                  yes (top-n |W| per m-group)                    yes (largest summed |W|)
+Random            at init                   yes (n random per group)                       yes (random blocks)
+GradualMagnitude  gradual (cubic)           refused (intermediate levels are not N:M)      yes (levels in blocks)
+LotteryTicket     IMP + rewinding           refused (rate of remaining weights per round)  yes (rate of kept blocks)
+LOBSTER           regularise + threshold    refused (global magnitude threshold)           refused (per-weight rule)
+SNIP / GraSP      at init, data             yes (top-n score per group)                    yes (summed score)
+SynFlow           at init, data-free        yes (one round)                                yes (summed score per round)
+SET / RigL        dynamic sparse training   yes (drop/grow inside m-groups)                yes (drop/grow whole blocks)
+DSR / SNFS        DST with reallocation     refused (weights move between layers)          refused (per-weight rules)
+FreezeNet         freeze the non-trainable  yes (trainable set is N:M)                     yes (trainable blocks)
+EdgePopup         learned mask, frozen W    yes (top-n |score| per group)                  yes (summed |score|)
+SRSTE             N:M from scratch          yes (default 2:4; unstructured also accepted)  refused (N:M method)
+RobustTicket      adversarial OMP / A-IMP   OMP yes, A-IMP refused                         yes (both)
+================  ========================  =============================================  ============================
+
+Block scoring: a b x b block of the reduction view scores the sum of its weights' scores; sparsities,
+layer densities and drop counts count blocks (see :mod:`sparsefast.pruning.base`).
 
 ``layer_densities(model, sparsity, distribution)`` gives the layer-wise densities of a distribution.
 """

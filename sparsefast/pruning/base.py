@@ -28,6 +28,16 @@ N:M: with ``pattern="N:M"`` a layer keeps the top-n scores of each m-group (redu
 does not apply. Layers start as all-kept *unstructured* layers and switch to the N:M pattern when the
 method first gives them an N:M mask. Layers whose shape cannot hold the pattern are left alone with one
 warning naming them. Methods for which N:M has no meaning refuse it with a ``ValueError`` (see each class).
+
+Block (``pattern="block:B"``, B in 8/16/32, :class:`sparsefast.masks.Block`): the unit kept or dropped is
+a b x b tile of the reduction view (:attr:`Pruner.unit`, the pattern's ``group_shape``). Every method's
+per-weight scores are summed per tile (:func:`unit_scores`; for |W|, |G|, random and SNIP-like scores
+that is the summed |score|) and the allocation runs over tiles exactly as the unstructured one runs over
+weights: one global top-k of tiles (``"global"``) or, per layer, ``round(d_l · tiles_l)`` tiles (at least
+one) for the densities of the distribution; ``sparsity`` is required and counts tiles. Layers whose shape
+does not fit the block (both dims of the reduction view divisible by b) are left alone with one warning,
+as for N:M. Flow repair is skipped (unstructured only). Methods for which blocks have no meaning refuse
+them with a ``ValueError`` naming the patterns they accept (``supports_block``).
 """
 from __future__ import annotations
 
@@ -47,7 +57,8 @@ from ..nn.swap import sparsify
 from . import distributions as _dist
 from ._grad import GradCapture
 
-__all__ = ["Pruner", "progress", "mix_seed", "weight_shape", "resolve_pattern"]
+__all__ = ["Pruner", "progress", "mix_seed", "weight_shape", "resolve_pattern", "supported_patterns",
+           "unit_scores", "expand_units"]
 
 
 def mix_seed(seed: int, *keys: Any) -> int:
@@ -62,10 +73,19 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...]:
     return tuple(ws) if ws is not None else tuple(layer.weight.shape)
 
 
+def supported_patterns(supports_nm: bool | str, supports_unstructured: bool = True,
+                       supports_block: bool | str = True) -> str:
+    """Human-readable list of the patterns a method accepts (for error messages and docs)."""
+    kinds = (["'unstructured'"] if supports_unstructured else []) + (["'N:M'"] if supports_nm is True else []) \
+        + ([f"'block:B' (B in {_masks.BLOCK_SIZES})"] if supports_block is True else [])
+    return ", ".join(kinds) or "none"
+
+
 def resolve_pattern(method: str, model: nn.Module, pattern: str | None, supports_nm: bool | str,
                     supports_unstructured: bool = True,
-                    filter_fn: Callable[[str, nn.Module], bool] | None = None) -> _masks.Pattern:
-    """The pattern a pruner will use (``None``: the N:M pattern the model's sparse layers share, else
+                    filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
+                    supports_block: bool | str = True) -> _masks.Pattern:
+    """The pattern a pruner will use (``None``: the pattern the model's sparse layers share, else
     unstructured); raises ``ValueError`` when the method refuses it. Cheap and side-effect free, so
     methods call it before checking their own arguments."""
     if pattern is None:
@@ -76,9 +96,13 @@ def resolve_pattern(method: str, model: nn.Module, pattern: str | None, supports
                     pats.add(str(m.pattern))
         pattern = pats.pop() if len(pats) == 1 else "unstructured"
     pat = _masks.parse_pattern(pattern)
+    accepted = supported_patterns(supports_nm, supports_unstructured, supports_block)
+    if isinstance(pat, _masks.Block) and supports_block is not True:
+        raise ValueError(f"{method} does not support block patterns ({pattern}): {supports_block}. "
+                         f"{method} accepts: {accepted}")
     if pat.is_nm and supports_nm is not True:
         raise ValueError(f"{method} does not support N:M patterns ({pattern}): {supports_nm}")
-    if not pat.is_nm and not supports_unstructured:
+    if isinstance(pat, _masks.Unstructured) and not supports_unstructured:
         raise ValueError(f"{method} needs an N:M pattern such as '2:4', got {pattern!r}")
     return pat
 
@@ -160,6 +184,28 @@ def nm_group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     return _masks.reduction_view(mask).reshape(-1, m).sum(dim=1)
 
 
+def unit_scores(score: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
+    """Score of every ``unit = (rows, cols)`` tile of the reduction view (the unit a pattern such as
+    ``block:B`` keeps or drops whole): the sum of the raw per-weight scores in the tile, as a 2-D float32
+    ``(R/rows, K/cols)`` tensor (a tile holding a ``-inf`` score scores ``-inf``). ``(1, 1)``: the scores
+    themselves, unchanged (natural layout)."""
+    if tuple(unit) == (1, 1):
+        return score.detach().float()
+    r, c = unit
+    rv = _masks.reduction_view(score.detach().float())
+    R, K = rv.shape
+    return rv.reshape(R // r, r, K // c, c).sum((1, 3))
+
+
+def expand_units(keep: torch.Tensor, unit: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`unit_scores` for masks: a per-tile bool ``keep`` as the weight-shaped mask."""
+    if tuple(unit) == (1, 1):
+        return keep.reshape(shape)
+    r, c = unit
+    rv = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return _masks.from_reduction_view(rv, shape)
+
+
 def _iter_batches(batch: Any, limit: int | None = None) -> Iterator[tuple]:
     """A single ``(x, y)`` / ``(x,)`` / tensor batch, or an iterable of them (e.g. a DataLoader)."""
     if isinstance(batch, torch.Tensor):
@@ -212,15 +258,16 @@ class Pruner:
         model: the model (modified in place: plain Linear/Conv2d layers become sparse layers).
         sparsity: target fraction of pruned weights over the managed layers, in ``[0, 1)``. Optional with
             an N:M pattern (implied ``1 − n/m``).
-        pattern: ``"unstructured"`` or ``"N:M"``. ``None``: the pattern the model's sparse layers already
-            share if it is N:M, else unstructured.
+        pattern: ``"unstructured"``, ``"N:M"`` or ``"block:B"``. ``None``: the pattern the model's sparse
+            layers already share, else unstructured.
         distribution: layer-wise sparsity rule (:mod:`sparsefast.pruning.distributions`); ``None`` = the
             method's default (the one its paper uses).
         seed: seed of every random choice.
         filter_fn: ``filter_fn(name, module) -> bool`` selects the layers to prune (default: all
             Linear/Conv2d and sparse layers).
         backend: backend of the sparse layers created from plain ones (``"auto"``).
-        flow_repair: after an at-init mask, give cut-off neurons one random edge (unstructured only).
+        flow_repair: after an at-init mask, give cut-off neurons one random edge (unstructured only; skipped
+            for N:M and block patterns).
         progress: show tqdm progress bars on long loops (if tqdm is installed).
     """
 
@@ -228,6 +275,8 @@ class Pruner:
     supports_nm: bool | str = True
     #: ``False`` for methods that can only produce N:M masks.
     supports_unstructured: bool = True
+    #: ``True`` if ``"block:B"`` patterns are supported, else the reason they are refused.
+    supports_block: bool | str = True
     default_distribution: str = "global"
     #: unstructured needs ``sparsity=``; False for methods with their own stopping rule (LOBSTER)
     requires_sparsity: bool = True
@@ -258,7 +307,7 @@ class Pruner:
         # pattern
         cand_ids = {id(m) for _, m in cands}
         pat = resolve_pattern(name, model, pattern, self.supports_nm, self.supports_unstructured,
-                              lambda n, m: id(m) in cand_ids)
+                              lambda n, m: id(m) in cand_ids, supports_block=self.supports_block)
         self.pattern = pat
 
         # sparsity
@@ -272,7 +321,7 @@ class Pruner:
         else:
             if sparsity is None:
                 if self.requires_sparsity:
-                    raise ValueError(f"{name} with an unstructured pattern needs sparsity= (a fraction in [0, 1))")
+                    raise ValueError(f"{name} with pattern {pat} needs sparsity= (a fraction in [0, 1))")
                 self.target_sparsity = None
             else:
                 self.target_sparsity = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
@@ -282,19 +331,17 @@ class Pruner:
             distribution = self.default_distribution
         self.distribution = _dist.check_distribution(distribution)
 
-        # N:M: layers that cannot hold the pattern are left alone (one warning each)
-        if pat.is_nm:
+        # structured patterns (N:M, block): layers that cannot hold the pattern are left alone (one warning each)
+        if pat.group_shape != (1, 1):
             keep = []
             for n, m in cands:
                 ws = weight_shape(m)
-                red = math.prod(ws[1:]) if len(ws) in (2, 4) else 1
-                ok = len(ws) in (2, 4) and red % pat.m == 0 and (len(ws) != 4 or ws[1] % pat.m == 0)
-                if ok:
+                why = pat.fits(ws) if len(ws) in (2, 4) else f"weight {ws} is neither 2-D nor 4-D"
+                if why is None:
                     keep.append((n, m))
                 else:
-                    warnings.warn(f"{name}: leaving layer {n or '<root>'!r} (weight {ws}) unpruned: its "
-                                  f"reduction dim does not fit pattern {pat} (groups of {pat.m} consecutive input "
-                                  "channels)", SparsefastWarning, stacklevel=3)
+                    warnings.warn(f"{name}: leaving layer {n or '<root>'!r} (weight {ws}) unpruned: its shape "
+                                  f"does not fit pattern {pat}: {why}", SparsefastWarning, stacklevel=3)
             if not keep:
                 raise ValueError(f"{name}: no layer of the model fits pattern {pat}")
             cands = keep
@@ -474,39 +521,51 @@ class Pruner:
     def _densities(self, sparsity: float, scores: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         return _dist.compute_densities(self._infos, sparsity, self.distribution, scores)
 
+    @property
+    def unit(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the tile of the reduction view the pattern keeps or drops whole, in which
+        masks are allocated and drop / grow counts are counted: ``(b, b)`` for ``block:B``, ``(1, 1)`` for
+        unstructured and for N:M (whose m-groups are not kept whole: they follow their n-per-group rule)."""
+        return (1, 1) if self.pattern.is_nm else tuple(self.pattern.group_shape)
+
     def _allocate(self, scores: dict[str, torch.Tensor], sparsity: float | None = None, *,
                   distribution: str | None = None, densities: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """Masks keeping the largest raw ``scores`` (``-inf``: never kept unless the budget forces it).
 
         N:M: top-n of each m-group per layer. Unstructured: one global top-k (``"global"``) or the
-        per-layer densities of the distribution (each layer keeps at least one weight)."""
+        per-layer densities of the distribution (each layer keeps at least one weight). Block (any
+        pattern whose :attr:`unit` is a tile): the same over tiles, each scored by the sum of its
+        weights' scores (:func:`unit_scores`); a layer of density ``d`` keeps ``round(d · tiles)`` tiles,
+        at least one."""
         for n, s in scores.items():
             _check_finite_order(s, f"{type(self).__name__} layer {n!r}")
         if self.pattern.is_nm:
             return {n: nm_top_mask(scores[n], self.pattern.n, self.pattern.m) for n in self._names}
+        unit = self.unit
+        us = {n: unit_scores(scores[n], unit) for n in self._names}
         sp = self.target_sparsity if sparsity is None else sparsity
         dist = distribution or self.distribution
         if densities is None and dist == "global":
-            N = sum(i.numel for i in self._infos)
-            keep = int(round((1.0 - sp) * N))
-            flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in self._names])
-            kept = _dist.global_top_k(flat, [i.numel for i in self._infos], keep)
+            sizes = [us[n].numel() for n in self._names]
+            keep = int(round((1.0 - sp) * sum(sizes)))
+            flat = torch.cat([us[n].reshape(-1).cpu() for n in self._names])
+            kept = _dist.global_top_k(flat, sizes, keep)
             out, off = {}, 0
-            for n, l in self._layers:
-                k = l.mask.numel()
-                out[n] = kept[off:off + k].reshape(l.weight_shape).to(l.mask.device)
+            for (n, l), k in zip(self._layers, sizes):
+                out[n] = expand_units(kept[off:off + k].reshape(us[n].shape), unit, l.weight_shape).to(l.mask.device)
                 off += k
             return out
         if densities is None:
             densities = _dist.compute_densities(self._infos, sp, dist)
         out = {}
         for n, l in self._layers:
-            k = max(1, int(round(densities[n] * l.mask.numel())))
-            out[n] = top_k_mask(scores[n], k).to(l.mask.device)
+            k = max(1, int(round(densities[n] * us[n].numel())))
+            out[n] = expand_units(top_k_mask(us[n], k), unit, l.weight_shape).to(l.mask.device)
         return out
 
     def _maybe_flow_repair(self, new: dict[str, torch.Tensor], *keys: Any) -> dict[str, torch.Tensor]:
-        if self.flow_repair and not self.pattern.is_nm:
+        # unstructured only: a single repaired edge would break an N:M group or a block
+        if self.flow_repair and self.pattern.group_shape == (1, 1):
             return _dist.flow_repair({n: new[n] for n in self._names}, self._gen("flow_repair", *keys))
         return new
 

@@ -13,6 +13,11 @@ N:M (SET, RigL): drops are chosen by ``|W|`` over the whole layer, and every m-g
 as many weights as it lost, inside the same group, so each group keeps exactly n. DSR and SNFS move
 weights *between* layers, which a fixed per-group count forbids: they refuse N:M.
 
+Block (``"block:B"``; SET, RigL): the unit is the b x b block of the reduction view. The drop count is
+``round(fraction · active blocks)``; the blocks with the smallest summed ``|W|`` are dropped and as many
+non-kept blocks (the dropped ones included) are grown: largest summed dense ``|G|`` (RigL) or uniformly
+random (SET). Every layer keeps its number of blocks. DSR and SNFS refuse block patterns.
+
 Dense gradients (RigL on update steps, SNFS on every step) come from
 :class:`~sparsefast.pruning._grad.GradCapture`: it is armed only before the training steps whose update
 needs it, and computes ``G = dYᵀX`` (conv: ``conv2d_weight``) from each layer's input and output gradient.
@@ -25,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Pruner, _check_number, nm_group_counts, nm_group_top, top_k_mask
+from .base import Pruner, _check_number, expand_units, nm_group_counts, nm_group_top, top_k_mask, unit_scores
 from .schedules import ConstantSchedule, CosineDecay, UpdateEvery
 
 __all__ = ["SET", "RigL", "DSR", "SNFS"]
@@ -96,18 +101,22 @@ class _DST(Pruner):
 
     # ---- shared drop / grow ----------------------------------------------------------------------
     def _drop(self, layer, k: int) -> torch.Tensor:
-        """The ``k`` active weights with the smallest |W| (ties: lower index)."""
+        """The ``k`` active weights with the smallest |W| (ties: lower index); block patterns: the ``k``
+        active blocks with the smallest summed |W|."""
         w = layer.dense_weight().abs().float()
         s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
-        return top_k_mask(s, k) & layer.mask
+        unit = self.unit
+        return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
 
     def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
-        """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n)."""
+        """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n;
+        block patterns: the ``k`` blocks outside ``after`` with the largest summed ``score``)."""
         s = torch.where(after, torch.full_like(score, -math.inf), score.float())
         if self.pattern.is_nm:
             need = self.pattern.n - nm_group_counts(after, self.pattern.m)
             return nm_group_top(s, need, self.pattern.m) & ~after
-        return top_k_mask(s, k) & ~after
+        unit = self.unit
+        return expand_units(top_k_mask(unit_scores(s, unit), k), unit, tuple(after.shape)) & ~after
 
     def _commit(self, new: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
                 dropped: dict[str, torch.Tensor]) -> None:
@@ -123,7 +132,7 @@ class _DST(Pruner):
     def _drop_grow_per_layer(self, t: int, frac: float, grow_score: Callable[[str, Any], torch.Tensor]) -> None:
         new, grown, dropped = {}, {}, {}
         for n, l in self._layers:
-            nnz = int(l.mask.count_nonzero())
+            nnz = int(l.mask.count_nonzero()) // math.prod(self.unit)  # active units (blocks for block:B)
             k = int(round(frac * nnz))
             if k <= 0:
                 continue
@@ -144,8 +153,11 @@ class _DST(Pruner):
 class SET(_DST):
     """SET (Mocanu et al. 2018): every ``update_every`` steps each layer drops ``drop_fraction`` (ζ = 0.3)
     of its active weights with the smallest ``|W|`` and regrows as many at uniformly random inactive
-    positions (seeded; new weights 0). Never needs a dense gradient. Supports N:M (regrowth inside the
-    groups that lost weights)."""
+    positions (seeded; new weights 0). Never needs a dense gradient.
+
+    Patterns: unstructured, N:M (regrowth inside the groups that lost weights) and ``block:B`` (drops
+    ``round(ζ · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many uniformly
+    random non-kept blocks)."""
 
     def _update(self, t: int) -> None:
         self._drop_grow_per_layer(t, self.drop_schedule(t),
@@ -157,7 +169,11 @@ class RigL(_DST):
     0.75 of training in the paper), each layer drops ``α_t = α/2 (1 + cos(π t / T_end))`` (α =
     ``drop_fraction`` = 0.3) of its active weights with the smallest ``|W|`` and regrows as many at the
     inactive positions with the largest dense ``|G|`` (new weights 0). The dense gradient is computed only
-    for the training steps that precede an update. Supports N:M (drop by |W|, regrow in the same groups)."""
+    for the training steps that precede an update.
+
+    Patterns: unstructured, N:M (drop by |W|, regrow in the same groups) and ``block:B`` (drops
+    ``round(α_t · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many non-kept
+    blocks of largest summed dense ``|G|``)."""
 
     def __init__(self, model: nn.Module, *, end_step: int | None = None, **kw: Any) -> None:
         if end_step is None:
@@ -187,10 +203,12 @@ class DSR(_DST):
     ``K > (1+δ)N_p``, δ = ``tolerance`` = 0.1; initial ``threshold`` H = 1e-3), then regrow K weights at
     random inactive positions, split between layers in proportion to their surviving nonzeros (largest
     remainder, capped by free positions). Total density stays constant; layer densities move. No dense
-    gradient. Unstructured only.
+    gradient. Unstructured only (N:M and ``block:B`` are refused: the threshold acts on single weights).
     """
 
     supports_nm = "DSR moves weights between layers, which a fixed n per m-group forbids"
+    supports_block = ("DSR prunes every weight below a per-weight magnitude threshold H adapted to a weight "
+                      "count; a block-granularity variant is not defined")
     _default_drop = 0.1
 
     def __init__(self, model: nn.Module, *, threshold: float = 1e-3, tolerance: float = 0.1, **kw: Any) -> None:
@@ -242,10 +260,13 @@ class SNFS(_DST):
     ``end_step`` when given) of its active weights with the smallest ``|W|``; the K dropped weights are
     regrown across layers in proportion to each layer's mean ``|M|`` over its active weights (largest
     remainder, capped by free positions), inside each layer at the inactive positions with the largest
-    ``|M|`` (new weights 0). Needs the dense gradient on every step. Unstructured only.
+    ``|M|`` (new weights 0). Needs the dense gradient on every step. Unstructured only (N:M and
+    ``block:B`` are refused).
     """
 
     supports_nm = "SNFS redistributes weights between layers, which a fixed n per m-group forbids"
+    supports_block = ("SNFS redistributes individual weights between layers by their momentum; a "
+                      "block-granularity variant is not implemented (use RigL or SET)")
     _default_drop = 0.5
 
     def __init__(self, model: nn.Module, *, momentum: float = 0.9, **kw: Any) -> None:

@@ -66,7 +66,8 @@ class FreezeNet(_SeededInit, Pruner):
     initial values (not zero) — regenerated from the seed, never stored.
 
     ``sparsity`` is the frozen fraction (``1 − sparsity`` of the weights train; ``"global"`` SNIP ranking by
-    default; N:M: the trainable set is N:M). At construction the weights are re-initialised from the seed
+    default; N:M: the trainable set is N:M; ``block:B``: it is the b x b blocks of largest summed SNIP
+    score). At construction the weights are re-initialised from the seed
     (``init``, default PyTorch's ``"kaiming_uniform"``). After ``prune(batch, loss_fn)`` each layer's mask is its
     trainable set: the sparse layer computes ``x (W⊙M)ᵀ`` with the sparse kernels (dX and the gradient of
     the trainable positions only), and a forward hook adds the frozen part ``x (W(0)⊙¬M)ᵀ`` with a plain
@@ -167,7 +168,8 @@ class EdgePopup(_SeededInit, Pruner):
     ``"signed_constant"``, the paper's best) and frozen (``layer.freeze()``; biases too unless
     ``train_bias``), and each layer gets a Parameter ``popup_scores`` (weight-shaped, Kaiming-uniform
     from the seed) — build the optimizer after the pruner, or use :meth:`parameters`. The forward uses
-    the top-k ``|s|`` of each layer (``"uniform"`` by default; N:M: top-n ``|s|`` per m-group), set through
+    the top-k ``|s|`` of each layer (``"uniform"`` by default; N:M: top-n ``|s|`` per m-group; ``block:B``:
+    the b x b blocks of largest summed ``|s|``), set through
     ``set_mask`` in ``prune()`` and then every ``update_every`` (1) ``step()``; kept weights hold W(0).
     Straight-through gradient: ``∂L/∂s = sign(s) ⊙ G ⊙ W(0)`` with G the dense weight gradient ``dYᵀX``
     of the layer (every position), i.e. ``G ⊙ W(0)`` with respect to ``|s|`` as in the authors' code,

@@ -25,11 +25,13 @@ class LOBSTER(Pruner):
     threshold over the managed layers), ``T`` the largest threshold with
     ``L_val(W·[|W| ≥ T]) ≤ (1 + twt)·L_val(W)`` (``twt`` = 0.05), found by bisection on the rank of ``|W|``
     (about log₂(nnz) evaluations). Pruned weights never return. ``sparsity`` is optional: a cap the
-    pruning never exceeds. ``last_loss`` / ``best_loss`` report the plateau state. Unstructured only.
+    pruning never exceeds. ``last_loss`` / ``best_loss`` report the plateau state. Unstructured only
+    (N:M and ``block:B`` are refused: the shrinkage and the threshold act on single weights).
     """
 
     default_distribution = "global"
     supports_nm = "LOBSTER prunes by a global magnitude threshold"
+    supports_block = "LOBSTER shrinks and thresholds individual weights by their loss sensitivity and magnitude"
     requires_sparsity = False
 
     def __init__(self, model: nn.Module, *, lmbda: float = 1e-4, twt: float = 0.05, pwe: int = 5,

@@ -37,6 +37,8 @@ class LotteryTicket(Pruner):
     ``rounds`` tells how many ``prune()`` calls reach the target; ``done`` whether it is reached.
     :meth:`run` drives the rounds with a callback and a progress bar. N:M is refused (a rate of the
     remaining weights per round is inherently unstructured; use :class:`Magnitude` with N:M for one shot).
+    ``block:B`` is supported: each round removes ``rate`` of the remaining b x b blocks, those of smallest
+    summed ``|W|``.
     """
 
     default_distribution = "global"
@@ -227,7 +229,7 @@ class RobustTicket(LotteryTicket):
     Args: ``eps`` (8/255), ``alpha`` (PGD step, 2/255), ``pgd_steps`` (7), ``clamp`` (``(lo, hi)`` valid
     input range or ``None``). :meth:`finetune` prepares downstream fine-tuning: ``"full"`` or
     ``"linear"`` (linear probe: everything frozen except the head). OMP supports N:M (top-n ``|W|`` per
-    m-group); A-IMP is unstructured only.
+    m-group); A-IMP refuses N:M. Both support ``block:B`` (blocks of largest summed ``|W|``).
     """
 
     supports_nm = "A-IMP prunes a fraction of the remaining weights per round (method='omp' supports N:M)"

@@ -19,6 +19,9 @@ class Magnitude(Pruner):
     ``prune()`` keeps the top-``|W|`` weights: one global threshold (``distribution="global"``, default)
     or per-layer densities of any distribution; N:M keeps the top-n ``|W|`` of each m-group. Already
     pruned weights never return. ``step()`` does nothing (fine-tune with the masks fixed). No data needed.
+
+    Patterns: unstructured, N:M, and ``block:B`` (keeps the b x b blocks of the reduction view with the
+    largest summed ``|W|``; the global threshold and the layer densities count blocks).
     """
 
     default_distribution = "global"
@@ -40,7 +43,9 @@ class Random(Pruner):
         scale_init: multiply the kept weights of layer l by ``1/√d_l`` (keeps the variance of the
             pre-activations of a dense init).
         flow_repair: see :func:`~sparsefast.pruning.distributions.flow_repair`.
-    N:M: n random positions of each m-group. Seeded: the same seed gives the same masks everywhere.
+    Patterns: unstructured, N:M (n random positions of each m-group) and ``block:B`` (a uniformly random
+    subset of ``round(d_l · blocks_l)`` whole b x b blocks per layer; ``flow_repair`` is skipped, it
+    would add single edges). Seeded: the same seed gives the same masks everywhere.
     """
 
     default_distribution = "erk"
@@ -74,8 +79,10 @@ class GradualMagnitude(Pruner):
     ``end_step`` (required), ``update_every`` (default 100). ``prune()`` applies ``s_t`` at the current
     step (not required: ``step()`` prunes on schedule).
 
-    N:M is refused: every intermediate mask must already satisfy the layer pattern, so a schedule
-    between dense and N:M does not exist (use :class:`SRSTE` or :class:`Magnitude` with N:M).
+    Patterns: unstructured and ``block:B`` (every level drops the kept b x b blocks of smallest summed
+    ``|W|``; the schedule's sparsities count blocks, each layer keeping at least one). N:M is refused:
+    every intermediate mask must already satisfy the layer pattern, so a schedule between dense and N:M
+    does not exist (use :class:`SRSTE` or :class:`Magnitude` with N:M).
     """
 
     default_distribution = "uniform"
@@ -85,7 +92,7 @@ class GradualMagnitude(Pruner):
                  start_step: int = 0, end_step: int | None = None, update_every: int = 100, **kw: Any) -> None:
         # refuse an N:M pattern (it can never work) before asking for the schedule's arguments
         resolve_pattern(type(self).__name__, model, kw.get("pattern"), self.supports_nm,
-                        self.supports_unstructured, kw.get("filter_fn"))
+                        self.supports_unstructured, kw.get("filter_fn"), supports_block=self.supports_block)
         if end_step is None:
             raise ValueError("GradualMagnitude needs end_step (the step at which the final sparsity is reached)")
         if sparsity is not None:

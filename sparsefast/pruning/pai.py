@@ -69,7 +69,8 @@ class SNIP(Pruner):
     """SNIP (Lee et al. 2019): score ``|G ⊙ W|`` at initialisation on ``batches`` batches (default 1) of
     ``batch`` (an ``(x, y)`` tuple or an iterable of them), keep the top ``1 − sparsity``
     (``"global"`` by default). N:M: top-n score of each m-group. ``loss_fn(output, y)`` defaults to
-    cross-entropy. Requires data: ``prune()`` without ``batch`` raises ``ValueError``.
+    cross-entropy. Requires data: ``prune()`` without ``batch`` raises ``ValueError``. ``block:B``: the
+    b x b blocks with the largest summed score are kept (global ranking of blocks by default).
     """
 
     default_distribution = "global"
@@ -92,7 +93,8 @@ class GraSP(Pruner):
     product (double backward through the sparse layers), logits divided by ``temperature`` (200). As in
     the paper and its code, the weights with the *highest* ``S`` are removed and the rest kept (i.e. keep
     the largest ``W ⊙ Hg``). Data: ``batch`` (``(x, y)`` or an iterable; ~10 samples per class), using up
-    to ``batches`` batches. ``"global"`` by default; N:M keeps the n lowest ``S`` of each m-group.
+    to ``batches`` batches. ``"global"`` by default; N:M keeps the n lowest ``S`` of each m-group;
+    ``block:B`` keeps the b x b blocks with the lowest summed ``S`` (largest summed ``W ⊙ Hg``).
     """
 
     default_distribution = "global"
@@ -145,7 +147,8 @@ class SynFlow(Pruner):
     iterated over ``iterations`` rounds (100) with density ``D^(k/iterations)`` after round ``k``
     (:class:`~sparsefast.pruning.schedules.ExponentialDensity`); the original signed values are restored
     at the end. ``"global"`` by default (the paper's); other distributions move each layer to
-    ``d_l^(k/iterations)``. N:M: one round (top-n score per m-group). Progress bar over rounds.
+    ``d_l^(k/iterations)``. N:M: one round (top-n score per m-group). ``block:B``: every round keeps the
+    b x b blocks of largest summed score (densities in blocks). Progress bar over rounds.
     Runs in the model's dtype: very deep float16 models may overflow ``R``.
     """
 

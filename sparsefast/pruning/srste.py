@@ -44,10 +44,13 @@ class SRSTE(Pruner):
     weight takes its value from ``W`` (``layer.set_mask(mask, weight=W)``).
 
     ``pattern`` defaults to ``"2:4"``; unstructured is accepted too (top ``|W|`` at ``sparsity`` per
-    ``distribution``, ``"uniform"`` by default).
+    ``distribution``, ``"uniform"`` by default). ``block:B`` is refused (SR-STE is an N:M method; use
+    :class:`RigL`, :class:`SET` or :class:`GradualMagnitude` for block sparsity).
     """
 
     default_distribution = "uniform"
+    supports_block = ("SR-STE is an N:M method (its straight-through refining of per-weight N:M masks has no "
+                      "block form; use RigL, SET or GradualMagnitude for block sparsity)")
 
     def __init__(self, model: nn.Module, *, pattern: str | None = "2:4", decay: float = 2e-4,
                  lr: float | None = None, momentum: float | None = None, optimizer: Any = None,
