@@ -5,7 +5,7 @@
 # (`python -m sparsefast kernels --report --only cuda --cuda-objects <.so>`): every kernel's
 # `// kernel-report:` expectations in csrc/ (sparse MMA, 128-bit loads, no local memory / spills in
 # hot kernels) must hold, else this step fails. It cannot run the kernels (no GPU):
-# tests/test_cuda_backend.py does the CPU-side checks and the gpu-marked tests run on a GPU machine
+# tests/backends/test_cuda.py does the CPU-side checks and the gpu-marked tests run on a GPU machine
 # (benchmarks/gpu_check.sh).
 #
 # The system-wide torch is a CPU build, so this uses its own clean venv (no --system-site-packages),

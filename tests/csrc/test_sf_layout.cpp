@@ -3,7 +3,7 @@
 //   g++ -O1 -std=c++17 -I csrc/include tests/csrc/test_sf_layout.cpp -o test_sf_layout && ./test_sf_layout
 //       exhaustive / randomized self-checks, prints "N passed, 0 failed"
 //   g++ -O1 -std=c++17 -shared -fPIC -DSF_NO_MAIN -I csrc/include tests/csrc/test_sf_layout.cpp -o libsf_layout.so
-//       the C API below, which tests/test_cuda_backend.py calls through ctypes to compare the C++
+//       the C API below, which tests/backends/test_cuda.py calls through ctypes to compare the C++
 //       layout with the Python mirror (sparsefast/formats/sm_meta.py) bit for bit.
 //
 // The pack here walks the buffers exactly like the CUDA pack kernel (one metadata word at a time, rows

@@ -360,7 +360,7 @@ def test_aot_compile_sm90_sm80():
     """Kernels compile ahead of time for Hopper and Ampere without a GPU; tensor-core kernels use
     wgmma (sm_90, 128-row tiles) / mma.sync, with no local-memory spills."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

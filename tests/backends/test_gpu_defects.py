@@ -18,7 +18,7 @@ import torch
 from sparsefast.backends.base import ConvParams, OpQuery
 from sparsefast.masks import magnitude_mask, parse_pattern
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 triton = pytest.importorskip("triton")
 from sparsefast.backends import triton as tb  # noqa: E402
 from sparsefast.backends.triton import _common, _nm_conv, interpreting  # noqa: E402

@@ -333,7 +333,7 @@ def test_aot_compile_configs_cover_every_autotune_config():
     cmd = [sys.executable, "-m", "sparsefast.backends.triton.nm", "--aot", "--arch", "90",
            "--filter", "fwd small 2:4 bf16 split4 BM16 BN64 BK64 w4 s3"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert "error" not in row, row

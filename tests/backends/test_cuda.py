@@ -27,7 +27,7 @@ from sparsefast.backends.reference import ReferenceBackend
 from sparsefast.formats import sm_meta
 from sparsefast.masks import parse_pattern
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC_TEST = ROOT / "tests" / "csrc" / "test_sf_layout.cpp"
 INCLUDE = ROOT / "csrc" / "include"
 GXX = shutil.which("g++") or shutil.which("c++")
