@@ -51,10 +51,17 @@ def render(data: dict, results: list, note: str | None = None) -> str:
     timed = sum(r.status == "ok" for r in results)
     lines.append(f"- {len({r.case.id for r in results})} cases, {timed} timed, "
                  f"{sum(r.status == 'checked' for r in results)} checked only, {sum(r.status == 'skip' for r in results)} skipped")
-    lines += ["", H.markdown_table(results, env.get("hardware_bound")) if results else "(no per-op results)"]
+    if results:
+        lines += ["", H.markdown_table(results, env.get("hardware_bound"))]
+    elif not data.get("train_step") and not data.get("e2e"):
+        lines += ["", "(no per-op results)"]
     e2e = _e2e_md(data.get("e2e", []))
     if e2e:
         lines += ["", "End-to-end training step (fwd + bwd + SGD step):", "", e2e]
+    train = data.get("train_step") or []
+    if train:
+        from benchmarks.train_table import format_text
+        lines += ["", format_text(train, markdown=True)]
     skipped = sorted({f"{r.impl}: {r.reason}" for r in results if r.status == "skip"})
     if skipped:
         lines += ["", "<details><summary>skip reasons</summary>", ""] + [f"- {s[:300]}" for s in skipped] + ["", "</details>"]

@@ -18,6 +18,8 @@ OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
 #: filled by the tests: list of bench.Result; plus end-to-end rows
 RESULTS: list = []
 E2E: list[dict] = []
+#: filled by test_train_step.py: one dict per (block, optimizer, variant); see train_table.py
+TRAIN: list[dict] = []
 
 
 def pytest_addoption(parser):
@@ -32,6 +34,8 @@ def pytest_addoption(parser):
     g.addoption("--sf-impls", default=None, help="comma list of implementations to run")
     g.addoption("--sf-budget", type=float, default=0.1, help="seconds of timing per implementation and case")
     g.addoption("--sf-out", default=OUT_DIR, help="directory for results.json and speedup.png")
+    g.addoption("--sf-train-rounds", type=int, default=7,
+                help="test_train_step.py: timed rounds per cell (>= 5; every variant once per round)")
     g.addoption("--sf-benchmark-tables", action="store_true", help="also print pytest-benchmark's own tables")
 
 
@@ -71,7 +75,7 @@ def budget(request) -> float:
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not RESULTS and not E2E:
+    if not RESULTS and not E2E and not TRAIN:
         return
     tr = terminalreporter
     hw = H._hw_name()
@@ -90,6 +94,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if E2E:
         tr.write_line("")
         tr.write_line(format_e2e(E2E))
+    if TRAIN:
+        from .train_table import format_text
+        tr.write_line("")
+        tr.write_line(format_text(TRAIN))
     if DEVICE != "cuda":
         gpu_cases = [c for c in H.cases("cuda") if c.kind in ("fwd", "dx", "step")]
         tr.write_line("")
@@ -97,7 +105,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(H.roofline_table(gpu_cases, "H100"))
     try:
         path = os.path.join(out, "results.json")
-        H.save_json(path, RESULTS, env, {"e2e": E2E, "device": DEVICE})
+        H.save_json(path, RESULTS, env, {"e2e": E2E, "train_step": TRAIN, "device": DEVICE})
         png = H.save_plot(os.path.join(out, "speedup.png"), RESULTS)
         tr.write_line(f"\nwrote {path}" + (f" and {png}" if png else " (no plot: matplotlib missing or nothing timed)")
                       + "; append to benchmarks/RESULTS.md with: python benchmarks/append_results.py")

@@ -19,8 +19,12 @@ Implementations compared per case (each skipped with a reason where it cannot ru
 Kinds: ``fwd`` (inference forward), ``dx`` (frozen-weight backward: weight.requires_grad False, only
 dX), ``step`` (fwd + dX + masked dW; the weight's version counter is bumped before each step as an
 optimizer update would, so backends re-pack once per step as in training).
-Timing: GPU — ``triton.testing.do_bench`` median (CUDA events, L2 flushed); CPU — median of repeated
-runs after warm-up (pytest-benchmark's stats under ``pytest benchmarks``).
+Timing (``python -m sparsefast bench``): per case all implementations are checked, warmed up, then timed in
+``--rounds`` (>= 5, default 7) interleaved rounds (round r runs every implementation once); a cell is the
+median with its min–max over the rounds (one round: GPU ``triton.testing.do_bench`` median with CUDA events
+and L2 flushed; CPU enough calls for >= ~1 ms, averaged). The baseline of a float32/bfloat16 case is the
+faster of dense float32 and dense bfloat16 on that shape (named in the table: on CPUs without bf16 units
+dense fp32 wins). Under ``pytest benchmarks`` the CPU numbers are pytest-benchmark's stats instead.
 """
 from __future__ import annotations
 
@@ -564,6 +568,106 @@ def time_call(fn: Callable, device: str, budget_s: float = 0.25) -> float:
     return statistics.median(samples)
 
 
+MIN_ROUNDS = 5
+
+
+def _sampler(fn: Callable, device: str) -> Callable[[], float]:
+    """One timing sample (seconds per call) of ``fn``, already warmed up: GPU ``do_bench`` median of a
+    short burst (CUDA events, L2 flushed); CPU enough back-to-back calls for >= ~1 ms, averaged."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return lambda: do_bench(fn, warmup=2, rep=25, return_mode="median") * 1e-3
+    t1 = time.perf_counter()
+    fn()
+    iters = max(1, int(math.ceil(1e-3 / max(time.perf_counter() - t1, 1e-7))))
+
+    def sample() -> float:
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters
+    return sample
+
+
+def time_interleaved(fns: dict[str, Callable], device: str, rounds: int = 7,
+                     budget_s: float | None = None) -> dict[str, list[float]]:
+    """Per-call seconds of every callable over ``rounds`` (>= 5) interleaved rounds, each round running
+    every callable once, after warm-up. ``budget_s`` (optional): more rounds (up to 50) while the rounds
+    would take less than that many seconds per callable."""
+    rounds = max(MIN_ROUNDS, rounds)
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    samplers = {n: _sampler(fn, device) for n, fn in fns.items()}
+    out: dict[str, list[float]] = {n: [] for n in fns}
+    first = {n: s() for n, s in samplers.items()}  # warm-up sample, not kept
+    if budget_s:
+        rounds = max(rounds, min(50, int(budget_s / max(max(first.values()), 1e-9))))
+    for _ in range(rounds):
+        for n, s in samplers.items():
+            out[n].append(s())
+    return out
+
+
+def _alt_dense_dtype(c: Case) -> str | None:
+    return {"float32": "bfloat16", "bfloat16": "float32"}.get(c.dtype)
+
+
+def run_cases(c: Case, names: list[str], *, rounds: int = 7, budget_s: float | None = None,
+              dense_dtypes: bool = True) -> list[Result]:
+    """Check every implementation of case ``c`` on fresh inputs, then time them together, rounds
+    interleaved. With ``dense_dtypes`` the dense path in the other of float32/bfloat16 is timed too
+    (impl ``dense@<dtype>``) so the table's baseline is the faster dense dtype; when its first call is
+    over 20x the case's dense call and over 0.2 s it gets that one call only (noted in its reason)."""
+    from dataclasses import replace
+
+    results: dict[str, Result] = {}
+    fns: dict[str, Callable] = {}
+    for n in names:
+        p = prepare(c)
+        inp = inputs(c, p)
+        try:
+            fn = make_runner(c, n, p, inp)
+            out = fn()
+        except Skip as e:
+            results[n] = Result(c, n, "skip", reason=str(e))
+            continue
+        except (RuntimeError, NotImplementedError) as e:
+            results[n] = Result(c, n, "skip", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        try:
+            errs = check(c, n, out, inp)
+        except AssertionError as e:
+            print(f"bench: WRONG RESULT: {e}", file=sys.stderr)
+            results[n] = Result(c, n, "skip", reason=f"wrong result: {e}")
+            continue
+        del out
+        results[n] = Result(c, n, "checked", errors=errs)
+        fns[n] = fn
+    alt = _alt_dense_dtype(c) if dense_dtypes and "dense" in fns else None
+    if alt is not None:
+        ca = replace(c, dtype=alt)
+        pa = prepare(ca)
+        fa = make_runner(ca, "dense", pa, inputs(ca, pa))
+        fa()
+        fns["dense"]()
+        _sync(c.device)
+        t = time.perf_counter(); fns["dense"](); _sync(c.device); t_main = time.perf_counter() - t  # noqa: E702
+        t = time.perf_counter(); fa(); _sync(c.device); t_alt = time.perf_counter() - t  # noqa: E702
+        key = f"dense@{alt}"
+        if t_alt > 20 * t_main and t_alt > 0.2:
+            results[key] = Result(c, key, "ok", t_alt, reason="1 call only (> 20x slower)", min_s=t_alt, max_s=t_alt,
+                                  rounds=1)
+        else:
+            fns[key] = fa
+            results[key] = Result(c, key, "checked")
+    samples = time_interleaved(fns, c.device, rounds, budget_s) if fns else {}
+    for n, s in samples.items():
+        r = results[n]
+        r.status, r.median_s, r.min_s, r.max_s, r.rounds = "ok", statistics.median(s), min(s), max(s), len(s)
+    return list(results.values())
+
+
 # ------------------------------------------------------------------------------------------------
 # results
 # ------------------------------------------------------------------------------------------------
@@ -575,6 +679,9 @@ class Result:
     median_s: float | None = None
     reason: str = ""
     errors: dict[str, float] = field(default_factory=dict)
+    min_s: float | None = None  # over the timed rounds (python -m sparsefast bench), else None
+    max_s: float | None = None
+    rounds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -597,7 +704,8 @@ def run_case(c: Case, impl: str, *, timed: bool = True, budget_s: float = 0.25) 
     del out
     if not timed:
         return Result(c, impl, "checked", errors=errs)
-    return Result(c, impl, "ok", time_call(fn, c.device, budget_s), errors=errs)
+    s = time_interleaved({impl: fn}, c.device, MIN_ROUNDS, budget_s)[impl]
+    return Result(c, impl, "ok", statistics.median(s), errors=errs, min_s=min(s), max_s=max(s), rounds=len(s))
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -606,8 +714,31 @@ def _fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}×" if r < 10 else f"{r:.1f}×"
 
 
+_DT_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _baseline(c: Case, rs: dict[str, "Result"]) -> tuple[str | None, "Result | None"]:
+    """(label, result) of the fastest timed dense path of a case: ``dense`` (the case's dtype) or
+    ``dense@<dtype>`` (the other dense dtype, timed by ``run_cases``)."""
+    cands = [(n, r) for n, r in rs.items() if (n == "dense" or n.startswith("dense@")) and r.status == "ok"
+             and r.median_s]
+    if not cands:
+        return None, None
+    n, r = min(cands, key=lambda nr: nr[1].median_s)
+    dt = c.dtype if n == "dense" else n.split("@", 1)[1]
+    return f"dense {_DT_SHORT.get(dt, dt)}", r
+
+
+def _ms_range(r: "Result") -> str:
+    s = f"{r.median_s * 1e3:.3f}"
+    if r.min_s is not None and r.max_s is not None and r.rounds and r.rounds > 1:
+        s += f" ({r.min_s * 1e3:.3f}–{r.max_s * 1e3:.3f})"
+    return s
+
+
 def _table_rows(results: list[Result], hardware: str | None):
-    """Per case: dense ms, ratio vs dense per impl (sf: also vs torch sparse), roofline bound."""
+    """Per case: baseline (faster dense dtype) ms, ratio vs it per impl (sf: also vs torch sparse),
+    roofline bound."""
     from sparsefast import roofline
 
     by_case: dict[str, dict[str, Result]] = {}
@@ -617,16 +748,17 @@ def _table_rows(results: list[Result], hardware: str | None):
             by_case[r.case.id] = {}
             order.append(r.case)
         by_case[r.case.id][r.impl] = r
+    two_dense = any(r.impl.startswith("dense@") for r in results)
     impl_order: list[str] = []
     for r in results:
-        if r.impl != "dense" and r.impl not in impl_order:
+        if (r.impl != "dense" or two_dense) and not r.impl.startswith("dense@") and r.impl not in impl_order:
             impl_order.append(r.impl)
     on_gpu = any(c.device == "cuda" for c in order)
     rows = []
     for c in order:
         rs = by_case[c.id]
-        d = rs.get("dense")
-        dense_t = d.median_s if d and d.status == "ok" else None
+        label, base = _baseline(c, rs)
+        dense_t = base.median_s if base else None
         tsp = [rs[n].median_s for n in ("torch-2:4", "torch-csr") if n in rs and rs[n].status == "ok"]
         best_torch = min(tsp) if tsp else None
         cells = []
@@ -640,6 +772,8 @@ def _table_rows(results: list[Result], hardware: str | None):
                 cells.append("ok")
             else:
                 s = _fmt_ratio(dense_t / r.median_s)
+                if r.min_s and r.max_s and r.rounds > 1:
+                    s += f" [{_fmt_ratio(dense_t / r.max_s)}–{_fmt_ratio(dense_t / r.min_s)}]"
                 if n.startswith("sf:") and best_torch:
                     s += f" ({_fmt_ratio(best_torch / r.median_s)})"
                 cells.append(s)
@@ -649,31 +783,40 @@ def _table_rows(results: list[Result], hardware: str | None):
                 bound = _fmt_ratio(roofline.predict(c.roofline_dict(), hardware or "H100").ratio)
             except ValueError:
                 bound = "?"
-        rows.append((c, f"{dense_t * 1e3:.3f}" if dense_t else "—", cells, bound))
+        alt = [r for n, r in rs.items() if n.startswith("dense@") and r is not base and r.reason]
+        base_s = f"{label} {_ms_range(base)}" if base else "—"
+        if alt:
+            base_s += f"; {alt[0].impl.split('@')[1]}: {alt[0].median_s * 1e3:.1f} ms, {alt[0].reason}"
+        rows.append((c, base_s, cells, bound))
     return impl_order, rows, on_gpu
 
 
 def format_table(results: list[Result], hardware: str | None = None, markdown: bool = False) -> str:
-    """The speedup table: per case, dense median ms and each implementation's speedup over dense; for
-    sparsefast backends the speedup over the faster torch sparse path in parentheses; on GPU the
-    roofline bound (``sparsefast.roofline``) of the case."""
+    """The speedup table: per case the baseline — the faster dense dtype, named, median ms (min–max) — and
+    each implementation's speedup over it, [range over the rounds: baseline median / impl max–min]; for
+    sparsefast backends the speedup over the faster torch sparse path in parentheses; on GPU the roofline
+    bound (``sparsefast.roofline``) of the case."""
     if not results:
         return "(no benchmark results)"
     impl_order, rows, on_gpu = _table_rows(results, hardware)
-    head = ["op", "kind", "shape", "dtype", "sparsity", "dense ms", *impl_order]
+    head = ["op", "kind", "shape", "dtype", "sparsity", "baseline ms (min–max)", *impl_order]
     if on_gpu:
         head.append(f"bound ({hardware or 'H100'})")
-    body = [[c.op, c.kind, c.shape_label, c.dtype.replace("float", "f").replace("bf", "bf"), c.pattern_label, dms,
+    body = [[c.op, c.kind, c.shape_label, _DT_SHORT.get(c.dtype, c.dtype), c.pattern_label, dms,
              *cells, *([b] if on_gpu else [])] for c, dms, cells, b in rows]
+    rounds = sorted({r.rounds for r in results if r.status == "ok" and r.rounds > 1})
+    note = ("cells: speedup over the baseline = the faster dense dtype (named), median of "
+            + (f"{'/'.join(map(str, rounds))} interleaved rounds [min–max]" if rounds else "the timed rounds")
+            + " (sf: in parentheses, over the faster torch sparse path); skip = cannot run that case; "
+            "ok = checked, not timed")
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ["", note])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
-    lines.append("cells: speedup over dense (sf: in parentheses, over the faster torch sparse path); "
-                 "skip = cannot run that case; ok = checked, not timed")
+    lines.append(note)
     return "\n".join(lines)
 
 
@@ -748,7 +891,8 @@ def load_json(path: str) -> tuple[dict, list[Result]]:
     res = []
     for r in data["results"]:
         cd = {k: v for k, v in r["case"].items() if k != "id"}
-        res.append(Result(Case(**cd), r["impl"], r["status"], r["median_s"], r.get("reason", ""), r.get("errors", {})))
+        res.append(Result(Case(**cd), r["impl"], r["status"], r["median_s"], r.get("reason", ""), r.get("errors", {}),
+                          r.get("min_s"), r.get("max_s"), r.get("rounds", 0)))
     return data, res
 
 
@@ -840,7 +984,9 @@ def _bad_filter(a) -> str | None:
                     return f"argument --impls: {t!r}: {e}"
             return (f"argument --impls: invalid choice {t!r} (choose from {', '.join(_PLAIN_IMPLS)}, sf:auto, "
                     f"sf:<backend>)")
-    if not (a.budget > 0 and math.isfinite(a.budget)):
+    if getattr(a, "rounds", MIN_ROUNDS) < MIN_ROUNDS:
+        return f"argument --rounds: at least {MIN_ROUNDS}, got {a.rounds}"
+    if a.budget is not None and not (a.budget > 0 and math.isfinite(a.budget)):
         return f"argument --budget: must be a positive number of seconds, got {a.budget}"
     return None
 
@@ -858,7 +1004,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--patterns", help="2:4,50%%,70%%,90%%,95%%")
     ap.add_argument("--impls", help="comma list of implementations (default: all here: "
                                     "dense,torch-2:4,torch-csr,sparseprop,sf:auto,sf:<backend>...)")
-    ap.add_argument("--budget", type=float, default=0.1, help="seconds of timing per implementation and case")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per case, every implementation once per "
+                                                             "round (interleaved), at least 5 (default 7)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="optional: more rounds (up to 50) while they take under this many seconds per implementation")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--roofline", action="store_true", help="print only the predicted roofline bounds of the GPU cases")
     a = ap.parse_args(argv)
@@ -886,13 +1035,7 @@ def main(argv: list[str]) -> int:
     results: list[Result] = []
     t0 = time.time()
     for c in cs:
-        for n in names:
-            try:
-                r = run_case(c, n, budget_s=a.budget)
-            except AssertionError as e:
-                print(f"bench: WRONG RESULT: {e}", file=sys.stderr)
-                r = Result(c, n, "skip", reason=f"wrong result: {e}")
-            results.append(r)
+        results.extend(run_cases(c, names, rounds=a.rounds, budget_s=a.budget))
     env = environment("python -m sparsefast bench " + " ".join(argv))
     hw = _hw_name()
     print(f"sparsefast bench — {env['gpu'] or env['cpu']} — torch {env['torch']}, triton {env['triton']} "
