@@ -31,7 +31,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 6;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 7;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -894,6 +894,41 @@ Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<
   return ot == ct ? y : y.to(ot);
 }
 
+// dx (B x cols) = dy (B x rows) A for A (rows x cols) in CSR-block form with CSR-ordered values: the
+// transposed product read straight from the forward format (no transposed copy, no permutation);
+// parallel over column blocks, each owning disjoint rows of the output panel
+Tensor spmm_t(const Tensor& dy_in, int64_t rows, int64_t cols, const Tensor& rowptr, const Tensor& col,
+              const Tensor& vals, const Tensor& bp) {
+  TORCH_CHECK(dy_in.dim() == 2 && dy_in.size(1) == rows, "spmm_t: dy must be (B, ", rows, ")");
+  const at::ScalarType ot = dy_in.scalar_type(), ct = compute_type(ot);
+  const SpMat A = make_mat(rows, cols, rowptr, col, std::nullopt, vals, 0, 0, bp, ct, false, true);
+  const int64_t B = dy_in.size(0);
+  if (B == 0 || cols == 0) return at::zeros({B, cols}, dy_in.options());
+  const Tensor dy = as_compute(dy_in, ct);
+  const auto& kt = table(ct);
+  const int64_t PW = panel_width(B);
+  const Tensor xp = to_panels(dy, PW);
+  Tensor yp = at::zeros({xp.size(0), cols, PW}, dy.options().dtype(at::kFloat));
+  const Lanes X = panel_lanes(xp, B), Y = panel_lanes(yp, B);
+  run_range(A.nblk, static_cast<double>(nnz_of(A)) * B, [&](int64_t b0, int64_t b1) {
+    for (int64_t c = 0; c < X.chunks(); ++c) {
+      sfcpu::PanelArgs pa;
+      pa.a = A;
+      pa.x = X.base + c * X.cstride;
+      pa.y = Y.base + c * Y.cstride;
+      pa.ldx = X.ld;
+      pa.ldy = Y.ld;
+      pa.nvec = (std::min(X.PW, X.lanes - c * X.PW) + 15) / 16;
+      pa.r0 = b0;
+      pa.r1 = b1;
+      kt.spmm_t_panel(pa);
+    }
+  });
+  Tensor y = empty_big({B, cols}, ct);
+  from_panels(yp, y);
+  return ot == ct ? y : y.to(ot);
+}
+
 // dense (rows x cols) = (dy^T x) masked to the CSR positions; dy (B x rows), x (B x cols)
 Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t rows,
              int64_t cols, const std::optional<Tensor>& bp, bool csr_blocks, bool dense_out) {
@@ -1192,6 +1227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("small_max", []() { return g_small_max.load(); });
   mod.def("spmm", &spmm);
   mod.def("sddmm", &sddmm);
+  mod.def("spmm_t", &spmm_t);
   mod.def("conv_fwd", &conv_fwd);
   mod.def("conv_dx", &conv_dx);
   mod.def("conv_dw", &conv_dw);

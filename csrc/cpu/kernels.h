@@ -113,6 +113,9 @@ struct KernelTable {
   // SpMM over one lane panel; A in CSR / BCSR / N:M form; T (the table's dtype) is the value type
   // of CSR and N:M (BCSR values are fp32)
   void (*spmm_panel)(const PanelArgs&);
+  // transposed SpMM over one lane panel without a transpose: Y[col_j] += val_j * X[r] for every entry of
+  // A (CSR blocks, values T in CSR order), column blocks [r0, r1) (blocks own disjoint Y rows); Y zeroed
+  void (*spmm_t_panel)(const PanelArgs&);
   // few batch rows (N:M: <= 16): gather kernels, fp32 activations
   void (*spmm_small)(const SmallArgs&);
   // masked weight gradient

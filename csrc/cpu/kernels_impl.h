@@ -366,6 +366,49 @@ static void spmm_blocked_panel_u(const PanelArgs& a) {
   }
 }
 
+// Transposed SpMM without a transpose: Y[col_j, lanes] += val_j * X[r, lanes] over the entries of the
+// CSR-block matrix A, column blocks [a.r0, a.r1). A block's Y rows (kb x PW fp32) stay in L1 while the
+// rows of A stream by; values are read in CSR order, so a kept-values layer's dX needs no permutation.
+template <typename T, int U>
+static void spmm_t_panel_u(const PanelArgs& a) {
+  const uint16_t* __restrict ci = a.a.col;
+  const float* __restrict X = (const float*)a.x;
+  float* __restrict Y = (float*)a.y;
+  const T* __restrict val = (const T*)a.a.val;
+  for (int64_t blk = a.r0; blk < a.r1; ++blk) {
+    const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
+    for (int64_t r = 0; r < a.a.rows; ++r) {
+      int64_t j = p[r];
+      const int64_t e = p[r + a.a.bp_ld];
+      if (j == e) continue;
+      v16f x[U];
+      SF_UNROLL for (int u = 0; u < U; ++u) x[u] = vload(X + r * a.ldx + 16 * u);
+      for (; j + 2 <= e; j += 2) {  // two independent read-modify-writes in flight
+        const v16f w0 = splat(ld1(val + j)), w1 = splat(ld1(val + j + 1));
+        float* y0 = Y + (int64_t)ci[j] * a.ldy;
+        float* y1 = Y + (int64_t)ci[j + 1] * a.ldy;
+        SF_UNROLL for (int u = 0; u < U; ++u) vstore(y0 + 16 * u, vload(y0 + 16 * u) + w0 * x[u]);
+        SF_UNROLL for (int u = 0; u < U; ++u) vstore(y1 + 16 * u, vload(y1 + 16 * u) + w1 * x[u]);
+      }
+      if (j < e) {
+        const v16f w = splat(ld1(val + j));
+        float* yp = Y + (int64_t)ci[j] * a.ldy;
+        SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, vload(yp + 16 * u) + w * x[u]);
+      }
+    }
+  }
+}
+
+template <typename T>
+static void spmm_t_panel(const PanelArgs& a) {
+  switch (a.nvec) {
+    case 1: spmm_t_panel_u<T, 1>(a); break;
+    case 2: spmm_t_panel_u<T, 2>(a); break;
+    case 3: spmm_t_panel_u<T, 3>(a); break;
+    default: spmm_t_panel_u<T, 4>(a); break;
+  }
+}
+
 // N:M: slot s of a row is in group s >> NS (n = 1 << NS slots a group), column = group*m + nibble.
 // Two slots share a meta byte; 4 slots (2 bytes) an iteration feed 4 independent FMA chains.
 // With blocking (kb a multiple of lcm(32, 2m)) block [k0, k0+kb) holds slots [k0/m*n, (k0+kb)/m*n).
@@ -1154,6 +1197,7 @@ static KernelTable make_table(const char* name) {
   t.isa_name = name;
   t.dense_rows = &dense_rows<T>;
   t.spmm_panel = &spmm_panel<T>;
+  t.spmm_t_panel = &spmm_t_panel<T>;
   t.spmm_small = &spmm_small<T>;
   t.sddmm_panel = &sddmm_panel<T>;
   t.sddmm_small = &sddmm_small<T>;

@@ -39,7 +39,7 @@ from ..masks import Pattern, density, from_reduction_view, reduction_view
 from .base import Backend, ConvParams, OpQuery
 from .reference import ReferenceBackend
 
-__all__ = ["CpuBackend", "crossover_density", "sddmm_crossover"]
+__all__ = ["CpuBackend", "crossover_density", "sddmm_crossover", "kept_sddmm_crossover"]
 
 _MAX_IDX = 65536
 _MAX_NNZ = 2**31 - 1024
@@ -132,6 +132,23 @@ def sddmm_crossover(op: str, m_rows: int, dtype: torch.dtype, numel: int, *, isa
     if op == "linear" and numel > (4 << 20) and m_rows <= 256:
         return 1.0
     return 0.2 if isa == "generic" else 0.4
+
+
+def kept_sddmm_crossover(op: str, m_rows: int, dtype: torch.dtype, numel: int, *, isa: str = "avx2",
+                         bf16_dot: bool = False) -> float:
+    """:func:`sddmm_crossover` for kept-values layers, whose weight gradient is kept-sized: the SDDMM
+    writes ``nnz`` values where the dense route writes the whole ``dyᵀx`` and then gathers it, so the
+    SDDMM wins further up (measured 2026-12-06 on the AVX2 VM, Linear 4096x1024, 1024x4096, 512², 1024x256
+    at density 0.3 / 0.5 / 2:4: the SDDMM is 1.4-2.2x faster at 16 rows at any of these densities,
+    1.2-1.5x at 64 rows for density 0.3 and 0.6-0.97x at 0.5, 0.9-1.3x at 256 rows for 0.3;
+    docs/measurements.md). Linear: 1.0 up to 32 rows, 0.35 up to 128, 0.25 above; conv (many rows) and
+    the rest as :func:`sddmm_crossover`."""
+    base = sddmm_crossover(op, m_rows, dtype, numel, isa=isa, bf16_dot=bf16_dot)
+    if base >= 1.0 or op != "linear" or isa == "generic":
+        return base
+    if m_rows <= 32:
+        return 1.0
+    return 0.35 if m_rows <= 128 else 0.25
 
 
 class CpuBackend(Backend):
@@ -414,10 +431,13 @@ class CpuBackend(Backend):
     def _density(self, mask: torch.Tensor) -> float:
         return self.cached("density", (mask,), lambda: density(mask))
 
-    def _dense_dw(self, op: str, mask: torch.Tensor, m_rows: int, dtype: torch.dtype) -> bool:
-        """Above :func:`sddmm_crossover` the dense GEMM plus the mask is faster than the SDDMM."""
+    def _dense_dw(self, op: str, mask: torch.Tensor, m_rows: int, dtype: torch.dtype, kept: bool = False) -> bool:
+        """Above :func:`sddmm_crossover` (``kept``: :func:`kept_sddmm_crossover`) the dense GEMM plus the
+        mask (or the gather of the kept positions) is faster than the SDDMM."""
         hw = self._hw()
-        return self._density(mask) > sddmm_crossover(op, m_rows, dtype, mask.numel(), **hw)
+        limit = (kept_sddmm_crossover(op, m_rows, dtype, mask.numel(), **hw) if kept
+                 else sddmm_crossover(op, m_rows, dtype, mask.numel(), **hw))
+        return self._density(mask) > limit
 
     def linear_dw(self, dy, x, mask, pattern):
         """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M: at kept positions only (SDDMM), or for dense
@@ -511,12 +531,27 @@ class CpuBackend(Backend):
             return rowptr, col, None, values, 0, 0, None, False
         return rowptr, col, None, values, 0, 0, self._cblk(mask), True
 
+    def _blk_t_kept(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocked transpose whose permutation points at canonical (CSR) value positions:
+        (t_bp, t_bcol, perm int32: block-major transposed entry -> position in the layer's values)."""
+        def build():  # the plain transpose is built, not cached: only its row pointers are kept
+            rowptr, col = self._csr(mask)
+            rows, cols = reduction_view(mask).shape
+            t_rowptr, t_col, t_perm = self.ext.build_transpose(rowptr, col, rows, cols, groups)
+            t_bp, t_bcol, perm_tb = self.ext.build_blocked(t_rowptr, t_col, groups * cols, rows // groups, self.BLOCK)
+            return t_rowptr, t_bp, t_bcol, t_perm.long()[perm_tb.long()].to(torch.int32)
+        return self.cached("blkT-kept", (mask,), build, groups)
+
     def _kept_dx_fmt(self, values, mask, groups: int, rows: int) -> tuple:
-        t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
-        t_vals = self.ext.gather_perm(values, t_perm)
+        """The transpose's values, gathered once per call. In block-major order each block of the
+        transpose reads the values of BLOCK consecutive weight rows: a cache-sized window, where the
+        transposed-CSR order would read across all values (2:4 1024x4096: 5 ms -> ~1 ms here)."""
         if rows <= self.ext.small_max():
-            return t_rowptr, t_col, t_vals, None, False
-        return t_rowptr, t_col, t_vals, self._cblk_t(mask, groups), True
+            t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
+            return t_rowptr, t_col, self.ext.gather_perm(values, t_perm), None, False
+        t_rowptr, t_bp, t_bcol, perm = self._blk_t_kept(mask, groups)
+        t_vals = self.ext.gather_perm(values, perm)
+        return t_rowptr, t_bcol, (t_vals if t_vals.dtype == torch.float32 else t_vals.float()), t_bp, False
 
     def _kept_dw_fmt(self, mask, rows: int) -> tuple:
         rowptr, col = self._csr(mask)
@@ -531,10 +566,19 @@ class CpuBackend(Backend):
         rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, x.shape[0])
         return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn_, mm, bias, bp, cb)
 
+    #: up to this many rows, dX runs the scatter-style transposed kernel on the forward format (no
+    #: permuted copy of the values); above, the gather of the transpose's values pays off. Measured on
+    #: the AVX2 VM (1024x4096 / 4096x1024, 2:4 and 90 %): 1.7-2.5x faster at 16 rows, mixed at 64,
+    #: 1.4-1.6x slower at 256 (its read-modify-writes outgrow the gather)
+    SPMM_T_MAX = 32
+
     def kept_linear_dx(self, dy, values, mask, pattern):
         if not self.ext.all_finite(dy):
             return _DENSE.kept_linear_dx(dy, values, mask, pattern)
         n, k = mask.shape
+        if self.ext.small_max() < dy.shape[0] <= self.SPMM_T_MAX:
+            rowptr, col = self._csr(mask)
+            return self.ext.spmm_t(dy, n, k, rowptr, col, self._vc(values), self._cblk(mask))
         t_rowptr, t_col, t_vals, t_bp, cb = self._kept_dx_fmt(self._vc(values), mask, 1, dy.shape[0])
         return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, cb)
 
@@ -546,7 +590,7 @@ class CpuBackend(Backend):
         return self.ext.gather_csr(d2.contiguous(), rowptr, col)
 
     def kept_linear_dw(self, dy, x, mask, pattern):
-        if self._dense_dw("linear", mask, x.shape[0], x.dtype):  # dense GEMM, then the kept positions
+        if self._dense_dw("linear", mask, x.shape[0], x.dtype, kept=True):  # dense GEMM, then the kept positions
             return self._gather_kept(dy.t() @ x, mask)
         n, k = mask.shape
         rowptr, col, bp, cb = self._kept_dw_fmt(mask, x.shape[0])
@@ -569,7 +613,7 @@ class CpuBackend(Backend):
                                 [int(s) for s in input_shape], *self._conv_args(mask.shape, conv), t_bp, cb)
 
     def kept_conv_dw(self, dy, x, mask, pattern, conv: ConvParams):
-        if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
+        if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype, kept=True):
             gw = torch.nn.grad.conv2d_weight(x, list(mask.shape), dy, conv.stride, conv.padding,
                                              conv.dilation, conv.groups)
             return self._gather_kept(gw, mask)

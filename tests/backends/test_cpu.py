@@ -482,3 +482,29 @@ def test_small_cache_resident_linear_goes_dense_at_many_rows(cb):
     assert cb.prefer_dense_reason(_q(shape=(1024, 256), pattern="2:4", m_rows=16, density=None)) is None
     assert cb.prefer_dense_reason(_q(shape=(3072, 768), pattern="2:4", m_rows=256, density=None)) is None
     assert cb.prefer_dense_reason(_q(shape=(1024, 256), density=0.1, m_rows=256)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 70), (64, 600), (17, 1000)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_kept_dx_scatter_kernel_and_dw_routes(cb, dtype, shape, density):
+    """Kept-values dX through the scatter-style transposed kernel (rows <= SPMM_T_MAX: several column
+    blocks, empty rows/columns, bf16) and through the gathered transpose above it; kept dW through the
+    SDDMM and through the dense GEMM + gather — all equal to masked dense."""
+    from sparsefast.formats import kept
+    from sparsefast.masks import parse_pattern
+    g = torch.Generator().manual_seed(int(density * 100) + shape[0])
+    n, k = shape
+    m = torch.rand(n, k, generator=g) < density
+    m[: n // 7] = False           # empty rows
+    m[:, : k // 9] = False        # empty columns
+    w = torch.randn(n, k, generator=g) * m
+    v = kept.gather(w, m).to(dtype)
+    p = parse_pattern("unstructured")
+    for rows in (2, 17, cb.SPMM_T_MAX, cb.SPMM_T_MAX + 1, 70):
+        dy = torch.randn(rows, n, generator=g).to(dtype)
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        ref = dy.double() @ w.to(dtype).double()
+        _close(cb.kept_linear_dx(dy, v, m, p), ref, dtype, f"dx rows={rows}")
+        rdw = kept.gather(dy.double().t() @ x.double(), m)
+        _close(cb.kept_linear_dw(dy, x, m, p), rdw, dtype, f"dW rows={rows}")
