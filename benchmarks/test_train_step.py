@@ -8,7 +8,8 @@ with SGD (momentum 0.9) and AdamW, on three blocks:
 
 Variants, all built from the same dense initialisation and timed in ONE process with rounds interleaved
 (round r runs every variant once): dense fp32, dense bf16 (the baseline is the faster of the two and is
-named), sparsefast 90 % unstructured, sparsefast 2:4 (``backend="auto"``), sparseprop 90 % (CPU fp32,
+named), sparsefast 90 % unstructured, sparsefast 2:4, sparsefast block:16 at 90 % (``backend="auto"``;
+layers whose shape does not fit 16x16 blocks stay dense, with sparsify's warning), sparseprop 90 % (CPU fp32,
 Linear/Conv2d masked to 90 % by magnitude then ``sparseprop.modules.*.from_dense``; skipped with the reason
 when it cannot run or does not match the masked dense layer). Sparse variants run in fp32 on CPU and bf16 on GPU.
 
@@ -59,7 +60,7 @@ TINY_SHAPES = {
     "conv": dict(kind="conv", C=16, hw=8, B=8),
     "transformer": dict(kind="tf", d=64, heads=4, T=16, B=2),
 }
-VARIANTS = ["dense fp32", "dense bf16", "sparsefast 90%", "sparsefast 2:4", "sparseprop 90%"]
+VARIANTS = ["dense fp32", "dense bf16", "sparsefast 90%", "sparsefast 2:4", "sparsefast block:16 90%", "sparseprop 90%"]
 LR = 1e-3
 
 
@@ -120,7 +121,12 @@ def build(variant: str, cfg: dict) -> tuple[nn.Module, torch.Tensor]:
         return m.to(torch.bfloat16), x.to(torch.bfloat16)
     if variant.startswith("sparsefast"):
         m, x = m.to(SPARSE_DTYPE), x.to(SPARSE_DTYPE)
-        kw = dict(pattern="2:4") if variant.endswith("2:4") else dict(pattern="unstructured", sparsity=0.9)
+        if variant.endswith("2:4"):
+            kw = dict(pattern="2:4")
+        elif "block:" in variant:
+            kw = dict(pattern=variant.split()[1], sparsity=0.9)
+        else:
+            kw = dict(pattern="unstructured", sparsity=0.9)
         return sparsefast.sparsify(m, **kw), x
     if variant.startswith("sparseprop"):
         if GPU:
@@ -222,10 +228,18 @@ def check_sparsefast(variant: str, model: nn.Module, x: torch.Tensor, cfg: dict,
     assert math.isfinite(loss), f"{variant}: loss after one step is {loss}"
     assert abs(loss - ref_loss) <= tol * abs(ref_loss) + 1e-12, f"{variant}: loss {loss:.6g} vs masked dense {ref_loss:.6g}"
     gtol = 5e-3 if SPARSE_DTYPE == torch.float32 else 5e-2  # dW sums B*H*W products (6272 for the conv)
+    # errors relative to the largest gradient entry of any sparse layer: a layer whose true gradient is
+    # ~0 (e.g. a 90 %-block-sparse qkv whose kept block feeds only q, so attention is uniform) would
+    # otherwise compare float noise with float noise
+    scale = max(float(ref.get_submodule(n).weight.grad.abs().max()) for n, _ in layers)
+    degenerate = set()  # layers whose true gradient is float noise: their AdamW update is noise too
     for name, mod in layers:
         g = mod.dense_grad()
         assert g is not None, f"{variant} {name}: no weight gradient"
-        err = _rel(g, ref.get_submodule(name).weight.grad)
+        rg = ref.get_submodule(name).weight.grad
+        if float(rg.abs().max()) < 1e-3 * scale:
+            degenerate.add(name)
+        err = float((g.float() - rg.float()).abs().max()) / max(float(rg.abs().max()), 1e-3 * scale, 1e-30)
         assert err <= gtol, f"{variant} {name}: kept-value gradient differs from masked dense (rel err {err:.3g})"
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -235,6 +249,8 @@ def check_sparsefast(variant: str, model: nn.Module, x: torch.Tensor, cfg: dict,
     utol = max(tol, 1e-2 if opt_name == "adamw" else 1e-3)
     eps = torch.finfo(SPARSE_DTYPE).eps
     for name, mod in layers:
+        if name in degenerate and opt_name == "adamw":
+            continue
         want = ref.get_submodule(name).weight.detach().float() - before[name]
         got = mod.dense_weight().float() - before[name]
         diff = float((got - want).abs().max())
