@@ -319,18 +319,56 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+def _kth_largest(f: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of 1-D ``f`` (exact). Large inputs: a strided sample brackets it, one
+    pass counts what lies above the bracket and selects the candidates inside it, and ``kthvalue`` runs
+    on those only (a few passes over ``f`` instead of a full select: 4M entries ~10 ms vs 65-450 ms)."""
+    n = f.numel()
+    if n > (1 << 16):
+        step = n // (1 << 15)
+        smp = torch.sort(f[::step], descending=True).values
+        ns = smp.numel()
+        q = k / n
+        spread = 4.0 * math.sqrt(ns * q * (1.0 - q)) + 8
+        hi = smp[max(0, int(q * ns - spread))]            # ~fewer than k entries above it
+        lo = smp[min(ns - 1, int(q * ns + spread))]       # ~more than k entries at or above it
+        above = int((f > hi).sum())
+        if above < k:
+            cand = f[(f <= hi) & (f >= lo)]
+            r = k - above                                  # the r-th largest candidate
+            if 1 <= r <= cand.numel():
+                return torch.kthvalue(cand, cand.numel() - r + 1).values
+    return torch.kthvalue(f, n - k + 1).values
+
+
+def top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (same shape as 1-D ``flat``) of its ``k`` largest entries, ties going to the lower
+    index: the same set as the first ``k`` of a stable descending sort, found with one ``kthvalue``
+    (O(n)) instead of a full sort (a 4M-entry sort took ~0.45 s here and dominated DST mask updates)."""
+    flat = flat.reshape(-1)
+    n = flat.numel()
+    k = max(0, min(int(k), n))
+    out = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k == 0:
+        return out
+    if k == n:
+        return out.fill_(True)
+    f = flat.float()
+    v = _kth_largest(f, k)
+    out = f > v
+    need = k - int(out.sum())
+    if need > 0:
+        out[(f == v).nonzero().reshape(-1)[:need]] = True
+    return out
+
+
 def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``round(density * numel)`` entries with the largest |score| (bool, same shape)."""
     _check_scores(scores)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 < float(density) <= 1.0):
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     k = int(round(float(density) * scores.numel()))
-    flat = scores.detach().abs().float().reshape(-1)
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(flat, descending=True, stable=True).indices[:k]
-        out[idx] = True
-    return out.reshape(scores.shape)
+    return top_k_flat(scores.detach().abs().float().reshape(-1), k).reshape(scores.shape)
 
 
 def block_mask(scores: torch.Tensor, block: int, density: float) -> torch.Tensor:

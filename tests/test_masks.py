@@ -107,3 +107,21 @@ def test_density_and_conv_reduction_layout():
     rv = masks.reduction_view(w)
     assert torch.equal(masks.from_reduction_view(rv, w.shape), w)
     assert masks.density(masks.magnitude_mask(w, "unstructured", 0.75)) == pytest.approx(0.25, abs=1 / w.numel())
+
+
+def test_top_k_flat_equals_stable_sort_on_ties_and_infinities():
+    """The O(n) top-k (sample bracket + kthvalue) keeps exactly the first k of a stable descending
+    sort, on tie-heavy, +-inf and large (sampled-path) inputs."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        n = int(torch.randint(1, 300, (1,), generator=g)) if trial % 4 else int(torch.randint(70_000, 150_000, (1,), generator=g))
+        kind = trial % 5
+        f = torch.randint(-3, 4, (n,), generator=g).float() if kind == 0 else torch.randn(n, generator=g)
+        if kind == 2:
+            f[torch.rand(n, generator=g) < 0.7] = float("-inf")
+        if kind == 3:
+            f[torch.rand(n, generator=g) < 0.5] = float("inf")
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[torch.sort(f, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(masks.top_k_flat(f, k), ref), (n, k, kind)

@@ -150,12 +150,7 @@ def _check_finite_order(score: torch.Tensor, what: str) -> None:
 
 def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask keeping the ``k`` largest *raw* scores (ties: lower flat index first)."""
-    flat = score.detach().reshape(-1).float()
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    k = max(0, min(int(k), flat.numel()))
-    if k:
-        out[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    return out.reshape(score.shape)
+    return _masks.top_k_flat(score.detach().reshape(-1).float(), k).reshape(score.shape)
 
 
 def nm_top_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
