@@ -101,14 +101,34 @@ def scatter(values: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | No
     return out.view(mask.shape)
 
 
-def remap(old_mask: torch.Tensor, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _keys(mask: torch.Tensor) -> torch.Tensor:
+    """Reduction-view row-major positions of the kept entries, canonical order (ascending)."""
+    flat = index(mask)
+    if mask.dim() == 2:
+        return flat
+    o, c, kh, kw = mask.shape   # natural (o, c, h, w) -> reduction view (o, h, w, c)
+    w_ = flat % kw
+    h_ = (flat // kw) % kh
+    c_ = (flat // (kw * kh)) % c
+    o_ = flat // (kw * kh * c)
+    return ((o_ * kh + h_) * kw + w_) * c + c_
+
+
+def remap(old_mask: torch.Tensor, new_mask: torch.Tensor,
+          reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(src, keep)`` for moving values from ``old_mask``'s canonical order to ``new_mask``'s:
-    ``new[keep] = old[src[keep]]``; ``keep`` is False at newly kept positions (they start at zero)."""
-    old_flat, new_flat = index(old_mask), index(new_mask)
-    lut = torch.full((old_mask.numel(),), -1, dtype=torch.int64, device=old_mask.device)
-    lut[old_flat] = torch.arange(old_flat.numel(), device=old_mask.device)
-    src = lut[new_flat]
-    return src, src >= 0
+    ``new[keep] = old[src[keep]]``; ``keep`` is False at newly kept positions (they start at zero) and at
+    the positions of the bool ``reset`` mask (restarted even though they were kept). Both orders are
+    sorted by reduction-view position, so this is a binary search (no dense-sized lookup table)."""
+    old_k, new_k = _keys(old_mask), _keys(new_mask)
+    if old_k.numel() == 0:
+        src = torch.zeros_like(new_k)
+        return src, torch.zeros(new_k.shape, dtype=torch.bool, device=new_k.device)
+    pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
+    keep = old_k[pos] == new_k
+    if reset is not None:
+        keep &= ~reset.reshape(-1)[index(new_mask)]
+    return pos, keep
 
 
 def remap_tensor(t: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -161,25 +161,31 @@ class SparseModule(nn.Module):
         return _masks.validate_mask(mask, like, pat, where=where or self._name())
 
     # ---- public API -----------------------------------------------------------------------------
-    def set_mask(self, mask: torch.Tensor, pattern: str | None = None, *, weight: torch.Tensor | None = None) -> None:
+    def set_mask(self, mask: torch.Tensor, pattern: str | None = None, *, weight: torch.Tensor | None = None,
+                 reset: torch.Tensor | None = None) -> None:
         """Replace the mask — and the pattern with it when ``pattern`` is given. Validated first: on error
         the layer (values, mask, pattern, optimizer state) is unchanged. Positions kept before and after
         keep their value and optimizer state; newly kept ones start at zero (or, with ``weight``, a dense
-        weight-shaped tensor, take their values from it — every kept position does)."""
+        weight-shaped tensor, take their values from it — every kept position does). ``reset`` (bool,
+        weight-shaped): positions that restart at zero value and zero state although they were kept (a
+        weight dropped and regrown in the same DST update)."""
         pat = self._pattern if pattern is None else _masks.parse_pattern(pattern)
         m = self._validated(mask, pattern=pat)
         if weight is not None and tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"{self._name()}: set_mask(weight=...) has shape {tuple(weight.shape)}, expected "
                              f"{self.weight_shape}")
+        if reset is not None:
+            reset = self._validated(reset, pattern=_masks.Unstructured(), where=f"{self._name()} set_mask(reset=...)")
         self._commit_mask(m.clone(), pat, None if weight is None else _kept.gather(
-            weight.detach().to(self.weight.dtype), m).clone())
+            weight.detach().to(self.weight.dtype), m).clone(), reset)
 
-    def _commit_mask(self, m: torch.Tensor, pat, new_values: torch.Tensor | None) -> None:
+    def _commit_mask(self, m: torch.Tensor, pat, new_values: torch.Tensor | None,
+                     reset: torch.Tensor | None = None) -> None:
         """Move values, gradient and optimizer state to the validated mask ``m`` and install it. Everything
         that can fail (shapes, allocations) is computed before the first change."""
         p = self.weight
         old_nnz = p.shape[0]
-        src, keep = _kept.remap(self.mask, m)
+        src, keep = _kept.remap(self.mask, m, reset)
         with torch.no_grad():
             values = _kept.remap_tensor(p.detach(), src, keep) if new_values is None else new_values
             grad = None if p.grad is None else _kept.remap_tensor(p.grad, src, keep)

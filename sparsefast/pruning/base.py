@@ -489,14 +489,16 @@ class Pruner:
 
     @staticmethod
     def _set_layer_mask(layer: SparseModule, mask: torch.Tensor, pattern: _masks.Pattern,
-                        weight: torch.Tensor | None = None) -> None:
+                        weight: torch.Tensor | None = None, reset: torch.Tensor | None = None) -> None:
         """``layer.set_mask(mask)``, switching the layer's pattern with it when it differs (an all-kept
-        unstructured layer becoming N:M). ``weight``: dense values for every kept position."""
+        unstructured layer becoming N:M). ``weight``: dense values for every kept position; ``reset``:
+        positions restarting at zero value and state."""
         pat = None if layer.pattern == str(pattern) else str(pattern)
-        layer.set_mask(mask, pat, weight=weight)
+        layer.set_mask(mask, pat, weight=weight, reset=reset)
 
     def _apply(self, new: dict[str, torch.Tensor], *,
-               weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               weights: dict[str, torch.Tensor] | None = None,
+               reset: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Set every layer's mask (target pattern). Newly kept positions start at 0 (value and optimizer
         state) unless ``weights`` gives a layer's dense weight: then every kept position takes its value
         from it. Returns the grown positions per layer."""
@@ -509,7 +511,8 @@ class Pruner:
             w = None if weights is None else weights.get(n)
             if w is not None:
                 w = w.to(l.mask.device)
-            self._set_layer_mask(l, m, self.pattern, w)
+            r = None if reset is None or n not in reset else reset[n].to(l.mask.device)
+            self._set_layer_mask(l, m, self.pattern, w, r)
             grown[n] = g
         return grown
 

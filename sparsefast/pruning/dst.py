@@ -121,12 +121,9 @@ class _DST(Pruner):
     def _commit(self, new: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
                 dropped: dict[str, torch.Tensor]) -> None:
         # grown positions start at 0 with zero optimizer state (set_mask does that for newly kept ones); a
-        # position dropped and regrown in the same update is dropped first, so it restarts the same way
-        regrown = {n: new[n] & ~grown[n] for n, l in self._layers
-                   if n in new and bool((grown[n] & l.mask.to(grown[n].device)).any())}
-        if regrown:
-            self._apply(regrown)
-        self._apply(new)
+        # position dropped and regrown in the same update restarts the same way (set_mask's reset=)
+        reset = {n: grown[n] & l.mask.to(grown[n].device) for n, l in self._layers if n in new}
+        self._apply(new, reset={n: r for n, r in reset.items() if bool(r.any())})
         self.last_update = {n: {"dropped": dropped[n], "grown": grown[n]} for n in new}
 
     def _drop_grow_per_layer(self, t: int, frac: float, grow_score: Callable[[str, Any], torch.Tensor]) -> None:

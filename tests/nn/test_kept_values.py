@@ -262,3 +262,21 @@ def test_extra_parameters_of_a_layer_stay_in_its_state_dict():
     assert torch.equal(other.dense_weight(), layer.dense_weight())
     with pytest.raises(RuntimeError, match="Unexpected key"):
         SparseLinear(8, 4, sparsity=0.5).load_state_dict(sd)
+
+
+def test_set_mask_reset_restarts_kept_positions():
+    """``reset=``: positions kept before and after that restart at zero value and zero optimizer state
+    (a weight dropped and regrown in the same DST update); the others keep both."""
+    conv = SparseConv2d(4, 8, 3, sparsity=0.5, backend="reference")
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    conv(torch.randn(2, 4, 5, 5)).sum().backward()
+    opt.step()
+    m0, w0 = conv.mask.clone(), conv.dense_weight()
+    buf0 = kept.scatter(opt.state[conv.weight]["momentum_buffer"], m0)
+    reset = m0 & (torch.rand(m0.shape, generator=torch.Generator().manual_seed(1)) < 0.5)
+    conv.set_mask(m0, reset=reset)
+    w1, buf1 = conv.dense_weight(), kept.scatter(opt.state[conv.weight]["momentum_buffer"], conv.mask)
+    assert (w1[reset] == 0).all() and (buf1[reset] == 0).all()
+    assert torch.equal(w1[m0 & ~reset], w0[m0 & ~reset]) and torch.equal(buf1[m0 & ~reset], buf0[m0 & ~reset])
+    with pytest.raises(ValueError, match="reset"):
+        conv.set_mask(m0, reset=torch.ones(3, 3, dtype=torch.bool))
