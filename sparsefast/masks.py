@@ -332,7 +332,7 @@ def _kth_largest(f: torch.Tensor, k: int) -> torch.Tensor:
         spread = 4.0 * math.sqrt(ns * q * (1.0 - q)) + 8
         hi = smp[max(0, int(q * ns - spread))]            # ~fewer than k entries above it
         lo = smp[min(ns - 1, int(q * ns + spread))]       # ~more than k entries at or above it
-        above = int((f > hi).sum())
+        above = int(torch.count_nonzero(f > hi))  # (bool.sum() promotes to int64: ~2x slower)
         if above < k:
             cand = f[(f <= hi) & (f >= lo)]
             r = k - above                                  # the r-th largest candidate
@@ -356,7 +356,7 @@ def top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     f = flat.float()
     v = _kth_largest(f, k)
     out = f > v
-    need = k - int(out.sum())
+    need = k - int(torch.count_nonzero(out))
     if need > 0:
         out[(f == v).nonzero().reshape(-1)[:need]] = True
     return out

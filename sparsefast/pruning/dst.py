@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..formats import kept as _kept
 from .base import Pruner, _check_number, expand_units, nm_group_counts, nm_group_top, top_k_mask, unit_scores
 from .schedules import ConstantSchedule, CosineDecay, UpdateEvery
 
@@ -103,9 +104,16 @@ class _DST(Pruner):
     def _drop(self, layer, k: int) -> torch.Tensor:
         """The ``k`` active weights with the smallest |W| (ties: lower index); block patterns: the ``k``
         active blocks with the smallest summed |W|."""
+        unit = self.unit
+        if unit == (1, 1) and layer.mask.dim() == 2:
+            # ranked among the kept values only (nnz entries, not the dense shape); a Linear's kept
+            # values are in row-major order, so ties still go to the lower flat index
+            sel = top_k_mask(-layer.weight.detach().abs().float(), k)
+            out = torch.zeros(layer.mask.numel(), dtype=torch.bool, device=layer.mask.device)
+            out[_kept.index(layer.mask)[sel]] = True
+            return out.view(layer.mask.shape)
         w = layer.dense_weight().abs().float()
         s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
-        unit = self.unit
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
 
     def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
