@@ -43,8 +43,9 @@ def _canonical_flat(mask: torch.Tensor) -> torch.Tensor:
 
 
 def index(mask: torch.Tensor) -> torch.Tensor:
-    """``flat`` positions (int64, ``(nnz,)``) of ``mask``'s kept entries in canonical order; cached while
-    ``mask`` is alive and unmodified (its version counter)."""
+    """``flat`` positions (``(nnz,)``; int32 when the mask has fewer than 2^31 entries, else int64 — the
+    cached copy lives as long as the mask, so half the bytes matter) of ``mask``'s kept entries in
+    canonical order; cached while ``mask`` is alive and unmodified (its version counter)."""
     if mask.device.type == "meta":
         raise RuntimeError("kept-values index of a mask on the meta device: the mask's contents are unknown")
     key = id(mask)
@@ -54,6 +55,8 @@ def index(mask: torch.Tensor) -> torch.Tensor:
         if hit is not None and hit[0]() is mask and hit[1] == ver:
             return hit[2]
     flat = _canonical_flat(mask)
+    if mask.numel() < 2**31:
+        flat = flat.to(torch.int32)
     with _LOCK:
         fresh = key not in _CACHE or _CACHE[key][0]() is not mask
         _CACHE[key] = (weakref.ref(mask), ver, flat)
@@ -93,7 +96,9 @@ def scatter(values: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | No
         raise ValueError(f"{values.numel()} values for a mask that keeps {flat.numel()} of {tuple(mask.shape)}")
     v = values if dtype is None else values.to(dtype)
     out = torch.zeros(mask.numel(), dtype=v.dtype, device=v.device)
-    # scatter_ with unique positions: 2.5x faster than index_put_ here (CPU, 100K-2M values)
+    # scatter_ with unique positions: 2.5x faster than index_put_ here (CPU, 100K-2M values); it needs
+    # int64 positions (the cached index is int32)
+    flat = flat.long()
     if v.requires_grad and torch.is_grad_enabled():
         out = out.scatter(0, flat, v)
     else:
@@ -103,7 +108,7 @@ def scatter(values: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | No
 
 def _keys(mask: torch.Tensor) -> torch.Tensor:
     """Reduction-view row-major positions of the kept entries, canonical order (ascending)."""
-    flat = index(mask)
+    flat = index(mask).long()
     if mask.dim() == 2:
         return flat
     o, c, kh, kw = mask.shape   # natural (o, c, h, w) -> reduction view (o, h, w, c)
@@ -127,7 +132,7 @@ def remap(old_mask: torch.Tensor, new_mask: torch.Tensor,
     pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
     keep = old_k[pos] == new_k
     if reset is not None:
-        keep &= ~reset.reshape(-1)[index(new_mask)]
+        keep &= ~reset.reshape(-1)[index(new_mask).long()]
     return pos, keep
 
 

@@ -110,7 +110,7 @@ class _DST(Pruner):
             # values are in row-major order, so ties still go to the lower flat index
             sel = top_k_mask(-layer.weight.detach().abs().float(), k)
             out = torch.zeros(layer.mask.numel(), dtype=torch.bool, device=layer.mask.device)
-            out[_kept.index(layer.mask)[sel]] = True
+            out[_kept.index(layer.mask)[sel].long()] = True
             return out.view(layer.mask.shape)
         w = layer.dense_weight().abs().float()
         s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
