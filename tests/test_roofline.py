@@ -112,3 +112,10 @@ def test_training_step_counts_optimizer_bytes_on_kept_values():
         assert tr.ratio > step.ratio
     assert predict_linear("train", 16, 4096, 4096, optimizer="none").ratio == predict_linear(
         "step", 16, 4096, 4096).ratio
+
+
+def test_bench_roofline_table_shows_training_step_with_optimizer():
+    from sparsefast.cli import bench
+    cs = [c for c in bench.cases("cuda") if c.kind == "step"][:3]
+    text = bench.roofline_table(cs)
+    assert "train+sgd" in text and "train+adamw" in text

@@ -190,6 +190,13 @@ def roofline_table(cs: list[Case], hardware: str = "H100") -> str:
         rows.setdefault(key, {})[c.kind] = f"{_fmt_ratio(p.ratio)} ({b(p.dense_bound)}/{b(p.sparse_bound)})"
         if c.kind not in kinds:
             kinds.append(c.kind)
+        if c.kind == "step":  # + the optimizer update of the weight: dense N*K vs kept nnz elements
+            for opt in ("sgd", "adamw"):
+                q = roofline.predict({**c.roofline_dict(), "kind": "train", "optimizer": opt}, hardware)
+                kd = f"train+{opt}"
+                rows[key][kd] = f"{_fmt_ratio(q.ratio)} ({b(q.dense_bound)}/{b(q.sparse_bound)})"
+                if kd not in kinds:
+                    kinds.append(kd)
     head = ["op", "shape", "dtype", "sparsity", *kinds]
     body = [[*k, *[v.get(kd, "") for kd in kinds]] for k, v in rows.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
