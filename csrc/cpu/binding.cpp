@@ -31,7 +31,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 7;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 8;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -516,35 +516,6 @@ Tensor build_csr_blocks(const Tensor& rowptr, const Tensor& col, int64_t R, int6
   return bp;
 }
 
-// fp32 BCSR values straight from the dense (R x C) weight (any float dtype)
-Tensor gather_blocked(const Tensor& w_in, const Tensor& rowptr, const Tensor& bp, const Tensor& bcol) {
-  const Tensor w = w_in.contiguous();
-  const int64_t R = w.size(0), C = w.size(1);
-  SpMat A;
-  A.rows = R;
-  A.cols = C;
-  A.rowptr = rowptr.data_ptr<int32_t>();
-  A.bp = bp.data_ptr<int32_t>();
-  A.nblk = bp.size(0);
-  A.bp_ld = bp.size(1);
-  A.col = reinterpret_cast<const uint16_t*>(bcol.data_ptr<int16_t>());
-  Tensor out = at::empty({std::max<int64_t>(nnz_of(A), 1)}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "sparsefast_gather_blocked", [&] {
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    run_rows(A, static_cast<double>(nnz_of(A)) * 4, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* wr = wp + r * C;
-        for (int64_t b = 0; b < A.nblk; ++b) {
-          const int32_t* p = A.bp + b * A.bp_ld;
-          for (int64_t j = p[r]; j < p[r + 1]; ++j) o[j] = static_cast<float>(wr[A.col[j]]);
-        }
-      }
-    });
-  });
-  return out;
-}
-
 // mask (R, C) bool, N:M -> (meta uint8 (R, ceil(S/2)), valid bool (R, S) or None when no padding)
 std::tuple<Tensor, std::optional<Tensor>> build_nm(const Tensor& mask_in, int64_t n, int64_t m) {
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == at::kBool, "build_nm: need a 2-D bool mask");
@@ -785,18 +756,6 @@ void sddmm_panels(const SpMat& A, const Lanes& D, const Lanes& X, float* out, bo
   });
 }
 
-// dense (rows x cols) of dtype `dt`: zero except the kept entries of A (CSR or BCSR order) from fp32 vals
-Tensor scatter_dense(const SpMat& A, const float* vals, at::ScalarType dt) {
-  const at::ScalarType kt_dt = dt == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-  Tensor out = empty_big({A.rows, A.cols}, kt_dt);
-  const auto& kt = table(kt_dt);
-  run_rows(A, static_cast<double>(A.rows) * A.cols, A.cols / 8 + 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> scratch(A.cols + 16);
-    kt.dense_rows(A, vals, out.data_ptr(), scratch.data(), r0, r1);
-  });
-  return kt_dt == dt ? out : out.to(dt);
-}
-
 // True when every element is finite (exponent bits not all ones). The kernels skip pruned weights,
 // so a NaN/Inf input would not spread through 0*Inf / 0*NaN like masked-dense math; callers use
 // this to send such (rare) calls to the reference path.
@@ -931,7 +890,7 @@ Tensor spmm_t(const Tensor& dy_in, int64_t rows, int64_t cols, const Tensor& row
 
 // dense (rows x cols) = (dy^T x) masked to the CSR positions; dy (B x rows), x (B x cols)
 Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t rows,
-             int64_t cols, const std::optional<Tensor>& bp, bool csr_blocks, bool dense_out) {
+             int64_t cols, const std::optional<Tensor>& bp, bool csr_blocks) {
   TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2 && dy_in.size(0) == x_in.size(0) && dy_in.size(1) == rows &&
                   x_in.size(1) == cols,
               "sddmm: shapes dy ", dy_in.sizes(), " x ", x_in.sizes(), " do not match (", rows, ", ", cols, ")");
@@ -966,8 +925,7 @@ Tensor sddmm(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, cons
     const Tensor xp = to_panels(x, PW), dyp = to_panels(dy, PW);
     sddmm_panels(A, panel_lanes(dyp, B), panel_lanes(xp, B), vp, false, ct);
   }
-  if (!dense_out) return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR or block order)
-  return scatter_dense(A, vp, ot);
+  return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR order with CSR blocks)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1145,8 +1103,7 @@ Tensor conv_dx(const Tensor& dy_in, int64_t O, int64_t Kred, const Tensor& t_row
 // dW (O x Kred, reduction order) = masked conv2d_weight(x, dy)
 Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, const Tensor& col, int64_t O,
                int64_t Kred, std::vector<int64_t> ks, std::vector<int64_t> stride, std::vector<int64_t> pad,
-               std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp, bool csr_blocks,
-               bool dense_out) {
+               std::vector<int64_t> dil, int64_t groups, const std::optional<Tensor>& bp, bool csr_blocks) {
   TORCH_CHECK(dy_in.dim() == 4 && x_in.dim() == 4, "conv_dw: need 4-D dy and x");
   const ConvCfg k = conv_cfg(ks, stride, pad, dil, groups);
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
@@ -1201,8 +1158,7 @@ Tensor conv_dw(const Tensor& dy_in, const Tensor& x_in, const Tensor& rowptr, co
       });
     }
   }
-  if (!dense_out) return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR or block order)
-  return scatter_dense(A, vals.data_ptr<float>(), ot);
+  return vals.narrow(0, 0, nnz).to(ot);  // kept values (CSR order with CSR blocks)
 }
 
 }  // namespace
@@ -1222,7 +1178,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gather_perm", &gather_perm);
   mod.def("gather_nm", &gather_nm);
   mod.def("build_blocked", &build_blocked);
-  mod.def("gather_blocked", &gather_blocked);
   mod.def("build_csr_blocks", &build_csr_blocks);
   mod.def("small_max", []() { return g_small_max.load(); });
   mod.def("spmm", &spmm);

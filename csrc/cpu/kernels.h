@@ -107,9 +107,6 @@ struct ConvGeom {
 
 struct KernelTable {
   const char* isa_name;
-  // dense rows [r0, r1) of `out` (T, rows x cols): zeros except the entries of A (CSR or BCSR index)
-  // taking fp32 `vals`; each row is built in `scratch` (cols floats) and written with streaming stores
-  void (*dense_rows)(const SpMat& a, const float* vals, void* out, float* scratch, int64_t r0, int64_t r1);
   // SpMM over one lane panel; A in CSR / BCSR / N:M form; T (the table's dtype) is the value type
   // of CSR and N:M (BCSR values are fp32)
   void (*spmm_panel)(const PanelArgs&);

@@ -1130,72 +1130,10 @@ static void panels_to_rows(const void* pv, void* tv, int64_t rows, int64_t HW, i
   }
 }
 
-// copy n bytes (n, dst 16-byte aligned parts) with non-temporal stores where the ISA has them
-SF_INLINE void stream_copy(char* __restrict dst, const char* __restrict src, int64_t n) {
-#if defined(__SSE2__) || SF_ISA >= 1
-  int64_t i = 0;
-  while (i < n && ((uintptr_t)(dst + i) & 63)) {  // head up to 64-byte alignment
-    dst[i] = src[i];
-    ++i;
-  }
-#if SF_ISA == 2
-  for (; i + 64 <= n; i += 64) {
-    __m512i v;
-    __builtin_memcpy(&v, src + i, 64);
-    _mm512_stream_si512((__m512i*)(dst + i), v);
-  }
-#elif SF_ISA == 1
-  for (; i + 32 <= n; i += 32) {
-    __m256i v;
-    __builtin_memcpy(&v, src + i, 32);
-    _mm256_stream_si256((__m256i*)(dst + i), v);
-  }
-#else
-  for (; i + 16 <= n; i += 16) {
-    __m128i v;
-    __builtin_memcpy(&v, src + i, 16);
-    _mm_stream_si128((__m128i*)(dst + i), v);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = src[i];
-#else
-  __builtin_memcpy(dst, src, n);
-#endif
-}
-
-template <typename T>
-static void dense_rows(const SpMat& a, const float* vals, void* outv, float* scratch, int64_t r0, int64_t r1) {
-  T* out = (T*)outv;
-  const int64_t C = a.cols;
-  const int64_t nblk = a.bp ? a.nblk : 1;
-  for (int64_t r = r0; r < r1; ++r) {
-    __builtin_memset(scratch, 0, C * sizeof(float));
-    for (int64_t b = 0; b < nblk; ++b) {
-      const int32_t* p = a.bp ? a.bp + b * a.bp_ld : a.rowptr;
-      const int64_t e = p[r + (a.csr_blocks ? a.bp_ld : 1)];
-      for (int64_t j = p[r]; j < e; ++j) scratch[a.col[j]] = vals[j];
-    }
-    if (sizeof(T) != sizeof(float)) {  // convert in place (T is narrower): scratch as T[C]
-      T* t = (T*)scratch;
-      int64_t k = 0;
-      for (; k + 16 <= C; k += 16) {
-        const v16f v = vload(scratch + k);
-        vstore(t + k, v);
-      }
-      for (; k < C; ++k) st1(t + k, scratch[k]);
-    }
-    stream_copy((char*)(out + r * C), (const char*)scratch, C * (int64_t)sizeof(T));
-  }
-#if defined(__SSE2__) || SF_ISA >= 1
-  _mm_sfence();
-#endif
-}
-
 template <typename T>
 static KernelTable make_table(const char* name) {
   KernelTable t;
   t.isa_name = name;
-  t.dense_rows = &dense_rows<T>;
   t.spmm_panel = &spmm_panel<T>;
   t.spmm_t_panel = &spmm_t_panel<T>;
   t.spmm_small = &spmm_small<T>;

@@ -274,24 +274,36 @@ class Backend:
         with self._lock:
             self._cache.clear()
 
-    # ---- primitives ---------------------------------------------------------------------------
+    # ---- dense-weight primitives ----------------------------------------------------------------
+    # A backend implements either these (the ``kept_*`` defaults below adapt them) or, with
+    # ``kept_native = True``, the ``kept_*`` ones (these defaults then gather the kept values).
+    def _native(self, op: str) -> None:
+        if not self.kept_native:
+            raise NotImplementedError(f"backend {self.name!r} implements neither {op} nor kept_{op}")
+
     def linear_fwd(self, x, weight, mask, bias, pattern: Pattern) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("linear_fwd")
+        return self.kept_linear_fwd(x, _kept.gather(weight, mask), mask, bias, pattern)
 
     def linear_dx(self, dy, weight, mask, pattern: Pattern) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("linear_dx")
+        return self.kept_linear_dx(dy, _kept.gather(weight, mask), mask, pattern)
 
     def linear_dw(self, dy, x, mask, pattern: Pattern) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("linear_dw")
+        return _kept.scatter(self.kept_linear_dw(dy, x, mask, pattern), mask)
 
     def conv_fwd(self, x, weight, mask, bias, pattern: Pattern, conv: ConvParams) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("conv_fwd")
+        return self.kept_conv_fwd(x, _kept.gather(weight, mask), mask, bias, pattern, conv)
 
     def conv_dx(self, dy, weight, mask, pattern: Pattern, conv: ConvParams, input_shape: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("conv_dx")
+        return self.kept_conv_dx(dy, _kept.gather(weight, mask), mask, pattern, conv, input_shape)
 
     def conv_dw(self, dy, x, mask, pattern: Pattern, conv: ConvParams, weight_shape: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        self._native("conv_dw")
+        return _kept.scatter(self.kept_conv_dw(dy, x, mask, pattern, conv), mask)
 
     # ---- kept-values primitives (what sparsefast.ops calls) -----------------------------------
     def kept_linear_fwd(self, x, values, mask, bias, pattern: Pattern) -> torch.Tensor:

@@ -1,25 +1,28 @@
 """The ``cpu`` backend: C++ kernels from ``csrc/cpu/`` (extension ``sparsefast._C_cpu``).
 
-Formats (see ``csrc/cpu/kernels.h``), all over the weight's reduction view ``(rows, K)``
-(conv: ``(O, kh*kw*C/groups)``, channel fastest). Index structures depend on the mask only and are
-cached per mask version; values are re-gathered once per weight version (one optimizer step):
+Layers store kept values (:mod:`sparsefast.formats.kept`: CSR order of the reduction view ``(rows, K)``;
+conv: ``(O, kh*kw*C/groups)``, channel fastest) and the kernels read them as they are. Index
+structures (see ``csrc/cpu/kernels.h``) depend on the mask only and are cached per mask version:
 
-* CSR: ``rowptr`` int32 + 16-bit column indices, values in the compute dtype — for the gather
-  kernel that serves a single batch row (SpMV);
-* column-blocked CSR (BCSR): the same entries reordered block-major in blocks of 256 reduction
-  rows, fp32 values — for the lane-panel kernels (every other batch size, and conv): while one
-  block is processed its 256 X rows stay in L1 and the weights stream in order;
-* the per-group transposes of both (``t_perm`` maps each transposed entry to its source position,
-  so transposed values are one permutation gather) — for ``dX``;
-* compact N:M (n in {1, 2, 4, 8}, m <= 16): slot values + 4-bit in-group offsets (4.5 / 2.5 bytes
-  per kept float32 / bfloat16 weight) — for N:M calls with <= 4 rows, where the product is
-  memory-bound; an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers.
+* CSR: ``rowptr`` int32 + 16-bit column indices — the gather kernel for a single batch row (SpMV);
+* CSR-positioned blocks of 256 reduction rows (``build_csr_blocks``) — the lane-panel kernels walk
+  the CSR-ordered values block by block, so a block's X rows stay in L1; the same structure drives
+  the scatter-style transposed kernel (``spmm_t``) that gives ``dX`` for up to 32 rows;
+* the blocked per-group transpose and the permutation of its entries to value positions — ``dX``
+  for more rows gathers the transpose's values once per call (block-major: cache-sized windows);
+* compact N:M (n in {1, 2, 4, 8}, m <= 16): 4-bit in-group offsets; the slot values are the kept
+  values when every group is full — for N:M calls with <= 4 rows, where the product is memory-bound;
+  an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers.
+
+The dense-weight primitives (``linear_fwd`` ...) are the base class's: they gather the kept values
+from the dense weight and run the kept primitives, the one implementation.
 
 Kernels: forward SpMM and ``dX`` (SpMM through the transpose) vectorised over the batch — the dense
 operand is laid out batch-transposed in 16/32-lane fp32 panels, so each kept weight is loaded once
 and multiplies a vector of batch rows (or output pixels for conv: im2col of a few images at a time
 into a cache-resident buffer); the masked ``dW`` is an SDDMM at the kept positions only (up to 256
-lanes per reduction), written into the dense-shaped gradient row by row with streaming stores.
+lanes per reduction), written in the values' order (or, for dense masks with many rows, the dense GEMM
+gathered at the kept positions: :func:`kept_sddmm_crossover`).
 Threads: torch's OpenMP pool (``at::parallel_for``) over nnz-balanced row partitions. ISA: AVX-512 /
 AVX2 / portable builds of the same kernels in one binary, chosen at run time (:meth:`describe`;
 ``SPARSEFAST_CPU_ISA=generic|avx2|avx512`` forces a lower one).
@@ -30,12 +33,12 @@ is faster (:func:`crossover_density`, measured).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from .. import _build_cpu
-from ..masks import Pattern, density, from_reduction_view, reduction_view
+from ..masks import Pattern, density, reduction_view
 from .base import Backend, ConvParams, OpQuery
 from .reference import ReferenceBackend
 
@@ -277,24 +280,9 @@ class CpuBackend(Backend):
     def _m2d(mask: torch.Tensor) -> torch.Tensor:
         return reduction_view(mask).contiguous()
 
-    @staticmethod
-    def _w2d(weight: torch.Tensor) -> torch.Tensor:
-        w = weight.detach()
-        if w.dtype == torch.float16:
-            w = w.float()
-        return reduction_view(w).contiguous()
-
     def _csr(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rowptr int32, col int16) of the reduction view of the mask."""
         return self.cached("csr", (mask,), lambda: tuple(self.ext.build_csr(self._m2d(mask))))
-
-    def _blk(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Column-blocked CSR: (bp int32 (nblk, rows+1), bcol int16, perm int32 BCSR -> CSR position)."""
-        def build():
-            rowptr, col = self._csr(mask)
-            r, c = reduction_view(mask).shape
-            return tuple(self.ext.build_blocked(rowptr, col, r, c, self.BLOCK))
-        return self.cached("blk", (mask,), build)
 
     def _csr_t(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-group transposes stacked ((groups*K) x rows/groups): (t_rowptr, t_col, t_perm -> CSR position)."""
@@ -303,19 +291,6 @@ class CpuBackend(Backend):
             m2 = reduction_view(mask)
             return tuple(self.ext.build_transpose(rowptr, col, m2.shape[0], m2.shape[1], groups))
         return self.cached("csrT", (mask,), build, groups)
-
-    def _blk_t(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Blocked transpose: (t_bp, t_bcol, t_permB -> position in the forward BCSR order)."""
-        def build():
-            t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
-            rows, cols = reduction_view(mask).shape
-            t_bp, t_bcol, perm_tb = self.ext.build_blocked(t_rowptr, t_col, groups * cols, rows // groups, self.BLOCK)
-            _, _, perm_b = self._blk(mask)
-            c2b = torch.empty_like(perm_b, dtype=torch.long)
-            c2b[perm_b.long()] = torch.arange(perm_b.numel(), dtype=torch.long)
-            t_perm_b = c2b[t_perm.long()[perm_tb.long()]].to(torch.int32)
-            return t_bp, t_bcol, t_perm_b
-        return self.cached("blkT", (mask,), build, groups)
 
     @staticmethod
     def _nm_ok(pattern: Pattern, cols: int) -> bool:
@@ -333,101 +308,12 @@ class CpuBackend(Backend):
                 return None
         return self.cached("nm", (mask,), build, str(pattern))
 
-    # values: re-gathered once per weight version
-    def _vals(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """CSR-ordered kept values (compute dtype) for the gather (few-row) kernels."""
-        def build():
-            rowptr, col = self._csr(mask)
-            return self.ext.gather_csr(self._w2d(weight), rowptr, col)
-        return self.cached("vals", (weight, mask), build)
-
-    def _vals_b(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """BCSR-ordered kept values, fp32, straight from the dense weight."""
-        def build():
-            rowptr, _ = self._csr(mask)
-            bp, bcol, _ = self._blk(mask)
-            return self.ext.gather_blocked(reduction_view(weight.detach()), rowptr, bp, bcol)
-        return self.cached("valsB", (weight, mask), build)
-
-    def _vals_t(self, weight: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
-        def build():
-            _, _, perm = self._csr_t(mask, groups)
-            return self.ext.gather_perm(self._vals(weight, mask), perm)
-        return self.cached("valsT", (weight, mask), build, groups)
-
-    def _vals_tb(self, weight: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
-        def build():
-            _, _, perm = self._blk_t(mask, groups)
-            return self.ext.gather_perm(self._vals_b(weight, mask), perm)
-        return self.cached("valsTB", (weight, mask), build, groups)
-
     #: batches up to this many rows use the compact N:M gather kernel (memory-bound regime)
     NM_SMALL_MAX = 4
 
-    def pack(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> Any:
-        """Forward format of the panel (many-row) kernels: ``("bcsr", rowptr, bcol, vals_fp32, bp)``
-        — N:M masks too: with a lane panel in L1 the blocked CSR is faster than the compact N:M
-        layout, which serves the few-row calls (see :meth:`_vals_nm`)."""
-        rowptr, _ = self._csr(mask)
-        bp, bcol, _ = self._blk(mask)
-        return ("bcsr", rowptr, bcol, self._vals_b(weight, mask), bp)
-
-    def _vals_nm(self, weight: torch.Tensor, mask: torch.Tensor, pattern: Pattern):
-        """Compact N:M (meta, slot values) or None when the mask/pattern does not fit it."""
-        nm = self._nm(mask, pattern)
-        if nm is None:
-            return None
-        meta, valid = nm
-        return meta, self.cached("valsNM", (weight, mask), lambda: self.ext.gather_nm(
-            self._w2d(weight), meta, pattern.n, pattern.m, valid), str(pattern))
-
-    def _fwd_fmt(self, weight, mask, pattern, rows: int) -> tuple:
-        """(rowptr, col, meta, vals, n, m, bp) for the forward of a call with ``rows`` GEMM rows."""
-        if pattern.is_nm and rows <= self.NM_SMALL_MAX:
-            nm = self._vals_nm(weight, mask, pattern)
-            if nm is not None:
-                return None, None, nm[0], nm[1], pattern.n, pattern.m, None
-        if rows <= self.ext.small_max():
-            rowptr, col = self._csr(mask)
-            return rowptr, col, None, self._vals(weight, mask), 0, 0, None
-        _, rowptr, bcol, vals, bp = self.packed(weight, mask, pattern)
-        return rowptr, bcol, None, vals, 0, 0, bp
-
-    def _dx_fmt(self, weight, mask, groups: int, rows: int) -> tuple:
-        """(t_rowptr, t_col, t_vals, t_bp) of the transpose for a call with ``rows`` GEMM rows."""
-        t_rowptr, t_col, _ = self._csr_t(mask, groups)
-        if rows <= self.ext.small_max():
-            return t_rowptr, t_col, self._vals_t(weight, mask, groups), None
-        t_bp, t_bcol, _ = self._blk_t(mask, groups)
-        return t_rowptr, t_bcol, self._vals_tb(weight, mask, groups), t_bp
-
-    def _dw_fmt(self, mask, rows: int) -> tuple:
-        """(rowptr, col, bp) of the SDDMM index for a call with ``rows`` GEMM rows."""
-        rowptr, col = self._csr(mask)
-        if rows <= self.ext.small_max():
-            return rowptr, col, None
-        bp, bcol, _ = self._blk(mask)
-        return rowptr, bcol, bp
-
-    # ---- primitives ---------------------------------------------------------------------------
-    # A NaN/Inf in the dense operand spreads through pruned weights in masked-dense math (0 * Inf);
-    # the kernels skip pruned weights, so such calls (checked in ~1 us/4k elements) use dense math.
-    def linear_fwd(self, x, weight, mask, bias, pattern):
-        """x (B, K), weight/mask (N, K), bias (N,) or None -> (B, N)."""
-        if not self.ext.all_finite(x):
-            return _DENSE.linear_fwd(x, weight, mask, bias, pattern)
-        n, k = weight.shape
-        rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, x.shape[0])
-        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn, mm, bias, bp, False)
-
-    def linear_dx(self, dy, weight, mask, pattern):
-        """dy (B, N) -> dx (B, K) = dy @ (W*M), through the transposed CSR."""
-        if not self.ext.all_finite(dy):
-            return _DENSE.linear_dx(dy, weight, mask, pattern)
-        n, k = weight.shape
-        t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, 1, dy.shape[0])
-        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, False)
-
+    # ---- shared helpers of the primitives -----------------------------------------------------
+    # The dense-weight primitives (linear_fwd, ...) come from the base class: they gather the kept
+    # values and run the kept primitives below, the only implementation.
     def _density(self, mask: torch.Tensor) -> float:
         return self.cached("density", (mask,), lambda: density(mask))
 
@@ -439,45 +325,11 @@ class CpuBackend(Backend):
                  else sddmm_crossover(op, m_rows, dtype, mask.numel(), **hw))
         return self._density(mask) > limit
 
-    def linear_dw(self, dy, x, mask, pattern):
-        """dy (B, N), x (B, K) -> (N, K) = (dyᵀ x) * M: at kept positions only (SDDMM), or for dense
-        masks (2:4, 50 %) the dense GEMM then the mask (:func:`sddmm_crossover`)."""
-        if self._dense_dw("linear", mask, x.shape[0], x.dtype):
-            return _DENSE.linear_dw(dy, x, mask, pattern)
-        n, k = mask.shape
-        rowptr, col, bp = self._dw_fmt(mask, x.shape[0])
-        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, False, True)
-
     @staticmethod
     def _conv_args(weight_shape, conv: ConvParams) -> tuple:
         return ([int(weight_shape[2]), int(weight_shape[3])], list(conv.stride), list(conv.padding),
                 list(conv.dilation), int(conv.groups))
 
-    def conv_fwd(self, x, weight, mask, bias, pattern, conv: ConvParams):
-        """x (B, C, H, W) -> (B, O, Ho, Wo) NCHW-contiguous."""
-        if not self.ext.all_finite(x):
-            return _DENSE.conv_fwd(x, weight, mask, bias, pattern, conv)
-        o, cg, kh, kw = weight.shape
-        rowptr, col, meta, vals, nn, mm, bp = self._fwd_fmt(weight, mask, pattern, 1 << 30)
-        return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn, mm, bias,
-                                 *self._conv_args(weight.shape, conv), bp, False)
-
-    def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
-        if not self.ext.all_finite(dy):
-            return _DENSE.conv_dx(dy, weight, mask, pattern, conv, input_shape)
-        o, cg, kh, kw = weight.shape
-        t_rowptr, t_col, t_vals, t_bp = self._dx_fmt(weight, mask, conv.groups, 1 << 30)
-        return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
-                                [int(s) for s in input_shape], *self._conv_args(weight.shape, conv), t_bp, False)
-
-    def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
-        if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype):
-            return _DENSE.conv_dw(dy, x, mask, pattern, conv, weight_shape)
-        o, cg, kh, kw = weight_shape
-        rowptr, col, bp = self._dw_fmt(mask, 1 << 30)
-        dw = self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,
-                              *self._conv_args(weight_shape, conv), bp, False, True)
-        return from_reduction_view(dw, tuple(weight_shape))
 
     # ---- kept values (what layers store: canonical CSR order of the reduction view) -----------
     # The kernels read the values as the layer stores them: the gather (few-row) kernels as CSR
@@ -499,13 +351,6 @@ class CpuBackend(Backend):
             r, c = reduction_view(mask).shape
             return self.ext.build_csr_blocks(rowptr, col, r, c, self.BLOCK)
         return self.cached("cblk", (mask,), build)
-
-    def _cblk_t(self, mask: torch.Tensor, groups: int) -> torch.Tensor:
-        def build():
-            t_rowptr, t_col, _ = self._csr_t(mask, groups)
-            rows, cols = reduction_view(mask).shape
-            return self.ext.build_csr_blocks(t_rowptr, t_col, groups * cols, rows // groups, self.BLOCK)
-        return self.cached("cblkT", (mask,), build, groups)
 
     def _nm_slots(self, values: torch.Tensor, mask: torch.Tensor, pattern: Pattern):
         """(meta, slot values) of the compact N:M format, or None where the mask does not fit it."""
@@ -594,7 +439,7 @@ class CpuBackend(Backend):
             return self._gather_kept(dy.t() @ x, mask)
         n, k = mask.shape
         rowptr, col, bp, cb = self._kept_dw_fmt(mask, x.shape[0])
-        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, cb, False)
+        return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, cb)
 
     def kept_conv_fwd(self, x, values, mask, bias, pattern, conv: ConvParams):
         if not self.ext.all_finite(x):
@@ -620,4 +465,4 @@ class CpuBackend(Backend):
         o, cg, kh, kw = mask.shape
         rowptr, col, bp, cb = self._kept_dw_fmt(mask, 1 << 30)
         return self.ext.conv_dw(dy.contiguous(), x.contiguous(), rowptr, col, o, cg * kh * kw,
-                                *self._conv_args(mask.shape, conv), bp, cb, False)
+                                *self._conv_args(mask.shape, conv), bp, cb)
