@@ -7,7 +7,22 @@ weights with the smallest ``|W|`` and grows as many inactive positions (the new 
 so does their optimizer state, e.g. momentum, in every ``torch.optim`` optimizer: ``layer.set_mask`` moves
 the kept values' state and starts grown positions at zero; ``optimizer=`` is accepted but not needed). The density of
 every layer (SET, RigL) or of the model (DSR, SNFS) stays constant. ``last_update`` holds the dropped
-and grown masks of the latest update (for inspection).
+and grown masks of the latest update (for inspection; a position dropped and regrown in the same update is
+in both).
+
+Positions dropped and regrown in the same update (``reinit_when_same``): by default they keep their value
+and their optimizer state, as in the authors' code of RigL (google-research/rigl
+``sparse_optimizers_base.py:276-343``, ``reinit_when_same=False``: only connections that were inactive
+before the update are set to the grow value and get their momentum reset) and of SNFS
+(TimDettmers/sparse_learning: the mask is applied to the weights only after the growth); the drop and the
+regrowth then cancel. ``reinit_when_same=True`` restarts them at zero value and zero optimizer state like
+any new connection (the behaviour of sparsefast before issue 18, and of the original SET code, which is why
+``SET(drop_rule="signed")`` defaults to it). DSR never regrows a position dropped in the same update (as in
+its authors' code), so the option does not apply to it.
+
+Drop counts (SET, RigL): ``floor(fraction · active)`` computed in float32, as RigL's code does
+(``n_prune = int(n_ones * drop_fraction)``); ``SET(drop_rule="signed")`` has its own counts (see SET).
+Where each method departs from its authors' code, and why: ``docs/methods.md``.
 
 N:M (SET, RigL): drops are chosen by ``|W|`` over the whole layer, and every m-group then regrows exactly
 as many weights as it lost, inside the same group, so each group keeps exactly n. DSR and SNFS move
@@ -69,15 +84,25 @@ def largest_remainder(total: int, shares: list[float], caps: list[int]) -> list[
     return out
 
 
+def drop_count(fraction: float, active: int) -> int:
+    """``floor(fraction · active)`` in float32: RigL's ``int(n_ones * drop_fraction)``
+    (google-research/rigl ``sparse_optimizers_base.py:285-288``)."""
+    return int(torch.tensor(float(active), dtype=torch.float32) * torch.tensor(float(fraction), dtype=torch.float32))
+
+
 class _DST(Pruner):
     default_distribution = "erk"
     _default_drop = 0.3
+    _default_reinit_when_same = False
 
     def __init__(self, model: nn.Module, *, update_every: int = 100, start_step: int = 0,
                  end_step: int | None = None, drop_fraction: float | None = None, optimizer: Any = None,
-                 **kw: Any) -> None:
+                 reinit_when_same: bool | None = None, **kw: Any) -> None:
         df = self._default_drop if drop_fraction is None else drop_fraction
         self.drop_fraction = _check_number("drop_fraction", df, 0.0, 1.0)
+        if reinit_when_same is not None and not isinstance(reinit_when_same, bool):
+            raise TypeError(f"reinit_when_same must be True, False or None, got {reinit_when_same!r}")
+        self.reinit_when_same = self._default_reinit_when_same if reinit_when_same is None else reinit_when_same
         self.updates = UpdateEvery(update_every, start_step, end_step)
         self.drop_schedule = self._make_drop_schedule(self.drop_fraction, start_step, end_step)
         self.optimizer = optimizer
@@ -128,24 +153,33 @@ class _DST(Pruner):
 
     def _commit(self, new: dict[str, torch.Tensor], grown: dict[str, torch.Tensor],
                 dropped: dict[str, torch.Tensor]) -> None:
-        # grown positions start at 0 with zero optimizer state (set_mask does that for newly kept ones); a
-        # position dropped and regrown in the same update restarts the same way (set_mask's reset=)
-        reset = {n: grown[n] & l.mask.to(grown[n].device) for n, l in self._layers if n in new}
-        self._apply(new, reset={n: r for n, r in reset.items() if bool(r.any())})
+        # grown positions start at 0 with zero optimizer state (set_mask does that for newly kept ones). A
+        # position dropped and regrown in the same update is kept in both masks, so set_mask keeps its value
+        # and state (RigL's reinit_when_same=False); with reinit_when_same it restarts at zero (reset=)
+        reset = None
+        if self.reinit_when_same:
+            reset = {n: grown[n] & l.mask.to(grown[n].device) for n, l in self._layers if n in new}
+            reset = {n: r for n, r in reset.items() if bool(r.any())}
+        self._apply(new, reset=reset)
         self.last_update = {n: {"dropped": dropped[n], "grown": grown[n]} for n in new}
 
     def _drop_grow_per_layer(self, t: int, frac: float, grow_score: Callable[[str, Any], torch.Tensor]) -> None:
         new, grown, dropped = {}, {}, {}
         for n, l in self._layers:
             nnz = int(l.mask.count_nonzero()) // math.prod(self.unit)  # active units (blocks for block:B)
-            k = int(round(frac * nnz))
-            if k <= 0:
+            d = self._drop_set(l, frac, nnz)
+            if d is None:
                 continue
-            d = self._drop(l, k)
+            k = int(d.sum()) // math.prod(self.unit)
             after = l.mask & ~d
             g = self._grow(after, grow_score(n, l), k)
             new[n], grown[n], dropped[n] = after | g, g, d
         self._commit(new, grown, dropped)
+
+    def _drop_set(self, layer, frac: float, nnz: int) -> torch.Tensor | None:
+        """The positions an update drops in ``layer`` (``None``: nothing to drop)."""
+        k = drop_count(frac, nnz)
+        return self._drop(layer, k) if k > 0 else None
 
     def _extra_state(self) -> dict:
         return {"updates": self.updates.state_dict(), "drop_schedule": self.drop_schedule.state_dict()}
@@ -155,14 +189,73 @@ class _DST(Pruner):
         self.drop_schedule.load_state_dict(d["drop_schedule"])
 
 
+def set_signed_drop(w: torch.Tensor, mask: torch.Tensor, zeta: float) -> torch.Tensor:
+    """The positions the original SET code drops (dcmocanu/sparse-evolutionary-artificial-neural-networks,
+    ``SET-MLP-Keras-Weights-Mask/set_mlp_keras_cifar10.py:148-173``, ``rewireMask``): over the sorted
+    values of the whole masked weight (pruned positions are 0), the fraction ζ of the negative weights
+    closest to zero and the fraction ζ of the positive weights closest to zero; a kept weight survives if
+    it is ``< values[int((1-ζ)·firstZero)]`` or ``> values[int(min(n-1, lastZero + ζ·(n-lastZero)))]``
+    (``firstZero``/``lastZero``: first index of, and one past the last index of, the value closest to 0).
+    With distinct values that drops ``ceil(ζ·negatives)`` and ``floor(ζ·positives) + 1`` weights. Active
+    weights that are exactly 0 are always dropped."""
+    wv = torch.where(mask, w, torch.zeros_like(w)).reshape(-1)
+    values = torch.sort(wv).values
+    n = values.numel()
+    a = values.abs()
+    first_zero = int(torch.argmin(a))                  # np.abs(values - 0).argmin(): first minimum
+    last_zero = n - int(torch.argmin(a.flip(0)))       # reversed argmin -> one past the last minimum
+    largest_negative = values[int((1 - zeta) * first_zero)]
+    smallest_positive = values[int(min(n - 1, last_zero + zeta * (n - last_zero)))]
+    keep = (wv > smallest_positive) | (wv < largest_negative)
+    return mask & ~keep.reshape(mask.shape)
+
+
 class SET(_DST):
-    """SET (Mocanu et al. 2018): every ``update_every`` steps each layer drops ``drop_fraction`` (ζ = 0.3)
-    of its active weights with the smallest ``|W|`` and regrows as many at uniformly random inactive
+    """SET (Mocanu et al. 2018): every ``update_every`` steps each layer drops a fraction ``drop_fraction``
+    (ζ = 0.3) of its active weights closest to zero and regrows as many at uniformly random inactive
     positions (seeded; new weights 0). Never needs a dense gradient.
 
+    ``drop_rule``:
+
+    * ``"magnitude"`` (default): the ``floor(ζ · active)`` active weights with the smallest ``|W|`` — SET as
+      RigL's authors implement it (google-research/rigl ``SparseSETOptimizer``, the SET every later DST
+      paper compares against). Default because it is the rule of the project's method summary, it drops
+      exactly the share asked for whatever the sign balance of the layer, and it is defined for N:M and
+      block patterns (ranking by a summed magnitude), which the signed rule is not.
+    * ``"signed"``: the original code's rule (dcmocanu, ``set_mlp_keras_cifar10.py:148-173``, and the
+      paper's "fraction ζ of the smallest positive weights and of the largest negative weights"): ζ of
+      the negative and ζ of the positive weights are dropped separately (:func:`set_signed_drop`, counts
+      exactly as that code computes them). Unstructured only. As in that code, a position dropped and
+      regrown in the same update restarts at 0 (``reinit_when_same`` defaults to True with this rule).
+
+    ``reinit_when_same``: see the module docstring (default False for ``"magnitude"``, as in RigL's SET).
+
     Patterns: unstructured, N:M (regrowth inside the groups that lost weights) and ``block:B`` (drops
-    ``round(ζ · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many uniformly
-    random non-kept blocks)."""
+    ``floor(ζ · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many uniformly
+    random non-kept blocks); ``drop_rule="signed"`` is unstructured only."""
+
+    _DROP_RULES = ("magnitude", "signed")
+
+    def __init__(self, model: nn.Module, *, drop_rule: str = "magnitude", reinit_when_same: bool | None = None,
+                 **kw: Any) -> None:
+        if drop_rule not in self._DROP_RULES:
+            raise ValueError(f"SET drop_rule must be one of {self._DROP_RULES}, got {drop_rule!r}")
+        self.drop_rule = drop_rule
+        if reinit_when_same is None:
+            reinit_when_same = drop_rule == "signed"
+        super().__init__(model, reinit_when_same=reinit_when_same, **kw)
+
+    def _check_hparams(self) -> None:
+        if self.drop_rule == "signed" and (self.pattern.is_nm or self.pattern.group_shape != (1, 1)):
+            raise ValueError(f"SET drop_rule='signed' (the original code's rule: ζ of the positive and ζ of the "
+                             f"negative weights) is defined for single weights only; pattern {self.pattern} "
+                             "needs drop_rule='magnitude'")
+
+    def _drop_set(self, layer, frac: float, nnz: int) -> torch.Tensor | None:
+        if self.drop_rule == "magnitude":
+            return super()._drop_set(layer, frac, nnz)
+        d = set_signed_drop(layer.dense_weight().detach(), layer.mask, frac)
+        return d if bool(d.any()) else None
 
     def _update(self, t: int) -> None:
         self._drop_grow_per_layer(t, self.drop_schedule(t),
@@ -171,13 +264,24 @@ class SET(_DST):
 
 class RigL(_DST):
     """RigL (Evci et al. 2020): every ``update_every`` steps (ΔT = 100) until ``end_step`` (T_end, required;
-    0.75 of training in the paper), each layer drops ``α_t = α/2 (1 + cos(π t / T_end))`` (α =
-    ``drop_fraction`` = 0.3) of its active weights with the smallest ``|W|`` and regrows as many at the
-    inactive positions with the largest dense ``|G|`` (new weights 0). The dense gradient is computed only
-    for the training steps that precede an update.
+    0.75 of training in the paper), each layer drops ``floor(α_t · active)``, ``α_t = α/2 (1 + cos(π t /
+    T_end))`` (α = ``drop_fraction`` = 0.3), of its active weights with the smallest ``|W|`` and regrows as
+    many at the positions not kept after the drop with the largest dense ``|G|`` (new weights 0, with zero
+    optimizer state). The dense gradient is computed only for the training steps that precede an update.
+
+    ``reinit_when_same`` (default False, as the authors' code): a position dropped and regrown in the same
+    update keeps its value and its optimizer state (google-research/rigl
+    ``sparse_optimizers_base.py:276-343``); ``True`` restarts it at zero value and state like any new
+    connection (the behaviour before issue 18).
+
+    Departures from the authors' code (``docs/methods.md``): their drop score gets ``N(0, 1e-5)`` noise
+    as a random tie-break (here ties go to the lower index); on an update iteration their optimizer
+    step is skipped, so they drop by the weights *before* the step, here ``step()`` runs after your
+    ``optimizer.step()`` and drops by the weights after it (the grow gradient is the same: the one of that
+    step's backward pass).
 
     Patterns: unstructured, N:M (drop by |W|, regrow in the same groups) and ``block:B`` (drops
-    ``round(α_t · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many non-kept
+    ``floor(α_t · active blocks)`` kept b x b blocks of smallest summed ``|W|``, regrows as many non-kept
     blocks of largest summed dense ``|G|``)."""
 
     def __init__(self, model: nn.Module, *, end_step: int | None = None, **kw: Any) -> None:
@@ -206,9 +310,19 @@ class DSR(_DST):
     each layer keeps at least one weight), count them (K), adapt H towards pruning
     ``N_p = drop_fraction·nnz`` per update (``H ← 2H`` if ``K < (1−δ)N_p``, ``H ← H/2`` if
     ``K > (1+δ)N_p``, δ = ``tolerance`` = 0.1; initial ``threshold`` H = 1e-3), then regrow K weights at
-    random inactive positions, split between layers in proportion to their surviving nonzeros (largest
-    remainder, capped by free positions). Total density stays constant; layer densities move. No dense
-    gradient. Unstructured only (N:M and ``block:B`` are refused: the threshold acts on single weights).
+    random positions that were inactive before the update (a weight pruned in this update is not regrown
+    in it, as in the authors' code), split between layers in proportion to their surviving nonzeros
+    (largest remainder, capped by free positions). Total density stays constant; layer densities move. No
+    dense gradient. Unstructured only (N:M and ``block:B`` are refused: the threshold acts on single
+    weights).
+
+    Compared with the authors' code (IntelAI/dynamic-reparameterization, ``main.py:629-685`` with
+    ``--rewire --threshold-prune --rewire-scaling``; ``parameterized_tensors.py:190-257``): the same
+    threshold rule, adaptation and proportional regrowth; departures (``docs/methods.md``): the split
+    rounds by largest remainder (theirs ``np.round`` plus the rounding discrepancy added to one random
+    layer), a layer that would be emptied keeps its largest weight (theirs: the first in flat order), the
+    fixed target ``N_p`` is given as a fraction of the (constant) total nonzeros, convolutions are pruned
+    per weight (their default ``--sub-kernel-granularity 2`` prunes whole kh x kw kernels).
     """
 
     supports_nm = "DSR moves weights between layers, which a fixed n per m-group forbids"
@@ -240,12 +354,14 @@ class DSR(_DST):
         elif K > (1 + self.tolerance) * target:
             self.threshold = H / 2
         surv = [float(after[n].sum()) for n in self._names]
-        caps = [int((~after[n]).sum()) for n in self._names]
+        # as in the authors' code (grow_random(pruned_indices=...): np.setdiff1d), a position pruned in this
+        # update is not a candidate for regrowth in the same update
+        caps = [int((~l.mask).sum()) for _, l in self._layers]
         alloc = largest_remainder(K, surv, caps)
         new, grown = {}, {}
         for (n, l), r in zip(self._layers, alloc):
             s = self._rand(l.weight_shape, "grow", t, n, device=l.mask.device)
-            g = self._grow(after[n], s, r) if r > 0 else torch.zeros_like(l.mask)
+            g = self._grow(l.mask, s, r) if r > 0 else torch.zeros_like(l.mask)
             new[n], grown[n] = after[n] | g, g
         self._commit(new, grown, dropped)
 
@@ -264,9 +380,25 @@ class SNFS(_DST):
     ``update_every`` steps: each layer drops ``p`` (``drop_fraction`` = 0.5, cosine-decayed to 0 at
     ``end_step`` when given) of its active weights with the smallest ``|W|``; the K dropped weights are
     regrown across layers in proportion to each layer's mean ``|M|`` over its active weights (largest
-    remainder, capped by free positions), inside each layer at the inactive positions with the largest
-    ``|M|`` (new weights 0). Needs the dense gradient on every step. Unstructured only (N:M and
+    remainder, capped by free positions), inside each layer at the positions not kept after the drop with
+    the largest ``|M|`` (new weights 0). A position dropped and regrown in the same update keeps its value
+    and optimizer state (``reinit_when_same=False``, as in the authors' code, whose mask reaches the
+    weights only after the growth). Needs the dense gradient on every step. Unstructured only (N:M and
     ``block:B`` are refused).
+
+    Compared with the authors' code (TimDettmers/sparse_learning ``sparselearning/core.py:377-514``,
+    ``funcs.py:53-111,245-247``) the drop and growth rules and the redistribution statistic (mean ``|M|``
+    over the active weights, normalised) are the same; the counts are kept exact where theirs are not
+    (``docs/methods.md`` lists each): per-layer drop ``round(p · active)`` (theirs ``ceil``), regrowth
+    ``K`` split by largest remainder capped by the free positions (theirs ``ceil(share · K)`` per layer,
+    which over-grows by up to one weight per layer, a cap of ``0.99 ·`` (free + removed), the excess
+    spread equally over all layers, and an exponentially smoothed correction of the previous updates'
+    shortfall), growth among the free positions only (their top-k of ``|M| · (1 − mask)`` counts active
+    positions, score 0, when fewer free positions have non-zero momentum: they under-grow). ``M`` is this
+    pruner's own EMA of the dense gradients (theirs: the optimizer's momentum buffer, the same direction
+    for plain SGD-momentum — ``(1 − β)`` times it — but including weight decay, and ``m/√v`` for Adam);
+    the decay of ``p`` is a cosine to 0 at ``end_step`` (theirs to 0.005), and their extra rule that
+    lowers ``p`` for layers less than 20% sparse is not applied.
     """
 
     supports_nm = "SNFS redistributes weights between layers, which a fixed n per m-group forbids"

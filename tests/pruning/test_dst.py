@@ -91,7 +91,7 @@ def test_rigl_drops_smallest_weights_and_grows_largest_gradients():
         alpha = 0.3 / 2 * (1 + math.cos(math.pi * t / 100))
         for (n, l), g in zip(pr.layers, G):
             m = masks_before[n]
-            k = int(round(alpha * int(m.sum())))
+            k = int(torch.tensor(float(m.sum())) * torch.tensor(alpha, dtype=torch.float32))  # rigl: floor, float32
             assert k > 0
             score = torch.where(m, -w_after[n].abs(), torch.full_like(g, -math.inf)).reshape(-1)
             drop = torch.zeros_like(score, dtype=torch.bool)
@@ -104,7 +104,9 @@ def test_rigl_drops_smallest_weights_and_grows_largest_gradients():
             assert torch.equal(l.mask, expect), f"step {t} layer {n}"
             assert int(l.mask.sum()) == nnz0[n]  # constant density
             grown = grow.reshape(m.shape)
-            assert bool((l.dense_weight()[grown] == 0).all())  # new weights start at 0
+            assert bool((l.dense_weight()[grown & ~m] == 0).all())  # new weights start at 0
+            # dropped and regrown in the same update: the old value stays (rigl reinit_when_same=False)
+            assert torch.equal(l.dense_weight()[grown & m], w_after[n][grown & m])
             assert torch.equal(pr.last_update[n]["grown"], grown)
 
 
@@ -134,9 +136,10 @@ def test_rigl_stops_at_end_step_and_warns_without_gradient():
 
 
 @pytest.mark.parametrize("tell_pruner", [False, True])
-def test_rigl_resets_optimizer_state_of_grown_weights(tell_pruner):
+@pytest.mark.parametrize("reinit_when_same", [False, True])
+def test_rigl_resets_optimizer_state_of_grown_weights(tell_pruner, reinit_when_same):
     model = mlp()
-    pr = P.RigL(model, sparsity=0.5, update_every=1, end_step=10)
+    pr = P.RigL(model, sparsity=0.5, update_every=1, end_step=10, reinit_when_same=reinit_when_same)
     pr.prune()
     opt = sgd(model)
     if tell_pruner:
@@ -145,17 +148,29 @@ def test_rigl_resets_optimizer_state_of_grown_weights(tell_pruner):
         F.cross_entropy(model(x), y).backward()
         opt.step()
         before = {n: kept.scatter(opt.state[l.weight]["momentum_buffer"], l.mask) for n, l in pr.layers}
+        mask_before = pr.masks()
+        w_before = {n: l.dense_weight().clone() for n, l in pr.layers}
         pr.step()
         opt.zero_grad()
+    same_seen = False
     for n, l in pr.layers:
         buf = opt.state[l.weight]["momentum_buffer"]
         assert buf.shape == l.weight.shape
         dense = kept.scatter(buf, l.mask)
         grown = pr.last_update[n]["grown"]
         assert bool(grown.any())
-        assert bool((dense[grown] == 0).all())
+        new = grown & ~mask_before[n]
+        same = grown & mask_before[n]  # dropped and regrown in this update
+        same_seen |= bool(same.any())
+        assert bool((dense[new] == 0).all()) and bool((l.dense_weight()[new] == 0).all())
+        if reinit_when_same:
+            assert bool((dense[same] == 0).all()) and bool((l.dense_weight()[same] == 0).all())
+        else:  # google-research/rigl reinit_when_same=False: value and momentum stay
+            assert torch.equal(dense[same], before[n][same])
+            assert torch.equal(l.dense_weight()[same], w_before[n][same])
         stay = l.mask & ~grown  # kept before and after: the momentum is untouched
         assert torch.equal(dense[stay], before[n][stay])
+    assert same_seen, "the test needs a position dropped and regrown in the same update"
 
 
 @pytest.mark.parametrize("cls", ["RigL", "SET"])
@@ -196,11 +211,12 @@ def test_set_drops_smallest_and_grows_randomly_at_constant_density():
         for n, l in pr.layers:
             d, g = pr.last_update[n]["dropped"], pr.last_update[n]["grown"]
             assert int(l.mask.sum()) == nnz[n]
-            assert int(d.sum()) == int(g.sum()) == int(round(0.3 * nnz[n]))
+            assert int(d.sum()) == int(g.sum()) == int(torch.tensor(float(nnz[n])) * torch.tensor(0.3))
             kept = w[n][before[n] & ~d].abs()
             assert float(w[n][d].abs().max()) <= float(kept.min())
             assert bool((g <= ~(before[n] & ~d)).all())
-            assert bool((l.dense_weight()[g] == 0).all())
+            assert bool((l.dense_weight()[g & ~before[n]] == 0).all())
+            assert torch.equal(l.dense_weight()[g & before[n]], w[n][g & before[n]])  # kept its value
         return {n: pr.last_update[n]["grown"] for n in pr.last_update}, pr
 
     g1, pr = run(0)
