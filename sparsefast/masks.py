@@ -357,6 +357,14 @@ def top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
     if k == n:
         return out.fill_(True)
     f = flat.float()
+    if f.device.type == "cpu" and n > (1 << 14):
+        from .formats.kept import _cpu_fast
+
+        ext = _cpu_fast(f)
+        if ext is not None:  # the same selection in three fused passes (4M entries: ~8 ms vs ~27 ms)
+            got = ext.topk_flat(f.contiguous(), k)
+            if got.numel() == n:  # (empty: NaN in the scores, the generic path below decides)
+                return got
     v = _kth_largest(f, k)
     out = f > v
     need = k - int(torch.count_nonzero(out))

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <atomic>
 #include <mutex>
 #include <cstdlib>
@@ -31,7 +33,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 8;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 9;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -609,6 +611,180 @@ Tensor gather_perm(const Tensor& vals_in, const Tensor& perm) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// mask-change helpers (kept-values storage, DST updates): O(n) passes instead of torch's
+// searchsorted / multi-pass selections
+// ---------------------------------------------------------------------------------------------
+
+// Flat positions (int32) of the true entries of a contiguous bool tensor, ascending: torch's
+// nonzero() as two parallel passes (count per part, then write at the part's offset).
+Tensor flat_nonzero(const Tensor& mask_in) {
+  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "flat_nonzero: need a bool tensor");
+  const Tensor mask = mask_in.contiguous();
+  const int64_t n = mask.numel();
+  TORCH_CHECK(n < (int64_t(1) << 31), "flat_nonzero: more than 2^31 entries");
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pick_threads(static_cast<double>(n) / 4), n)));
+  std::vector<int64_t> cnt(T + 1, 0);
+  run_parts(T, [&](int t) {
+    const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
+    int64_t c = 0;
+    for (int64_t i = i0; i < i1; ++i) c += mk[i];
+    cnt[t + 1] = c;
+  });
+  for (int t = 0; t < T; ++t) cnt[t + 1] += cnt[t];
+  Tensor out = at::empty({cnt[T]}, at::kInt);
+  int32_t* op = out.data_ptr<int32_t>();
+  run_parts(T, [&](int t) {
+    const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
+    int32_t* o = op + cnt[t];
+    constexpr int64_t kChunk = 4096;
+    int32_t buf[kChunk + 1];
+    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {  // branch-free compaction into a chunk buffer
+      const int64_t c1 = std::min(i1, c0 + kChunk);
+      int64_t p = 0;
+      for (int64_t i = c0; i < c1; ++i) {
+        buf[p] = static_cast<int32_t>(i);
+        p += mk[i];
+      }
+      std::memcpy(o, buf, p * sizeof(int32_t));
+      o += p;
+    }
+  });
+  return out;
+}
+
+// Where each entry of the ascending key list `new_keys` sits in the ascending `old_keys`: a linear
+// merge. Returns (src int64 (position in old_keys; 0 where absent), found bool).
+std::tuple<Tensor, Tensor> merge_keys(const Tensor& old_in, const Tensor& new_in) {
+  const Tensor a = old_in.to(at::kLong).contiguous(), b = new_in.to(at::kLong).contiguous();
+  const int64_t na = a.numel(), nb = b.numel();
+  Tensor src = at::zeros({nb}, at::kLong);
+  Tensor found = at::zeros({nb}, at::kBool);
+  const int64_t* ap = a.data_ptr<int64_t>();
+  const int64_t* bp = b.data_ptr<int64_t>();
+  int64_t* sp = src.data_ptr<int64_t>();
+  bool* fp = found.data_ptr<bool>();
+  // parallel over parts of b: each part starts its walk of a at a binary-searched position
+  run_range(nb, static_cast<double>(na + nb), [&](int64_t j0, int64_t j1) {
+    int64_t i = std::lower_bound(ap, ap + na, bp[j0]) - ap;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t key = bp[j];
+      while (i < na && ap[i] < key) ++i;
+      if (i < na && ap[i] == key) {
+        sp[j] = i;
+        fp[j] = true;
+      }
+    }
+  });
+  return {src, found};
+}
+
+// The k largest entries of a 1-D float32 tensor as a bool mask, ties going to the lower index (the
+// first k of a stable descending sort). A fixed-seed random sample brackets the k-th value, one pass
+// counts the entries above the bracket and collects those inside it, nth_element on the candidates
+// gives the value, one pass counts ties per part and the last writes the mask. Returns an empty
+// tensor when the input holds NaN (the caller's generic path decides what that means).
+Tensor topk_flat(const Tensor& f_in, int64_t k) {
+  TORCH_CHECK(f_in.scalar_type() == at::kFloat && f_in.dim() == 1, "topk_flat: need a 1-D float32 tensor");
+  const Tensor f = f_in.contiguous();
+  const int64_t n = f.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "topk_flat: k=", k, " outside [0, ", n, "]");
+  const float* fp = f.data_ptr<float>();
+  Tensor out = at::empty({n}, at::kBool);
+  uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+  if (k == 0 || n == 0) return out.zero_();
+  const auto& kt = table(at::kFloat);
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pick_threads(static_cast<double>(n) / 2), n)));
+  auto part = [&](int t) { return std::make_pair(n * t / T, n * (t + 1) / T); };
+  std::atomic<int> has_nan{0};
+  float v = 0.f;
+  bool have_v = false;
+  if (n > 4096) {
+    const int64_t ns = 1 << 15;
+    std::vector<float> smp(ns);
+    uint64_t st = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);
+    for (int64_t s = 0; s < ns; ++s) {
+      st ^= st << 13; st ^= st >> 7; st ^= st << 17;  // xorshift64: a fixed-seed sample
+      smp[s] = fp[st % static_cast<uint64_t>(n)];
+    }
+    const double q = static_cast<double>(k) / n;
+    const double spread = 4.0 * std::sqrt(ns * q * (1.0 - q)) + 8;
+    const int64_t ihi = std::max<int64_t>(0, static_cast<int64_t>(q * ns - spread));
+    const int64_t ilo = std::min<int64_t>(ns - 1, static_cast<int64_t>(q * ns + spread));
+    // two order statistics of the sample (descending): hi = #ihi <= ... <= lo = #ilo
+    std::nth_element(smp.begin(), smp.begin() + ilo, smp.end(), std::greater<float>());
+    const float lo = smp[ilo];
+    std::nth_element(smp.begin(), smp.begin() + ihi, smp.begin() + ilo + 1, std::greater<float>());
+    const float hi = smp[ihi];
+    if (hi == hi && lo == lo) {
+      std::vector<int64_t> above(T, 0), nc(T, 0);
+      std::vector<std::vector<float>> cand(T);
+      run_parts(T, [&](int t) {
+        const auto [i0, i1] = part(t);
+        const int64_t cap = (i1 - i0) / 16 + 1024;  // ~8 x the expected bracket share
+        cand[t].resize(cap);
+        int nan = 0;
+        nc[t] = kt.bracket_scan(fp + i0, i1 - i0, hi, lo, cand[t].data(), cap, &above[t], &nan);
+        if (nan) has_nan.store(1);
+        if (nc[t] > cap) nc[t] = -1;  // overflow: the full selection below
+      });
+      if (has_nan.load()) return at::empty({0}, at::kBool);
+      int64_t ab = 0, ncs = 0;
+      bool ok = true;
+      for (int t = 0; t < T; ++t) {
+        ab += above[t];
+        ok &= nc[t] >= 0;
+        ncs += nc[t];
+      }
+      const int64_t r = k - ab;  // the r-th largest candidate
+      if (ok && ab < k && r >= 1 && r <= ncs) {
+        std::vector<float> all;
+        all.reserve(ncs);
+        for (int t = 0; t < T; ++t) all.insert(all.end(), cand[t].begin(), cand[t].begin() + nc[t]);
+        std::nth_element(all.begin(), all.begin() + (r - 1), all.end(), std::greater<float>());
+        v = all[r - 1];
+        have_v = true;
+      }
+    }
+  }
+  if (!have_v) {
+    for (int64_t i = 0; i < n; ++i)
+      if (fp[i] != fp[i]) return at::empty({0}, at::kBool);
+    std::vector<float> all(fp, fp + n);
+    std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), std::greater<float>());
+    v = all[k - 1];
+  }
+  // ties: the first (k - #above v) entries equal to v, in index order
+  std::vector<int64_t> gt(T, 0), eq(T + 1, 0);
+  run_parts(T, [&](int t) {
+    const auto [i0, i1] = part(t);
+    kt.count_gt_eq(fp + i0, i1 - i0, v, &gt[t], &eq[t + 1]);
+  });
+  int64_t ngt = 0;
+  for (int t = 0; t < T; ++t) ngt += gt[t];
+  for (int t = 0; t < T; ++t) eq[t + 1] += eq[t];
+  const int64_t need = k - ngt;  // >= 1: v itself is the k-th largest
+  if (need >= eq[T]) {  // every tie is taken (the usual case: v is unique): one vectorised pass
+    run_parts(T, [&](int t) {
+      const auto [i0, i1] = part(t);
+      kt.ge_bytes(fp + i0, i1 - i0, v, op + i0);
+    });
+  } else {
+    run_parts(T, [&](int t) {
+      const auto [i0, i1] = part(t);
+      int64_t seen = eq[t];
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = fp[i];
+        const bool tie = (x == v);
+        op[i] = static_cast<uint8_t>((x > v) | (tie & (seen < need)));
+        seen += tie;
+      }
+    });
+  }
+  return out;
+}
+
 Tensor gather_nm(const Tensor& w_in, const Tensor& meta, int64_t n, int64_t m, const std::optional<Tensor>& valid) {
   const Tensor w = w_in.contiguous();
   const int64_t R = w.size(0), C = w.size(1), G = C / m, S = G * n, ld = (S + 1) / 2;
@@ -1176,6 +1352,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("build_nm", &build_nm);
   mod.def("gather_csr", &gather_csr);
   mod.def("gather_perm", &gather_perm);
+  mod.def("flat_nonzero", &flat_nonzero, "ascending int32 flat positions of a bool tensor's true entries");
+  mod.def("merge_keys", &merge_keys, "(src, found): positions of ascending new keys in ascending old keys");
+  mod.def("topk_flat", &topk_flat, "bool mask of the k largest float32 entries (ties: lower index); empty on NaN");
   mod.def("gather_nm", &gather_nm);
   mod.def("build_blocked", &build_blocked);
   mod.def("build_csr_blocks", &build_csr_blocks);

@@ -134,6 +134,14 @@ struct KernelTable {
                          int64_t PW, int64_t o0, int64_t o1);
   void (*panels_to_rows)(const void* p, void* t, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
                          int64_t PW, int64_t o0, int64_t o1);
+  // top-k selection passes over fp32 scores (dtype-independent; mask changes): entries > hi and NaNs
+  // counted, entries in [lo, hi] copied to cand (the first cap of them; returns how many there are)
+  int64_t (*bracket_scan)(const float* p, int64_t n, float hi, float lo, float* cand, int64_t cap,
+                          int64_t* above, int* nan);
+  // gt = #(p > v), eq = #(p == v)
+  void (*count_gt_eq)(const float* p, int64_t n, float v, int64_t* gt, int64_t* eq);
+  // out[i] = p[i] >= v (0/1 bytes)
+  void (*ge_bytes)(const float* p, int64_t n, float v, uint8_t* out);
 };
 
 // Tables for (isa, dtype); nullptr when the ISA was not compiled in.

@@ -1130,6 +1130,60 @@ static void panels_to_rows(const void* pv, void* tv, int64_t rows, int64_t HW, i
   }
 }
 
+// ---- top-k selection passes (plain loops: the ISA pragma vectorises them) -----------------------
+static int64_t bracket_scan(const float* p, int64_t n, float hi, float lo, float* cand, int64_t cap,
+                            int64_t* above, int* nan) {
+  constexpr int64_t B = 256;
+  int64_t a = 0, nc = 0;
+  int bad = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += B) {
+    const int64_t len = n - i0 < B ? n - i0 : B;
+    const float* q = p + i0;
+    int32_t ab = 0, in = 0, nb = 0;
+    for (int64_t j = 0; j < len; ++j) {  // vectorised counts
+      const float x = q[j];
+      nb |= (x != x);
+      ab += (x > hi);
+      in += (x <= hi) & (x >= lo);
+    }
+    a += ab;
+    bad |= nb;
+    if (in) {  // rare (the bracket holds ~1% of the entries): scalar copy of this block's candidates
+      for (int64_t j = 0; j < len; ++j) {
+        const float x = q[j];
+        if (x <= hi && x >= lo) {
+          if (nc < cap) cand[nc] = x;
+          ++nc;
+        }
+      }
+    }
+  }
+  *above = a;
+  *nan = bad;
+  return nc;
+}
+
+static void count_gt_eq(const float* p, int64_t n, float v, int64_t* gt, int64_t* eq) {
+  constexpr int64_t B = 1 << 16;
+  int64_t g = 0, e = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += B) {
+    const int64_t len = n - i0 < B ? n - i0 : B;
+    int32_t gb = 0, eb = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      gb += (p[i0 + j] > v);
+      eb += (p[i0 + j] == v);
+    }
+    g += gb;
+    e += eb;
+  }
+  *gt = g;
+  *eq = e;
+}
+
+static void ge_bytes(const float* p, int64_t n, float v, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(p[i] >= v ? 1 : 0);
+}
+
 template <typename T>
 static KernelTable make_table(const char* name) {
   KernelTable t;
@@ -1145,6 +1199,9 @@ static KernelTable make_table(const char* name) {
   t.col2im = &col2im;
   t.rows_to_panels = &rows_to_panels<T>;
   t.panels_to_rows = &panels_to_rows<T>;
+  t.bracket_scan = &bracket_scan;
+  t.count_gt_eq = &count_gt_eq;
+  t.ge_bytes = &ge_bytes;
   return t;
 }
 

@@ -24,15 +24,34 @@ import weakref
 
 import torch
 
-__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor"]
+__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor", "share_index"]
 
 _LOCK = threading.Lock()
 _CACHE: dict[int, tuple] = {}
 
 
+def _ext():
+    """The compiled CPU helpers when they are already loaded or prebuilt (never builds): O(n) passes for
+    the index, the remap merge and top-k selections; ``None`` means the torch paths below."""
+    from .. import _build_cpu
+
+    return _build_cpu.loaded_or_prebuilt()
+
+
+def _cpu_fast(t: torch.Tensor):
+    """The extension module when ``t`` is a CPU tensor and the extension is there, else ``None``."""
+    if t.device.type != "cpu":
+        return None
+    ext = _ext()
+    return ext if ext is not None and hasattr(ext, "merge_keys") else None
+
+
 def _canonical_flat(mask: torch.Tensor) -> torch.Tensor:
     """Flat natural-layout positions of the kept entries, in reduction-view row-major order."""
     if mask.dim() == 2:
+        ext = _cpu_fast(mask)
+        if ext is not None and mask.numel() < 2**31:
+            return ext.flat_nonzero(mask)  # int32, two parallel passes (torch's nonzero: ~3x slower)
         return mask.reshape(-1).nonzero().reshape(-1)
     if mask.dim() == 4:
         o, c, kh, kw = mask.shape
@@ -63,6 +82,23 @@ def index(mask: torch.Tensor) -> torch.Tensor:
     if fresh:
         weakref.finalize(mask, _drop, key)
     return flat
+
+
+def share_index(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Let ``dst`` use ``src``'s cached index: call right after ``dst.copy_(src)`` (equal contents), so a
+    mask change computes its index once — for the remap — and not again on the next forward."""
+    with _LOCK:
+        hit = _CACHE.get(id(src))
+    if hit is None or hit[0]() is not src or hit[1] != (src._version, src.data_ptr(), tuple(src.shape), src.device):
+        return
+    if tuple(dst.shape) != tuple(src.shape) or dst.device != src.device:
+        return
+    key = id(dst)
+    with _LOCK:
+        fresh = key not in _CACHE or _CACHE[key][0]() is not dst
+        _CACHE[key] = (weakref.ref(dst), (dst._version, dst.data_ptr(), tuple(dst.shape), dst.device), hit[2])
+    if fresh:
+        weakref.finalize(dst, _drop, key)
 
 
 def _drop(key: int) -> None:
@@ -129,8 +165,12 @@ def remap(old_mask: torch.Tensor, new_mask: torch.Tensor,
     if old_k.numel() == 0:
         src = torch.zeros_like(new_k)
         return src, torch.zeros(new_k.shape, dtype=torch.bool, device=new_k.device)
-    pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
-    keep = old_k[pos] == new_k
+    ext = _cpu_fast(old_k)
+    if ext is not None:  # a linear merge of the two ascending lists (searchsorted: n log n, ~10x slower)
+        pos, keep = ext.merge_keys(old_k, new_k)
+    else:
+        pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
+        keep = old_k[pos] == new_k
     if reset is not None:
         keep &= ~reset.reshape(-1)[index(new_mask).long()]
     return pos, keep
@@ -138,8 +178,8 @@ def remap(old_mask: torch.Tensor, new_mask: torch.Tensor,
 
 def remap_tensor(t: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """A new tensor in the new order (see :func:`remap`): old entries where kept before, zero elsewhere."""
-    out = torch.zeros(src.shape, dtype=t.dtype, device=t.device)
-    if bool(keep.all()):
-        return t.index_select(0, src).clone() if src.numel() else out
-    out[keep] = t[src[keep]]
-    return out
+    if src.numel() == 0 or t.numel() == 0:
+        return torch.zeros(src.shape, dtype=t.dtype, device=t.device)
+    # one gather and one masked fill (``src`` is a valid position everywhere, ``keep`` says where it
+    # means something); boolean indexing would run a nonzero per tensor moved
+    return t.index_select(0, src).masked_fill_(~keep, 0)

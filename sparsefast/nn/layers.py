@@ -199,6 +199,7 @@ class SparseModule(nn.Module):
                 states.append((st, moved))
             # commit (no more failures expected)
             self.mask.copy_(m)
+            _kept.share_index(m, self.mask)  # the remap computed m's index: not again on the next forward
             if values.shape[0] == old_nnz:
                 p.copy_(values)
             else:

@@ -1,0 +1,78 @@
+"""The compiled CPU fast paths of mask changes (index, remap merge, top-k) against their torch
+definitions, with the extension used and with it hidden (both paths must agree bit for bit)."""
+import pytest
+import torch
+
+import sparsefast
+from sparsefast import masks
+from sparsefast.formats import kept
+
+
+@pytest.fixture(params=["ext", "torch"])
+def path(request, monkeypatch):
+    if request.param == "ext":
+        if kept._cpu_fast(torch.zeros(1)) is None:
+            pytest.skip("the compiled CPU extension is not available")
+    else:
+        monkeypatch.setattr(kept, "_cpu_fast", lambda t: None)
+    return request.param
+
+
+def _brute_remap(old: torch.Tensor, new: torch.Tensor):
+    """Reference: position of each new kept entry among the old kept entries (canonical order)."""
+    old_pos = {int(p): i for i, p in enumerate(kept._keys(old).tolist())}
+    src, keep = [], []
+    for p in kept._keys(new).tolist():
+        src.append(old_pos.get(int(p), 0))
+        keep.append(int(p) in old_pos)
+    return torch.tensor(src, dtype=torch.long), torch.tensor(keep, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (64, 48), (300, 257), (6, 4, 3, 3), (8, 2, 1, 5)])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+def test_index_and_remap(path, shape, density):
+    g = torch.Generator().manual_seed(hash((shape, density)) % 1000)
+    old = torch.rand(shape, generator=g) < density
+    new = old.clone()
+    flip = torch.rand(shape, generator=g) < 0.3
+    new[flip] = ~new[flip]
+    flat = kept.index(new.clone())
+    if new.dim() == 2:
+        assert torch.equal(flat.long(), new.reshape(-1).nonzero().reshape(-1))
+    src, keep = kept.remap(old.clone(), new.clone())
+    rs, rk = _brute_remap(old, new)
+    assert torch.equal(keep, rk)
+    assert torch.equal(src[keep].long(), rs[rk])
+    vals = torch.randn(int(old.sum()), generator=g)
+    moved = kept.remap_tensor(vals, src, keep)
+    want = kept.gather(kept.scatter(vals, old) * new, new)
+    assert torch.equal(moved, want)
+
+
+@pytest.mark.parametrize("n", [20_000, 150_000])
+def test_top_k_flat_paths_agree_with_stable_sort(path, n):
+    g = torch.Generator().manual_seed(n)
+    for kind in range(5):
+        f = torch.randint(-3, 4, (n,), generator=g).float() if kind == 0 else torch.randn(n, generator=g)
+        if kind == 2:
+            f[torch.rand(n, generator=g) < 0.7] = float("-inf")
+        if kind == 3:
+            f[torch.rand(n, generator=g) < 0.5] = float("inf")
+        if kind == 4:
+            f = f.abs() * (torch.rand(n, generator=g) < 0.1)  # mostly exact zeros: a huge tie
+        for k in (0, 1, n // 100, n // 3, n - 1, n):
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[torch.sort(f, descending=True, stable=True).indices[:k]] = True
+            assert torch.equal(masks.top_k_flat(f, k), ref), (kind, k)
+
+
+def test_set_mask_computes_the_new_index_once(path):
+    layer = sparsefast.nn.SparseLinear(64, 32, sparsity=0.8)
+    new = masks.topk_mask(torch.randn(32, 64), 0.3)
+    layer.set_mask(new)
+    # the layer's mask reuses the index its remap computed: cached (same object), and correct
+    first = kept.index(layer.mask)
+    assert kept.index(layer.mask) is first
+    assert torch.equal(first.long(), layer.mask.reshape(-1).nonzero().reshape(-1))
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias)
