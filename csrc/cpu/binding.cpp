@@ -575,16 +575,31 @@ void gather_csr_t(const E* w, int64_t C, const SpMat& A, E* out) {
   });
 }
 
-Tensor gather_csr(const Tensor& w_in, const Tensor& rowptr, const Tensor& col) {
+// Kept values of the dense rows [row0, row0 + w.rows) of the matrix whose CSR is (rowptr, col), written
+// at their CSR positions of `out` (allocated with all nnz entries when not given) and returned: a dense
+// weight gradient computed and gathered a block of rows at a time never exists whole.
+Tensor gather_csr(const Tensor& w_in, const Tensor& rowptr, const Tensor& col, int64_t row0,
+                  const std::optional<Tensor>& out_opt) {
   TORCH_CHECK(w_in.dim() == 2, "gather_csr: need a 2-D weight");
   const Tensor w = w_in.contiguous();
   const int64_t R = w.size(0), C = w.size(1);
+  TORCH_CHECK(row0 >= 0 && row0 + R < rowptr.numel(), "gather_csr: rows [", row0, ", ", row0 + R,
+              ") outside the CSR's ", rowptr.numel() - 1, " rows");
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  const int64_t total = rp[rowptr.numel() - 1];
   SpMat A;
   A.rows = R;
   A.cols = C;
-  A.rowptr = rowptr.data_ptr<int32_t>();
+  A.rowptr = rp + row0;
   A.col = reinterpret_cast<const uint16_t*>(col.data_ptr<int16_t>());
-  Tensor out = at::empty({static_cast<int64_t>(A.rowptr[R])}, w.options());
+  Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.is_contiguous() && out.numel() == total && out.scalar_type() == w.scalar_type(),
+                "gather_csr: out must be a contiguous ", total, "-entry tensor of the weight's dtype");
+  } else {
+    out = at::empty({total}, w.options());
+  }
   if (w.element_size() == 4)
     gather_csr_t<uint32_t>(reinterpret_cast<const uint32_t*>(w.data_ptr()), C, A, reinterpret_cast<uint32_t*>(out.data_ptr()));
   else if (w.element_size() == 2)
@@ -1350,7 +1365,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("build_csr", &build_csr);
   mod.def("build_transpose", &build_transpose);
   mod.def("build_nm", &build_nm);
-  mod.def("gather_csr", &gather_csr);
+  mod.def("gather_csr", &gather_csr, py::arg("w"), py::arg("rowptr"), py::arg("col"), py::arg("row0") = 0,
+          py::arg("out") = py::none());
   mod.def("gather_perm", &gather_perm);
   mod.def("flat_nonzero", &flat_nonzero, "ascending int32 flat positions of a bool tensor's true entries");
   mod.def("merge_keys", &merge_keys, "(src, found): positions of ascending new keys in ascending old keys");

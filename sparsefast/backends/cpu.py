@@ -434,9 +434,23 @@ class CpuBackend(Backend):
         d2 = reduction_view(dense)
         return self.ext.gather_csr(d2.contiguous(), rowptr, col)
 
+    #: dense-GEMM weight gradients are computed and gathered this many weight entries at a time (a block
+    #: of output rows): the dense-shaped temporary is at most this big, not the whole weight (2:4 MLP
+    #: training peak memory: 0.78x -> ~0.70x dense), and the GEMM blocks stay efficient
+    DW_CHUNK = 1 << 20
+
     def kept_linear_dw(self, dy, x, mask, pattern):
         if self._dense_dw("linear", mask, x.shape[0], x.dtype, kept=True):  # dense GEMM, then the kept positions
-            return self._gather_kept(dy.t() @ x, mask)
+            n, k = mask.shape
+            rows = max(16, self.DW_CHUNK // max(k, 1))
+            if rows >= n:
+                return self._gather_kept(dy.t() @ x, mask)
+            rowptr, col = self._csr(mask)
+            out = None
+            for r0 in range(0, n, rows):
+                blk = dy[:, r0:r0 + rows].t() @ x
+                out = self.ext.gather_csr(blk, rowptr, col, r0, out)
+            return out
         n, k = mask.shape
         rowptr, col, bp, cb = self._kept_dw_fmt(mask, x.shape[0])
         return self.ext.sddmm(dy, x, rowptr, col, n, k, bp, cb)

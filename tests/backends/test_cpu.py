@@ -508,3 +508,22 @@ def test_kept_dx_scatter_kernel_and_dw_routes(cb, dtype, shape, density):
         _close(cb.kept_linear_dx(dy, v, m, p), ref, dtype, f"dx rows={rows}")
         rdw = kept.gather(dy.double().t() @ x.double(), m)
         _close(cb.kept_linear_dw(dy, x, m, p), rdw, dtype, f"dW rows={rows}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,chunk", [((300, 70), 700), ((64, 600), 1), ((129, 33), 33 * 16)])
+def test_kept_dense_dw_in_row_blocks(cb, monkeypatch, dtype, shape, chunk):
+    """The dense-GEMM weight gradient gathered a block of output rows at a time (DW_CHUNK entries: several
+    blocks, a short last block, the 16-row minimum) equals masked dense dW, at 2:4 and dense masks."""
+    from sparsefast.formats import kept
+    monkeypatch.setattr(type(cb), "DW_CHUNK", chunk)
+    monkeypatch.setattr(type(cb), "_dense_dw", lambda self, *a, **k: True)
+    g = torch.Generator().manual_seed(shape[0])
+    n, k = shape
+    for m in (nm_mask(torch.randn(n, k - k % 4 or 4, generator=g), 2, 4), torch.rand(n, k, generator=g) < 0.6):
+        p = parse_pattern("unstructured")
+        dy = torch.randn(40, m.shape[0], generator=g).to(dtype)
+        x = torch.randn(40, m.shape[1], generator=g).to(dtype)
+        got = cb.kept_linear_dw(dy, x, m, p)
+        want = kept.gather(dy.double().t() @ x.double(), m)
+        _close(got, want, dtype, f"chunked dW {tuple(m.shape)}")
