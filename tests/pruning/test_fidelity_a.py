@@ -98,3 +98,55 @@ def test_srste_carries_momentum_across_sides():
                                        rtol=0, atol=0)
             changed += int((before[n] != l.mask).sum())
     assert changed > 0
+
+
+# ---- LOBSTER: EIDOSlab/LOBSTER ------------------------------------------------------------------------
+def _lobster_run(fx, **kw):
+    hp = fx["provenance"]["hparams"]
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model.load_state_dict(fx["init"])
+    pr = P.LOBSTER(model, lmbda=hp["lmbda"], twt=hp["twt"], pwe=hp["pwe"], **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"])
+    train = [(x.float() / 16.0, y) for x, y in zip(fx["train_x"], fx["train_y"])]
+    vx, vy = fx["valid_x"].float() / 16.0, fx["valid_y"]
+    valid = [(vx[:64], vy[:64]), (vx[64:], vy[64:])]
+    out = []
+    for epoch in range(hp["epochs"]):
+        for x, y in train:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            pr.step()
+        before = pr.masks()
+        pr.prune(valid)
+        pruned = any(not torch.equal(before[n], l.mask) for n, l in pr.layers)
+        out.append((pr.last_loss, pruned, pr.masks(), {n: l.bias.detach().clone() for n, l in pr.layers},
+                    {n: l.dense_weight() for n, l in pr.layers}))
+    return out
+
+
+def test_lobster_matches_the_authors_training():
+    fx = load("lobster")
+    run = _lobster_run(fx)  # the defaults: biases too, the authors' plateau, restore, threshold search
+    for e, (loss, pruned, masks, biases, weights) in enumerate(run):
+        assert loss == pytest.approx(float(fx["val_loss"][e]), rel=1e-5), f"validation loss, epoch {e}"
+        assert pruned == bool(fx["pruned"][e]), f"pruning decision, epoch {e}"
+        for n in ("0", "2"):
+            assert torch.equal(masks[n], fx["masks"][n][e]), f"mask of layer {n} after epoch {e}"
+            assert torch.equal(biases[n] == 0, fx["bias_zero"][n][e]), f"pruned biases of layer {n}, epoch {e}"
+        ref = fx["weights"].get(str(e))
+        if ref is not None:
+            for n in ("0", "2"):
+                torch.testing.assert_close(weights[n], ref[f"{n}.weight"], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(biases[n], ref[f"{n}.bias"], rtol=1e-4, atol=1e-5)
+    assert sum(bool(p) for p in fx["pruned"]) >= 3
+
+
+def test_lobster_former_rules_remain_as_options():
+    """plateau="improvement", restore_best=False, bias=False, threshold_search="rank": the former behaviour
+    (prunes on a slowly improving loss where the authors' rule waits; biases untouched)."""
+    fx = load("lobster")
+    run = _lobster_run(fx, bias=False, plateau="improvement", restore_best=False, threshold_search="rank")
+    when = [e for e, r in enumerate(run) if r[1]]
+    assert when and when != [e for e, p in enumerate(fx["pruned"].tolist()) if p]
+    assert all(bool((r[3]["0"] != 0).all()) for r in run)  # no bias pruned

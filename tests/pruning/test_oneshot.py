@@ -303,10 +303,20 @@ def test_lobster_regulariser_shrinks_insensitive_weights():
     F.cross_entropy(model(x), y).backward()
     w = {n: l.dense_weight().clone() for n, l in pr.layers}
     g = {n: l.dense_grad() for n, l in pr.layers}
+    b = {n: l.bias.detach().clone() for n, l in pr.layers}
+    gb = {n: l.bias.grad.clone() for n, l in pr.layers}
     pr.step()
     for n, l in pr.layers:
         expect = w[n] - 0.1 * w[n] * (1 - g[n].abs()).clamp(min=0)
         torch.testing.assert_close(l.dense_weight(), expect)
+        # biases too, as the authors' code (bias=True by default)
+        torch.testing.assert_close(l.bias.detach(), b[n] - 0.1 * b[n] * (1 - gb[n].abs()).clamp(min=0))
+    m2 = mlp()
+    p2 = P.LOBSTER(m2, lmbda=0.1, bias=False)
+    F.cross_entropy(m2(x), y).backward()
+    b2 = m2[0].bias.detach().clone()
+    p2.step()
+    assert torch.equal(m2[0].bias.detach(), b2)
 
 
 def test_lobster_threshold_respects_the_loss_tolerance():
@@ -317,7 +327,9 @@ def test_lobster_threshold_respects_the_loss_tolerance():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    pr = P.LOBSTER(model, twt=0.05, pwe=1)
+    # the exact search on the rank of |W| guarantees the bound (the authors' value bisection returns a
+    # midpoint whose loss may exceed it slightly)
+    pr = P.LOBSTER(model, twt=0.05, pwe=1, threshold_search="rank", plateau="improvement")
 
     def vloss():
         with torch.no_grad():
@@ -347,3 +359,35 @@ def test_lobster_sparsity_cap():
     pr = P.LOBSTER(model, sparsity=0.3, twt=10.0)
     pr.prune(data(1)[0], force=True)
     assert pr.sparsity() == pytest.approx(0.3, abs=2e-3)
+
+
+def test_lobster_authors_plateau_rule_and_best_restore():
+    val = data(2, seed=5)
+    # a flat validation loss: the authors' rule (bad only if loss >= 1.01 best) never prunes; the former
+    # rule (bad unless 1% better) prunes after pwe calls
+    for plateau, expect in (("authors", 0.0), ("improvement", None)):
+        model = mlp()
+        pr = P.LOBSTER(model, pwe=2, twt=0.5, plateau=plateau)
+        for _ in range(5):
+            pr.prune(val)
+        if expect is None:
+            assert pr.sparsity() > 0
+        else:
+            assert pr.sparsity() == expect
+    # a worse loss for pwe evaluations: the best evaluation's weights are restored, then pruned
+    model = mlp()
+    pr = P.LOBSTER(model, pwe=2, twt=0.0)
+    pr.prune(val)
+    best = {n: l.dense_weight() for n, l in pr.layers}
+    best_b = {n: l.bias.detach().clone() for n, l in pr.layers}
+    with torch.no_grad():
+        for _, l in pr.layers:
+            l.weight.mul_(3.0)  # the loss gets worse
+    pr.prune(val)
+    assert pr.sparsity() == 0.0 and pr._wait == 1
+    pr.prune(val)  # second bad evaluation: restore the best, prune
+    assert pr.best_loss == math.inf and pr._wait == 0
+    for n, l in pr.layers:
+        torch.testing.assert_close(l.dense_weight(), best[n] * l.mask)
+        keep = pr.bias_masks()[n]
+        torch.testing.assert_close(l.bias.detach(), best_b[n] * keep)
