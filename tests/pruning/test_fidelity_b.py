@@ -94,3 +94,113 @@ def test_rigl_matches_google_research_rigl(reinit_when_same):
             moved = sum(int(u["grown"].sum()) for u in pr.last_update.values())
             same = sum(int((u["grown"] & u["dropped"]).sum()) for u in pr.last_update.values())
             assert moved > 0 and same > 0, "the fixture must exercise a drop-and-regrow of the same position"
+
+
+# ------------------------------------------------------------------------------------------------------
+# SET — drop_rule="magnitude": rigl's SparseSETOptimizerBase; drop_rule="signed": the original Keras code
+# ------------------------------------------------------------------------------------------------------
+def test_set_magnitude_matches_rigl_set():
+    """rigl's SET (fed sparsefast's uniform grow draws): masks and weights after two updates, exactly."""
+    fx = load("set")
+    model = mlp_from(fx["init"])
+    pr = P.SET(model, sparsity=0.8, distribution="uniform", update_every=2, drop_fraction=0.3)
+    pr.prune()
+    set_masks(pr, fx["init"]["masks"], fx["init"]["weights"])
+    opt = torch.optim.SGD(model.parameters(), lr=fx["config"]["lr"], momentum=fx["config"]["momentum"])
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    for i in range(X.shape[0]):
+        train_step(model, opt, pr, X[i], Y[i])
+        if i in fx["expected_magnitude"]:
+            e = fx["expected_magnitude"][i]
+            for n, l in pr.layers:
+                assert torch.equal(l.mask, e["masks"][n]), f"iteration {i} layer {n}: masks differ"
+                torch.testing.assert_close(l.dense_weight(), e["weights"][n], **TOL)
+
+
+def test_set_signed_matches_the_original_rewiremask():
+    """The original code's drop (weightMaskCore) exactly; its regrowth is np.random: count and placement
+    rule only; dropped-and-regrown positions restart at 0 as there (w * weightMaskCore)."""
+    fx = load("set")
+    e = fx["expected_signed"]
+    model = mlp_from(fx["init"])
+    pr = P.SET(model, sparsity=0.8, distribution="uniform", update_every=1, drop_fraction=0.3, drop_rule="signed")
+    assert pr.reinit_when_same
+    pr.prune()
+    set_masks(pr, fx["init"]["masks"], e["weights_before"])
+    with torch.no_grad():
+        for n, l in pr.layers:
+            l.bias.copy_(e["biases_before"][n])
+    before = pr.masks()
+    pr.step()  # SET needs no gradient
+    for n, l in pr.layers:
+        core = e["core"][n]
+        dropped = before[n] & ~core
+        assert torch.equal(pr.last_update[n]["dropped"], dropped), f"layer {n}: dropped sets differ"
+        grown = pr.last_update[n]["grown"]
+        assert int(grown.sum()) == int(e["rewired"][n].sum() - core.sum()) == int(dropped.sum())
+        assert not bool((grown & core).any()) and torch.equal(l.mask, core | grown)
+        torch.testing.assert_close(l.dense_weight(), e["weights_before"][n] * core)  # regrown start at 0
+        # the rule itself: ζ of the negative and ζ of the positive weights, those closest to zero
+        w = e["weights_before"][n]
+        neg, pos = before[n] & (w < 0), before[n] & (w > 0)
+        assert int((dropped & neg).sum()) == int(neg.sum()) - int((1 - 0.3) * int(neg.sum()))
+        assert int((dropped & pos).sum()) == int(0.3 * int(pos.sum())) + 1
+        if bool((dropped & neg).any()) and bool((neg & ~dropped).any()):
+            assert float(w[dropped & neg].min()) > float(w[neg & ~dropped].max())
+        assert float(w[dropped & pos].max()) < float(w[pos & ~dropped].min())
+
+
+def test_set_signed_refuses_structured_patterns():
+    with pytest.raises(ValueError, match="signed"):
+        P.SET(mlp_from(load("set")["init"]), pattern="2:4", drop_rule="signed")
+    with pytest.raises(ValueError, match="drop_rule"):
+        P.SET(nn.Sequential(nn.Linear(8, 8)), sparsity=0.5, drop_rule="sign")
+
+
+# ------------------------------------------------------------------------------------------------------
+# SNFS — TimDettmers/sparse_learning Masking (momentum growth, momentum redistribution), run by the generator
+# ------------------------------------------------------------------------------------------------------
+def test_snfs_against_sparse_learning():
+    """Same momentum, statistic, drop set and growth ranking; the counts differ only as documented:
+    their per-layer regrowth is ceil(share · K) (ours: largest remainder, so ±1 per layer), and where a
+    layer has fewer free positions with non-zero momentum than it should grow, their top-k of
+    |M|·(1 − mask) also picks active positions (score 0) and under-grows, while ours fills the count with
+    free zero-momentum positions (lowest index first)."""
+    fx = load("snfs")
+    e = fx["expected"]
+    model = mlp_from(fx["init"])
+    pr = P.SNFS(model, sparsity=0.8, distribution="uniform", update_every=3, drop_fraction=0.5, momentum=0.9)
+    pr.prune()
+    set_masks(pr, fx["init"]["masks"], fx["init"]["weights"])
+    opt = torch.optim.SGD(model.parameters(), lr=fx["config"]["lr"], momentum=fx["config"]["momentum"])
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    for i in range(2):
+        train_step(model, opt, pr, X[i], Y[i])
+    for n, _ in pr.layers:  # our EMA is (1 − β) times their SGD momentum buffer of the dense gradients
+        torch.testing.assert_close(pr._mom[n] / 0.1, e["momentum_before_update"][n], rtol=1e-4, atol=1e-6)
+    before = pr.masks()
+    w_before = {n: l.dense_weight().clone() for n, l in pr.layers}
+    train_step(model, opt, pr, X[2], Y[2])
+    K = sum(int(u["dropped"].sum()) for u in pr.last_update.values())
+    assert K == sum(e["removed"].values())
+    shares = [e["variance"][n] for n in NAMES]  # their normalised mean |momentum| over the active weights
+    contrib = [float(pr._mom[n].abs()[before[n]].mean()) for n in NAMES]
+    assert [c / sum(contrib) for c in contrib] == pytest.approx(shares, rel=1e-5)
+    for (n, l), share in zip(pr.layers, shares):
+        ref = e["masks"][n]
+        u = pr.last_update[n]
+        assert int(u["dropped"].sum()) == e["removed"][n]  # p·active is an integer here: ceil = round
+        survivors = before[n] & ~u["dropped"]
+        assert bool((survivors <= ref).all()), f"layer {n}: a weight we keep was pruned by the reference"
+        torch.testing.assert_close(l.dense_weight()[survivors], e["weights"][n][survivors], **TOL)
+        intended = math.ceil(share * K)
+        assert abs(int(u["grown"].sum()) - intended) <= 1, f"layer {n}: regrowth count beyond ±1"
+        # growth ranking: on the positions with non-zero momentum the grown sets are nested top-k sets
+        nz = pr._mom[n] != 0
+        ours, theirs = (l.mask & ~survivors & nz), (ref & ~survivors & nz)
+        assert bool((ours <= theirs).all()) or bool((theirs <= ours).all()), f"layer {n}: growth sets cross"
+        assert abs(int(ours.sum()) - int(theirs.sum())) <= 1
+        grown_theirs = int((ref & ~survivors).sum())
+        if grown_theirs < intended - 1:  # their documented under-growth: zero-momentum ties with active ones
+            assert int((~survivors & ~nz).sum()) > 0 and int((ref & ~survivors & ~nz).sum()) < intended
+        assert bool((l.dense_weight()[u["grown"] & ~before[n]] == 0).all())
