@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..formats import kept as _kept
-from .base import Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, progress
+from ..nn.layers import SparseLinear
+from .base import (Pruner, _check_batch, _check_int, _check_number, _iter_batches, batch_loss, progress,
+                   weight_shape)
 from .schedules import ExponentialDensity
 
 __all__ = ["SNIP", "GraSP", "SynFlow"]
@@ -93,19 +95,79 @@ class GraSP(Pruner):
     product (double backward through the sparse layers), logits divided by ``temperature`` (200). As in
     the paper and its code, the weights with the *highest* ``S`` are removed and the rest kept (i.e. keep
     the largest ``W ⊙ Hg``). Data: ``batch`` (``(x, y)`` or an iterable; ~10 samples per class), using up
-    to ``batches`` batches. ``"global"`` by default; N:M keeps the n lowest ``S`` of each m-group;
-    ``block:B`` keeps the b x b blocks with the lowest summed ``S`` (largest summed ``W ⊙ Hg``).
+    to ``batches`` batches: ``g`` is the sum of the batches' gradients and ``Hg`` the sum of the batches'
+    ``∂(gᵀ∇L_b)/∂W`` (the authors' code uses two half-batches this way). ``"global"`` by default; N:M
+    keeps the n lowest ``S`` of each m-group; ``block:B`` keeps the b x b blocks with the lowest summed
+    ``S`` (largest summed ``W ⊙ Hg``). Kept count: ``round((1 − sparsity)·n)`` (the authors remove
+    ``int(sparsity·n)`` and keep ties at the threshold: ±1 weight).
+
+    ``reinit`` — the authors' code (alecwangcq/GraSP ``pruner/GraSP.py:62-66``, ``reinit=True`` by default
+    there) scores a *copy* of the network whose ``nn.Linear`` weights are re-drawn with Xavier normal;
+    the masks are then applied to the original, untouched weights:
+
+    * ``False`` (default here): score the model's own weights, as the paper's ``S(−θ ⊙ Hg)`` reads. The
+      authors' re-draw compensates for their own initialisation of Linear layers (``N(0, 0.01)``,
+      ``models/base/init_utils.py``), which with ``T = 200`` makes those layers' Hessian term vanish; with
+      any other initialisation it scores weights that will never be trained.
+    * ``True`` or ``"linear"``: every Linear layer of the model (sparse or plain) is scored with
+      Xavier-normal weights drawn from the seeded generator; the weights are restored afterwards.
+    * ``"last_linear"``: only the last Linear layer (``pruner/GraSP_ImageNet.py:37-43``, their ImageNet
+      variant).
     """
 
     default_distribution = "global"
 
-    def __init__(self, model: nn.Module, *, temperature: float = 200.0, batches: int = 1, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, *, temperature: float = 200.0, batches: int = 1,
+                 reinit: bool | str = False, **kw: Any) -> None:
         self.temperature = _check_number("temperature", temperature, 0.0, math.inf, lo_open=True)
         self.batches = _check_int("batches", batches, 1)
+        if reinit is True:
+            reinit = "linear"
+        if reinit not in (False, None, "linear", "last_linear"):
+            raise ValueError(f"GraSP: reinit must be False, True, 'linear' or 'last_linear', got {reinit!r}")
+        self.reinit = reinit or False
         super().__init__(model, **kw)
+
+    def _reinit_targets(self) -> list[tuple[str, nn.Module]]:
+        """The Linear layers (sparse or plain, managed or not) re-drawn for scoring, in module order."""
+        lin = [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear or isinstance(m, SparseLinear)]
+        if self.reinit == "last_linear":
+            return lin[-1:]
+        return lin if self.reinit == "linear" else []
+
+    def _reinit_weight(self, name: str, module: nn.Module) -> torch.Tensor:
+        """Xavier-normal weight (dense shape) for ``module``, from the generator seeded by ``(seed, name)``."""
+        w = torch.empty(weight_shape(module), dtype=torch.float32)
+        nn.init.xavier_normal_(w, generator=self._gen("reinit", name))
+        return w
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         _check_batch("GraSP", batch)
+        saved = []
+        try:
+            with torch.no_grad():
+                for n, m in self._reinit_targets():
+                    w = self._reinit_weight(n, m)
+                    if isinstance(m, SparseLinear):
+                        saved.append((m, m.dense_weight()))
+                        m.set_dense_weight(w.to(m.weight.device, m.weight.dtype))
+                    else:
+                        saved.append((m, m.weight.detach().clone()))
+                        m.weight.copy_(w.to(m.weight.device, m.weight.dtype))
+            scores = self._scores(batch, loss_fn)
+        finally:
+            with torch.no_grad():
+                for m, w in saved:  # the model's own weights: the masks apply to them
+                    if isinstance(m, SparseLinear):
+                        m.set_dense_weight(w)
+                    else:
+                        m.weight.copy_(w)
+        if not self.pattern.is_nm:
+            scores = self._masked_scores(scores)
+        self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+
+    def _scores(self, batch: Any, loss_fn: Callable | None) -> dict[str, torch.Tensor]:
+        """``W ⊙ Hg`` per managed layer (keep the largest; ``S = −W ⊙ Hg``)."""
         weights = [l.weight for _, l in self._layers]
         T = self.temperature
         tf = (lambda out: out / T)
@@ -129,10 +191,7 @@ class GraSP(Pruner):
                     if h is not None:
                         a.add_(h.detach())
         # keep = lowest S = -W*Hg  <=>  largest W*Hg
-        scores = {n: (l.dense_weight() * _dense(l, h)).float() for (n, l), h in zip(self._layers, hg)}
-        if not self.pattern.is_nm:
-            scores = self._masked_scores(scores)
-        self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+        return {n: (l.dense_weight() * _dense(l, h)).float() for (n, l), h in zip(self._layers, hg)}
 
 
 class SynFlow(Pruner):

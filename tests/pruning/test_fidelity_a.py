@@ -150,3 +150,50 @@ def test_lobster_former_rules_remain_as_options():
     when = [e for e, r in enumerate(run) if r[1]]
     assert when and when != [e for e, p in enumerate(fx["pruned"].tolist()) if p]
     assert all(bool((r[3]["0"] != 0).all()) for r in run)  # no bias pruned
+
+
+# ---- GraSP: alecwangcq/GraSP ---------------------------------------------------------------------------
+class GraSPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = nn.Linear(64, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("case", ["reinit", "no_reinit"])
+def test_grasp_matches_the_authors_masks(case, monkeypatch):
+    fx = load("grasp")
+    main, c = fx["cases"]["reinit"], fx["cases"][case]
+    net = GraSPNet()
+    net.load_state_dict(main["init"])
+    # the authors remove the scores strictly above the int(ratio*n)-th largest: n - int(ratio*n) + 1 kept
+    n_all = sum(m.numel() for m in c["masks"].values())
+    kept = n_all - int(n_all * c["ratio"]) + 1
+    assert kept == sum(int(m.sum()) for m in c["masks"].values())
+    if case == "reinit":  # the same Xavier-normal draws as the authors' run (ours come from the seeded generator)
+        monkeypatch.setattr(P.GraSP, "_reinit_weight", lambda self, name, module: c["reinit_weights"][name])
+    pr = P.GraSP(net, sparsity=1.0 - kept / n_all, reinit=case == "reinit", batches=2)
+    x, y = main["x"], main["y"]
+    h = x.shape[0] // 2
+    pr.prune([(x[:h], y[:h]), (x[h:], y[h:])])
+    for n in ("conv", "fc1", "fc2"):
+        assert torch.equal(getattr(net, n).mask, c["masks"][n]), f"{case}: mask of {n}"
+        # the model's own weights are kept (the re-drawn ones only score)
+        torch.testing.assert_close(getattr(net, n).dense_weight(), main["init"][f"{n}.weight"] * c["masks"][n])
+
+
+def test_grasp_reinit_draws_xavier_normal_from_the_seed():
+    net = GraSPNet()
+    pr = P.GraSP(net, sparsity=0.5, reinit=True, seed=3)
+    a, b = pr._reinit_weight("fc1", net.fc1), pr._reinit_weight("fc1", net.fc1)
+    assert torch.equal(a, b) and a.shape == (16, 64)
+    assert float(a.std()) == pytest.approx(math.sqrt(2.0 / (64 + 16)), rel=0.15)
+    assert [n for n, _ in pr._reinit_targets()] == ["fc1", "fc2"]
+    assert [n for n, _ in P.GraSP(GraSPNet(), sparsity=0.5, reinit="last_linear")._reinit_targets()] == ["fc2"]
+    with pytest.raises(ValueError, match="reinit"):
+        P.GraSP(GraSPNet(), sparsity=0.5, reinit="conv")
