@@ -172,6 +172,10 @@ class Backend:
     #: the kernels read kept values (canonical order) as they are; False: the ``kept_*`` defaults
     #: scatter them into a dense weight per call (see module docstring)
     kept_native: ClassVar[bool] = False
+    #: its training step reads the flat kept-values index (:func:`sparsefast.formats.kept.index`); False
+    #: (kernels with their own mask-derived formats): a layer routed here lets the cached index go, since it
+    #: is nnz int32s that only mask changes and ``dense_weight()`` need (recomputed then, O(n))
+    uses_kept_index: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple] = {}

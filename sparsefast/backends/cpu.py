@@ -208,6 +208,7 @@ class CpuBackend(Backend):
         return self._hw_info
 
     auto_priority = {"cpu": 10}
+    uses_kept_index = False  # CSR / blocks / N:M slots built from the mask (see the kept-values section)
 
     def extra_reasons(self, q: OpQuery) -> list[str]:
         """16-bit column indices and 32-bit offsets (block masks run on the CSR kernels)."""

@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor", "share_index"]
+__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
 
 _LOCK = threading.Lock()
 _CACHE: dict[int, tuple] = {}
@@ -99,6 +99,15 @@ def share_index(src: torch.Tensor, dst: torch.Tensor) -> None:
         _CACHE[key] = (weakref.ref(dst), (dst._version, dst.data_ptr(), tuple(dst.shape), dst.device), hit[2])
     if fresh:
         weakref.finalize(dst, _drop, key)
+
+
+def release(mask: torch.Tensor) -> None:
+    """Forget ``mask``'s cached index (it is rebuilt on the next :func:`index` call): for callers whose
+    hot path does not need it, so nnz int32s do not sit in memory beside their own formats."""
+    with _LOCK:
+        hit = _CACHE.get(id(mask))
+        if hit is not None and hit[0]() is mask:
+            del _CACHE[id(mask)]
 
 
 def _drop(key: int) -> None:

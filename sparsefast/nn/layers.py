@@ -362,6 +362,8 @@ class SparseModule(nn.Module):
             return _layer_backend_static(id(self), x.device.type, str(x.dtype))
         name = _bk.resolve(self.requested_backend, self._op_query(x))
         self._used_backend = name
+        if not _bk.get(name).uses_kept_index:
+            _kept.release(self.mask)  # its kernels keep their own formats: no nnz-sized index beside them
         return name
 
     def _density_arg(self) -> float | None:

@@ -76,3 +76,25 @@ def test_set_mask_computes_the_new_index_once(path):
     assert torch.equal(first.long(), layer.mask.reshape(-1).nonzero().reshape(-1))
     x = torch.randn(5, 64)
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias)
+
+
+def test_layer_on_cpu_kernels_lets_the_index_go():
+    """A layer routed to the cpu kernels (own CSR formats) does not keep the nnz-sized flat index after
+    a forward; everything that needs it (dense_weight, set_mask, a step) rebuilds it and stays right."""
+    from sparsefast import backends
+    if "cpu" not in backends.available():
+        pytest.skip("cpu backend unavailable")
+    layer = sparsefast.nn.SparseLinear(64, 48, sparsity=0.7, backend="cpu")
+    ref = layer.dense_weight()
+    x = torch.randn(40, 64)
+    y = layer(x)
+    assert layer.backend == "cpu"
+    assert id(layer.mask) not in kept._CACHE
+    torch.testing.assert_close(y, x @ ref.t() + layer.bias)
+    y.square().sum().backward()
+    g = layer.dense_grad()
+    torch.testing.assert_close(g, ((2 * y).t() @ x) * layer.mask, rtol=1e-4, atol=1e-4)
+    new = masks.topk_mask(torch.randn(48, 64), 0.5)
+    before = layer.dense_weight()
+    layer.set_mask(new)
+    torch.testing.assert_close(layer.dense_weight(), before * new)
