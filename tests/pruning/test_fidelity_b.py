@@ -241,3 +241,32 @@ def test_dsr_against_dynamic_reparameterization():
         assert sum(grown_diff) == 0 and all(abs(d) <= 1 for d in grown_diff)
         if t == 4:
             assert any(grown_diff), "step 4 is where the rounding of the split differs"
+
+
+# ------------------------------------------------------------------------------------------------------
+# GradualMagnitude — tensorflow/model-optimization prune_low_magnitude + PolynomialDecay, Keras fit
+# ------------------------------------------------------------------------------------------------------
+def test_gradual_magnitude_matches_tfmot_polynomial_decay():
+    """Masks batch by batch and weights after 3, 4, 7 and 10 steps, exactly / to float tolerance. tfmot's
+    pruning_step counts the current batch from 1 (begin_step=1, end_step=10); sparsefast counts completed
+    steps from 0, so the same schedule is start_step=0, end_step=9."""
+    fx = load("gmp")
+    model = mlp_from(fx["init"])
+    pr = P.GradualMagnitude(model, sparsity=0.8, initial_sparsity=0.2, start_step=0, end_step=9, update_every=3)
+    assert pr.distribution == "uniform"  # per layer, as tfmot prunes each wrapped layer
+    pr.prune()
+    opt = torch.optim.SGD(model.parameters(), lr=fx["config"]["lr"], momentum=fx["config"]["momentum"])
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    for b in range(X.shape[0]):
+        e = fx["expected"][b]
+        for n, l in pr.layers:
+            assert torch.equal(l.mask, e["masks"][n]), f"batch {b} layer {n} (tfmot step {b + 1})"
+        F.cross_entropy(model(X[b]), Y[b]).backward()
+        opt.step()
+        if "weights" in e:  # after the optimizer step, before the next mask update
+            for n, l in pr.layers:
+                torch.testing.assert_close(l.dense_weight(), e["weights"][n], **TOL)
+        pr.step()
+        opt.zero_grad()
+    for n, l in pr.layers:
+        torch.testing.assert_close(l.bias.detach(), fx["final_biases"][n], **TOL)
