@@ -69,25 +69,133 @@ def snip_grads(pruner: Pruner, batch: Any, loss_fn: Callable | None, batches: in
 
 class SNIP(Pruner):
     """SNIP (Lee et al. 2019): score ``|G ⊙ W|`` at initialisation on ``batches`` batches (default 1) of
-    ``batch`` (an ``(x, y)`` tuple or an iterable of them), keep the top ``1 − sparsity``
-    (``"global"`` by default). N:M: top-n score of each m-group. ``loss_fn(output, y)`` defaults to
-    cross-entropy. Requires data: ``prune()`` without ``batch`` raises ``ValueError``. ``block:B``: the
-    b x b blocks with the largest summed score are kept (global ranking of blocks by default).
+    ``batch`` (an ``(x, y)`` tuple or an iterable of them), keep the top ``round((1 − sparsity)·n)``
+    (``"global"`` by default, as the official code). N:M: top-n score of each m-group. ``loss_fn(output,
+    y)`` defaults to cross-entropy. Requires data: ``prune()`` without ``batch`` raises ``ValueError``.
+    ``block:B``: the b x b blocks with the largest summed score are kept (global ranking of blocks by
+    default). ``"global"`` keeps at least one weight per layer (identical to the plain top-k unless a
+    layer would be emptied).
+
+    ``bias`` — the official code (namhoonlee/snip-public ``snip/model.py:55-70,172-185``) puts every
+    variable whose name holds ``'w'`` or ``'b'`` in the ranking: the biases' ``|g_b ⊙ b|`` join the
+    weights' scores in one top-k of ``round((1 − sparsity)·(n_w + n_b))`` and pruned biases stay 0.
+    With their zero-initialised biases every bias scores 0 and is removed: their networks train without
+    biases. ``False`` (default): SNIP prunes connections (the paper's ``c_j``); biases are kept and
+    trained, and ``sparsity`` counts weights. ``True``: the official ranking (unstructured, ``"global"``
+    only); a pruned bias is set to 0 and its gradient masked (so SGD, weight decay, momentum and Adam keep
+    it at 0); ``bias_masks()`` returns the kept biases.
     """
 
     default_distribution = "global"
 
-    def __init__(self, model: nn.Module, *, batches: int = 1, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, *, batches: int = 1, bias: bool = False, **kw: Any) -> None:
         self.batches = _check_int("batches", batches, 1)
+        self.bias = bool(bias)
         super().__init__(model, **kw)
+        self._bias_masks: dict[str, torch.Tensor] = {}
+        self._bias_hooks: list[Any] = []
+
+    def _check_hparams(self) -> None:
+        if self.bias and (str(self.pattern) != "unstructured" or self.distribution != "global"):
+            raise ValueError("SNIP(bias=True) ranks biases with the weights in one global top-k (the official "
+                             f"code's rule): it needs pattern='unstructured' and distribution='global', got "
+                             f"pattern={self.pattern}, distribution={self.distribution!r}")
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         _check_batch(type(self).__name__, batch)
+        if self.bias:
+            return self._prune_with_bias(batch, loss_fn)
         g = snip_grads(self, batch, loss_fn, self.batches)
         scores = {n: (g[n] * l.dense_weight().float()).abs() for n, l in self._layers}
         if not self.pattern.is_nm:
             scores = self._masked_scores(scores)
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
+
+    def _prune_with_bias(self, batch: Any, loss_fn: Callable | None) -> None:
+        layers = [l for _, l in self._layers]
+        biased = [(n, l) for n, l in self._layers if l.bias is not None]
+        params = [l.weight for l in layers] + [l.bias for _, l in biased]
+        acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        nb = 0
+        with _Scoring(params):
+            for b in _iter_batches(batch, self.batches):
+                gs = torch.autograd.grad(batch_loss(self.model, b, loss_fn), params, allow_unused=True)
+                for a, g in zip(acc, gs):
+                    if g is not None:
+                        a.add_(g.float())
+                nb += 1
+        if nb == 0:
+            raise ValueError("SNIP.prune(): the batch iterable yielded no batch")
+        nl = len(layers)
+        ws = self._masked_scores({n: (_dense(l, a) * l.dense_weight().float()).abs()
+                                  for (n, l), a in zip(self._layers, acc[:nl])})
+        bs = []
+        for (n, l), a in zip(biased, acc[nl:]):
+            s = (a * l.bias.detach().float()).abs()
+            old = self._bias_masks.get(n)
+            bs.append(s if old is None else torch.where(old.to(s.device), s, torch.full_like(s, -math.inf)))
+        for n, s in list(ws.items()) + [(n, s) for (n, _), s in zip(biased, bs)]:
+            if torch.isnan(s).any():
+                raise ValueError(f"SNIP layer {n!r}: scores contain NaN; cannot rank them to build a mask")
+        flat = torch.cat([ws[n].reshape(-1).cpu() for n in self._names] + [s.reshape(-1).cpu() for s in bs])
+        sizes = [ws[n].numel() for n in self._names]
+        keep = int(round((1.0 - self.target_sparsity) * flat.numel()))
+        # one global top-k; every layer keeps at least its best weight (biases are not forced)
+        order = torch.sort(flat, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        kept = torch.zeros(flat.numel(), dtype=torch.bool)
+        off = 0
+        for k in sizes:
+            if k > 0:
+                kept[off + int(torch.argmin(rank[off:off + k]))] = True
+            off += k
+        rest = max(0, keep - int(kept.sum()))
+        if rest:
+            kept[order[~kept[order]][:rest]] = True
+        new, off = {}, 0
+        for n, l in self._layers:
+            k = l.mask.numel()
+            new[n] = kept[off:off + k].reshape(l.weight_shape).to(l.mask.device)
+            off += k
+        for (n, l) in biased:
+            k = l.bias.numel()
+            self._bias_masks[n] = kept[off:off + k].to(l.bias.device)
+            off += k
+        self._apply(self._maybe_flow_repair(new, "init"))
+        self._hold_biases()
+
+    def _hold_biases(self) -> None:
+        """Zero the pruned biases and mask their gradient (hooks re-registered)."""
+        for h in self._bias_hooks:
+            h.remove()
+        self._bias_hooks = []
+        mods = dict(self._layers)
+        with torch.no_grad():
+            for n, m in self._bias_masks.items():
+                b = mods[n].bias
+                m = m.to(b.device)
+                b.mul_(m)
+                self._bias_hooks.append(b.register_hook(lambda g, m=m: g * m))
+
+    def _on_step(self, t: int) -> None:
+        if self._bias_masks:
+            mods = dict(self._layers)
+            with torch.no_grad():
+                for n, m in self._bias_masks.items():
+                    mods[n].bias.mul_(m.to(mods[n].bias.device))
+
+    def bias_masks(self) -> dict[str, torch.Tensor]:
+        """``{layer name: bool mask of kept biases}`` (copies; only with ``bias=True`` after ``prune()``)."""
+        return {n: m.clone() for n, m in self._bias_masks.items()}
+
+    def _extra_state(self) -> dict:
+        return {"bias_masks": self.bias_masks()} if self.bias else {}
+
+    def _load_extra_state(self, d: dict) -> None:
+        if self.bias and d.get("bias_masks"):
+            self._bias_masks = {n: m.clone().bool() for n, m in d["bias_masks"].items()}
+            self._hold_biases()
 
 
 class GraSP(Pruner):

@@ -197,3 +197,54 @@ def test_grasp_reinit_draws_xavier_normal_from_the_seed():
     assert [n for n, _ in P.GraSP(GraSPNet(), sparsity=0.5, reinit="last_linear")._reinit_targets()] == ["fc2"]
     with pytest.raises(ValueError, match="reinit"):
         P.GraSP(GraSPNet(), sparsity=0.5, reinit="conv")
+
+
+# ---- SNIP: namhoonlee/snip-public -----------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["no_bias", "bias_random", "bias_zero"])
+def test_snip_matches_the_official_masks(case):
+    fx = load("snip")
+    main, c = fx["cases"]["no_bias"], fx["cases"][case]
+    with_bias = case != "no_bias"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32, bias=with_bias), nn.ReLU(),
+                        nn.Linear(32, 16, bias=with_bias), nn.ReLU(), nn.Linear(16, 10, bias=with_bias))
+    lin = [net[1], net[3], net[5]]
+    with torch.no_grad():
+        for i, m in enumerate(lin, 1):
+            m.weight.copy_(c["weights"][f"w{i}"])
+            if with_bias:
+                m.bias.copy_(c["weights"][f"b{i}"])
+    # the official code ranks every 'w' and 'b' variable in one top-k: bias=True (a bias-free network: the
+    # default, weights only, is the same ranking)
+    pr = P.SNIP(net, sparsity=c["sparsity"], bias=with_bias)
+    pr.prune((main["x"], main["y"]))
+    bm = pr.bias_masks()
+    for i, (n, l) in enumerate(pr.layers, 1):
+        assert torch.equal(l.mask, c["masks"][f"w{i}"]), f"{case}: mask of w{i}"
+        if with_bias:
+            assert torch.equal(bm[n], c["masks"][f"b{i}"]), f"{case}: mask of b{i}"
+            assert bool((l.bias.detach()[~bm[n]] == 0).all())
+    if case == "bias_zero":  # the official default init: every bias scores 0 and is pruned
+        assert not any(bool(m.any()) for m in bm.values())
+
+
+def test_snip_pruned_biases_stay_zero_under_training():
+    fx = load("snip")
+    c = fx["cases"]["bias_random"]
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+    pr = P.SNIP(net, sparsity=0.8, bias=True)
+    x, y = fx["cases"]["no_bias"]["x"], fx["cases"]["no_bias"]["y"]
+    pr.prune((x, y))
+    bm = pr.bias_masks()
+    assert any(bool((~m).any()) for m in bm.values())
+    for opt in (torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=5e-4),
+                torch.optim.AdamW(net.parameters(), 1e-2)):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        for n, l in pr.layers:
+            assert bool((l.bias.detach()[~bm[n]] == 0).all())
+    d = pr.state_dict()
+    assert set(d["bias_masks"]) == set(bm)
+    with pytest.raises(ValueError, match="bias=True"):
+        P.SNIP(nn.Sequential(nn.Linear(8, 8)), sparsity=0.5, bias=True, distribution="erk")
