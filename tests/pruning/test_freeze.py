@@ -314,3 +314,67 @@ def test_robust_omp_and_imp_and_finetune():
         assert torch.equal(l.dense_weight()[l.mask], pre[f"{n}.weight"][l.mask])
     with pytest.raises(ValueError, match="method"):
         P.RobustTicket(mlp(), sparsity=0.5, method="lmp")
+
+
+class _SRSTERef(torch.autograd.Function):
+    """Dense reference of SR-STE's straight-through step (the authors' Sparse function, 2:4 along rows)."""
+
+    @staticmethod
+    def forward(ctx, w, decay):
+        g = w.detach().abs().reshape(-1, 4)
+        idx = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :2]
+        m = torch.zeros_like(g).scatter_(1, idx, 1.0).reshape(w.shape)
+        ctx.save_for_backward(w, m)
+        ctx.decay = decay
+        return w * m
+
+    @staticmethod
+    def backward(ctx, go):
+        w, m = ctx.saved_tensors
+        return go + ctx.decay * (1 - m) * w, None
+
+
+@pytest.mark.parametrize("sgd", [dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                 dict(momentum=0.5, dampening=0.3, weight_decay=5e-4)])
+def test_srste_follows_sgd_nesterov_and_dampening(sgd):
+    """One dense momentum over W with torch.optim.SGD's rule (nesterov, dampening) on both sides."""
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    pr = P.SRSTE(model)
+    pr.prune()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, **sgd)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.3, **sgd)
+    lins = [m for m in ref if isinstance(m, nn.Linear)]
+    for x, y in data(6):
+        h = x
+        for i, m in enumerate(lins):
+            h = F.linear(h, _SRSTERef.apply(m.weight, 2e-4), m.bias)
+            h = F.relu(h) if i < len(lins) - 1 else h
+        F.cross_entropy(h, y).backward()
+        ropt.step()
+        ropt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        pr.step()
+        opt.zero_grad()
+        dense = pr.dense_weights()
+        for (n, l), m in zip(pr.layers, lins):
+            torch.testing.assert_close(dense[n], m.weight.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(l.mask, M.nm_mask(m.weight.detach(), 2, 4))
+
+
+def test_srste_with_adam_updates_the_pruned_part_by_sgd():
+    model = mlp()
+    pr = P.SRSTE(model)
+    pr.prune()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = data(1)[0]
+    d0 = pr.dense_weights()
+    G = dense_grads_of(model, pr, x, y)
+    before = pr.masks()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    pr.step()
+    for n, l in pr.layers:
+        m = before[n]
+        torch.testing.assert_close(pr.dense_weights()[n][~m], (d0[n] - 0.01 * (G[n] + 2e-4 * d0[n]))[~m])
