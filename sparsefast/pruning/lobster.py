@@ -55,9 +55,14 @@ class LOBSTER(Pruner):
     Pruned weights never return. ``sparsity`` is optional: a cap the pruning never exceeds (the smallest
     ``|W|`` below ``T`` are pruned up to it). ``last_loss`` / ``best_loss`` report the plateau state.
     Unstructured only (N:M and ``block:B`` are refused: the shrinkage and the threshold act on single
-    weights). Departure from the authors' code: their layer list also holds ``BatchNorm2d``, whose scale
-    and shift they regularise and threshold (and whose ``|γ|`` enter the threshold range); here only the
-    managed Linear/Conv layers (and their biases) are.
+    weights). ``restore_best`` keeps a copy of the model's parameters and buffers (kept values, not dense
+    weights) taken at each new best evaluation, and saves it in ``state_dict()``.
+
+    Departures from the authors' code: their layer list also holds ``BatchNorm2d``, whose scale and shift
+    they regularise and threshold (and whose ``|γ|`` enter the threshold range); here only the managed
+    Linear/Conv layers (and their biases) are. Their masks are ``p != 0`` taken at each epoch start, so a
+    parameter that is exactly 0 (e.g. a zero-initialised bias) is frozen at 0 for good; here only what
+    the threshold removed is held at 0.
     """
 
     default_distribution = "global"
