@@ -26,3 +26,15 @@ def test_pruning_digits_quick(tmp_path):
     assert '"runs"' in (tmp_path / "results.json").read_text()
     png = tmp_path / "results.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prune_hf_2to4_quick():
+    pytest.importorskip("transformers", reason="the example needs transformers (pip install -e .[hf])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "prune_hf_2to4.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    for name in ("| Magnitude |", "| Wanda |", "| SparseGPT |", "| down_proj |", "| whole model |"):
+        assert name in out, out

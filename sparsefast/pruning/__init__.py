@@ -24,14 +24,21 @@ FreezeNet         freeze the non-trainable  yes (trainable set is N:M)          
 EdgePopup         learned mask, frozen W    yes (top-n |score| per group)                  yes (summed |score|)
 SRSTE             N:M from scratch          yes (default 2:4; unstructured also accepted)  refused (N:M method)
 RobustTicket      adversarial OMP / A-IMP   OMP yes, A-IMP refused                         yes (both)
+Wanda             one-shot, calibration     yes (top-n |W|·‖X_j‖ per group)                yes (summed score, per layer)
+SparseGPT         one-shot, calibration     yes (OBS choice per group, kept W updated)     refused (column-wise OBS)
 ================  ========================  =============================================  ============================
 
 Block scoring: a b x b block of the reduction view scores the sum of its weights' scores; sparsities,
 layer densities and drop counts count blocks (see :mod:`sparsefast.pruning.base`).
 
 ``layer_densities(model, sparsity, distribution)`` gives the layer-wise densities of a distribution.
+
+Wanda and SparseGPT prune a *trained* model from calibration data (``prune(batch=...)``: a tensor, a dict
+of tensors called as ``model(**batch)``, or a list / iterable of them), layer by layer in forward order,
+leaving the output head dense by default (:mod:`sparsefast.pruning.calibrated`).
 """
 from .base import Pruner
+from .calibrated import SparseGPT, Wanda
 from .distributions import DISTRIBUTIONS, flow_repair, layer_densities
 from .dst import DSR, SET, SNFS, RigL
 from .freeze import EdgePopup, FreezeNet
@@ -43,4 +50,4 @@ from .srste import SRSTE
 
 __all__ = ["Pruner", "Magnitude", "Random", "GradualMagnitude", "LotteryTicket", "LOBSTER", "SNIP", "GraSP",
            "SynFlow", "SET", "RigL", "DSR", "SNFS", "FreezeNet", "EdgePopup", "SRSTE", "RobustTicket",
-           "layer_densities", "flow_repair", "DISTRIBUTIONS"]
+           "Wanda", "SparseGPT", "layer_densities", "flow_repair", "DISTRIBUTIONS"]
