@@ -23,16 +23,30 @@ class LotteryTicket(Pruner):
     2020; LR rewinding Renda et al. 2020).
 
     A round = train (your loop, calling ``pruner.step()`` after each optimizer step), then ``prune()``:
-    removes a fraction ``rate`` (default 0.2) of the *remaining* weights by magnitude (``"global"`` by
-    default; with another distribution each layer moves towards its own final density), never more
-    than the target ``sparsity``, then rewinds:
+    removes ``ceil(rate · remaining)`` (``rate`` default 0.2) of the *remaining* weights by magnitude
+    (``"global"`` by default: one ranking over all managed layers; with another distribution each layer
+    removes ``ceil(rate · its remaining)`` and stops at its own final density), never going below the
+    target ``sparsity``'s kept count, then rewinds:
 
     * ``rewind="weights"`` (default): every parameter and buffer of the model (not the masks) goes back
       to its value at step ``rewind_step`` of the first round (``0`` = the weights at construction), the
-      survivors of the sparse layers included; ``optimizer`` / ``scheduler`` states (if given) too.
+      survivors of the sparse layers included. ``optimizer`` (if given): its learning rates go back to
+      those of step ``rewind_step`` and its state (momentum, Adam moments) restarts empty, as every
+      level of open_lth trains with a new optimizer (``optimizer_state="reset"``, default);
+      ``optimizer_state="snapshot"`` restores the state saved at ``rewind_step`` instead (the behaviour
+      before issue 18; the same thing when ``rewind_step=0``). ``scheduler`` (if given) goes back to step
+      ``rewind_step``, as open_lth fast-forwards a new schedule to the rewind step.
     * ``rewind="lr"``: the weights stay; only the ``scheduler`` (and the optimizer's learning rates) go
       back to step ``rewind_step`` — retrain with the LR schedule restarted.
     * ``rewind=None``: nothing is restored (fine-tuning).
+
+    Reference: facebookresearch/open_lth (Frankle et al.'s code; ``pruning/sparse_global.py:33-61``,
+    ``lottery/runner.py:95-133``). Same global magnitude criterion over the prunable layers' remaining
+    weights, the same per-round count ``ceil(rate · remaining)``, the same rewinding of every parameter
+    and buffer to the rewind step. Departures (``docs/methods.md``): open_lth's threshold is the
+    ``(n+1)``-th smallest remaining magnitude and only weights strictly above it stay, so it removes one
+    weight more per round (``n + 1``; here exactly ``n``), and ties at its threshold all go; open_lth has
+    no final target (levels run until you stop), here the last round stops at ``sparsity``.
 
     ``rounds`` tells how many ``prune()`` calls reach the target; ``done`` whether it is reached.
     :meth:`run` drives the rounds with a callback and a progress bar. N:M is refused (a rate of the
@@ -47,10 +61,13 @@ class LotteryTicket(Pruner):
 
     def __init__(self, model: nn.Module, *, sparsity: float | None = None, rate: float = 0.2,
                  rewind: str | None = "weights", rewind_step: int = 0, optimizer: Any = None,
-                 scheduler: Any = None, **kw: Any) -> None:
+                 scheduler: Any = None, optimizer_state: str = "reset", **kw: Any) -> None:
         self.rate = _check_number("rate", rate, 0.0, 1.0, lo_open=True, hi_open=True)
         if rewind not in _REWIND:
             raise ValueError(f"rewind must be one of 'weights', 'lr', None; got {rewind!r}")
+        if optimizer_state not in ("reset", "snapshot"):
+            raise ValueError(f"optimizer_state must be 'reset' or 'snapshot', got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
         if rewind == "lr" and scheduler is None and optimizer is None:
             raise ValueError("rewind='lr' restores the learning-rate schedule: pass scheduler= (and/or optimizer=)")
         self.rewind = rewind
@@ -115,8 +132,13 @@ class LotteryTicket(Pruner):
                     if id(b) not in mids and n in snap["buffers"]:
                         b.copy_(snap["buffers"][n])
             if self.optimizer is not None and "optimizer" in snap:
-                self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-                self._remap_optimizer_state(snap, sparse)
+                if self.optimizer_state == "snapshot":
+                    self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+                    self._remap_optimizer_state(snap, sparse)
+                else:  # open_lth: each level trains with a new optimizer (hyperparameters of the rewind step)
+                    for g, gs in zip(self.optimizer.param_groups, snap["optimizer"]["param_groups"]):
+                        g.update({k: copy.deepcopy(v) for k, v in gs.items() if k != "params"})
+                    self.optimizer.state.clear()
         if self.rewind in ("weights", "lr") and self.scheduler is not None and "scheduler" in snap:
             self.scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
             if self.optimizer is not None:
@@ -145,38 +167,70 @@ class LotteryTicket(Pruner):
                         st[k] = _kept.remap_tensor(v, src, keep)
 
     # ---- rounds ------------------------------------------------------------------------------------
+    # ---- per-round counts ----------------------------------------------------------------------------
+    def _units(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (kept units, total units)}`` (units: weights, or b x b blocks for ``block:B``)."""
+        u = math.prod(self.unit)
+        return {n: (int(l.mask.count_nonzero()) // u, l.mask.numel() // u) for n, l in self._layers}
+
+    def _final_kept(self, units: dict[str, tuple[int, int]]) -> dict[str, int] | int:
+        """Kept units at the target: one global count, or per layer for the other distributions (as
+        :meth:`~sparsefast.pruning.base.Pruner._allocate` rounds them)."""
+        if self.distribution == "global":
+            return int(round((1.0 - self.target_sparsity) * sum(t for _, t in units.values())))
+        return {n: max(1, int(round(self._final_dens[n] * t))) for n, (_, t) in units.items()}
+
+    def _next_kept(self, kept: dict[str, int] | int, final: dict[str, int] | int) -> dict[str, int] | int:
+        """One round: ``ceil(rate · remaining)`` fewer (open_lth ``sparse_global.py:38-40``, the same float64
+        product), not below the target (globally, or per layer)."""
+        step = lambda k, f: max(f, k - math.ceil(self.rate * k)) if k > f else k  # noqa: E731
+        if isinstance(kept, int):
+            return step(kept, final)
+        return {n: step(kept[n], final[n]) for n in kept}
+
     @property
     def rounds(self) -> int:
-        """Total number of ``prune()`` calls that reach the target sparsity."""
+        """Total number of ``prune()`` calls that reach the target sparsity (from the initial masks)."""
         s = self.target_sparsity
         if s <= 0:
             return 0
-        return max(1, math.ceil(math.log(1.0 - s) / math.log(1.0 - self.rate) - 1e-9))
+        if self.pattern.is_nm:
+            return 1
+        units = {n: (t, t) for n, (_, t) in self._units().items()}  # the rounds count from all-kept
+        final = self._final_kept(units)
+        kept = sum(t for t, _ in units.values()) if isinstance(final, int) else {n: t for n, (t, _) in units.items()}
+        r = 0
+        while kept != final and r < 10_000:
+            kept, r = self._next_kept(kept, final), r + 1
+        return max(1, r)
 
     @property
     def done(self) -> bool:
         return self.round >= self.rounds
 
-    def _round_target(self) -> float:
-        return min(self.target_sparsity, 1.0 - (1.0 - self.rate) ** (self.round + 1))
+    def _round_kept(self) -> dict[str, int] | int:
+        units = self._units()
+        final = self._final_kept(units)
+        if self._one_shot:
+            return final
+        kept = sum(k for k, _ in units.values()) if isinstance(final, int) else {n: k for n, (k, _) in units.items()}
+        return self._next_kept(kept, final)
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         if self.done:
             return
         if self.rewind is not None:
             self._check_snapshot()  # raises the explanation before any mask changes
-        target = self._round_target()
         scores = self._masked_scores({n: l.dense_weight().abs() for n, l in self._layers})
         if self.pattern.is_nm:
             new = self._allocate({n: l.dense_weight().abs() for n, l in self._layers})
-        elif self.distribution == "global":
-            new = self._allocate(scores, target)
-        else:  # each layer moves towards its own final density
-            one_shot = target >= self.target_sparsity and self._one_shot
-            dens = {n: self._final_dens[n] if one_shot else
-                    max(self._final_dens[n], float(l.mask.float().mean()) * (1.0 - self.rate))
-                    for n, l in self._layers}
-            new = self._allocate(scores, densities=dens)
+        else:
+            kept, total = self._round_kept(), self._units()
+            if isinstance(kept, int):  # one global ranking keeping exactly `kept` units
+                n_all = sum(t for _, t in total.values())
+                new = self._allocate(scores, 1.0 - kept / n_all)
+            else:  # each layer towards its own final density
+                new = self._allocate(scores, densities={n: kept[n] / total[n][1] for n in kept})
         if not self.pattern.is_nm:
             new = {n: new[n] & l.mask for n, l in self._layers}
         if self.rewind == "weights":  # the survivors go back to their values at the rewind point
@@ -257,9 +311,6 @@ class RobustTicket(LotteryTicket):
         if self.method == "omp":
             return 1 if (self.target_sparsity or 0) > 0 else 0
         return super().rounds
-
-    def _round_target(self) -> float:
-        return self.target_sparsity if self.method == "omp" else super()._round_target()
 
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable | None = None) -> torch.Tensor:
         """PGD (L∞) adversarial examples ``x + δ`` against the current (masked) model: random start

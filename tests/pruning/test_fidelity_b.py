@@ -270,3 +270,77 @@ def test_gradual_magnitude_matches_tfmot_polynomial_decay():
         opt.zero_grad()
     for n, l in pr.layers:
         torch.testing.assert_close(l.bias.detach(), fx["final_biases"][n], **TOL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# LotteryTicket — facebookresearch/open_lth (sparse_global pruning, PrunedModel, the lottery runner's levels)
+# ------------------------------------------------------------------------------------------------------
+def test_lottery_ticket_against_open_lth():
+    """Per level: the same global magnitude ranking and count ceil(0.2 · remaining), except that open_lth's
+    threshold (the (n+1)-th smallest, strict >) removes one weight more: our mask is theirs plus exactly the
+    one weight at their threshold. Late rewinding to step 2 restores weights and biases, and the optimizer
+    restarts empty (open_lth builds a new one per level): with their mask, level L+1 trains to their
+    weights."""
+    fx = load("lth")
+    cfg = fx["config"]
+    model = mlp_from(fx["init"])
+    pr = P.LotteryTicket(model, sparsity=0.6, rate=cfg["rate"], rewind_step=cfg["rewind_step"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    pr.optimizer = opt
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    start = 0
+    for level, e in enumerate(fx["levels"]):
+        if level > 0:
+            ref = e["mask"]
+            remaining = sum(int(l.mask.sum()) for _, l in pr.layers)
+            trained = {n: l.dense_weight().clone() for n, l in pr.layers}
+            pr.prune()
+            n_prune = math.ceil(0.2 * remaining)
+            assert sum(int(l.mask.sum()) for _, l in pr.layers) == remaining - n_prune
+            assert sum(int(ref[n].sum()) for n in NAMES) == remaining - n_prune - 1
+            extra = []
+            for n, l in pr.layers:
+                assert bool((ref[n] <= l.mask).all()), f"level {level} layer {n}"
+                extra += [float(v) for v in trained[n][l.mask & ~ref[n]].abs()]
+            kept_min = min(float(trained[n][ref[n]].abs().min()) for n in NAMES)
+            assert len(extra) == 1 and extra[0] <= kept_min  # the (n+1)-th smallest: their threshold
+            for n, l in pr.layers:  # rewound survivors, biases; the optimizer restarts empty
+                torch.testing.assert_close(l.dense_weight(), fx["rewind_weights"][n] * l.mask, **TOL)
+                torch.testing.assert_close(l.bias.detach(), fx["rewind_biases"][n], **TOL)
+            assert len(opt.state) == 0 and opt.param_groups[0]["lr"] == cfg["lr"]
+            for n, l in pr.layers:  # continue on their mask, to compare the next level's training
+                l.set_mask(ref[n].to(torch.bool), weight=fx["rewind_weights"][n])
+            start = cfg["rewind_step"]
+        for i in range(start, cfg["steps"]):
+            train_step(model, opt, pr, X[i], Y[i])
+        for n, l in pr.layers:
+            torch.testing.assert_close(l.dense_weight(), e["trained"][n] * l.mask, **TOL)
+            torch.testing.assert_close(l.bias.detach(), e["trained_bias"][n], **TOL)
+        if level == 0:
+            for n, _ in pr.layers:
+                torch.testing.assert_close(pr._snapshot["dense"][f"{n}.weight"], fx["rewind_weights"][n], **TOL)
+
+
+def test_lottery_ticket_optimizer_state_snapshot_option():
+    """optimizer_state='snapshot' restores the momentum saved at the rewind step (the pre-issue-18
+    behaviour); the default 'reset' empties it as a new open_lth optimizer."""
+    fx = load("lth")
+    for mode in ("reset", "snapshot"):
+        model = mlp_from(fx["init"])
+        pr = P.LotteryTicket(model, sparsity=0.5, rate=0.2, rewind_step=2, optimizer_state=mode)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pr.optimizer = opt
+        X, Y = fx["batches"]["x"], fx["batches"]["y"]
+        mom2 = None
+        for i in range(4):
+            train_step(model, opt, pr, X[i], Y[i])
+            if i == 1:
+                mom2 = {n: dense_momentum(opt, l).clone() for n, l in pr.layers}
+        pr.prune()
+        if mode == "reset":
+            assert len(opt.state) == 0
+        else:
+            for n, l in pr.layers:
+                torch.testing.assert_close(dense_momentum(opt, l), mom2[n] * l.mask)
+    with pytest.raises(ValueError, match="optimizer_state"):
+        P.LotteryTicket(mlp_from(fx["init"]), sparsity=0.5, optimizer_state="keep")
