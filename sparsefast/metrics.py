@@ -40,6 +40,15 @@ def psp_entropy(model: nn.Module, loader: Iterable, *, layers: list[str] | None 
 
     Returns ``{layer name: float32 tensor}`` on the CPU. Raises ``ValueError`` for a model without such
     layers, unknown layer names, an empty loader or batches without labels.
+
+    Reference: EIDOSlab/PSP-entropy ``src/PSPentropy.py:18-63`` (``compute_PSPentropy``, order 1): the
+    same per-neuron values (checked in ``tests/pruning/test_fidelity_b.py``). Departures
+    (``docs/methods.md``): classes absent from the data are left out (theirs sums over ``classes``
+    declared classes, and an absent one gives 0/0 = NaN); the model is measured in eval mode (theirs
+    keeps the mode it finds, so dropout / batch-norm in training mode change the result); the layers are
+    the Linear / Conv2d / sparse layers anywhere in the model (theirs hooks every *top-level* module:
+    a ReLU right after a layer gives that layer's values, relu(z) > 0 iff z > 0); ``1 − p`` is clamped
+    as ``p`` (theirs counts ``z ≤ 0`` separately: the same up to float rounding).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"psp_entropy expects an nn.Module, got {type(model).__name__}")

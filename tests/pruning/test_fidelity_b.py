@@ -344,3 +344,28 @@ def test_lottery_ticket_optimizer_state_snapshot_option():
                 torch.testing.assert_close(dense_momentum(opt, l), mom2[n] * l.mask)
     with pytest.raises(ValueError, match="optimizer_state"):
         P.LotteryTicket(mlp_from(fx["init"]), sparsity=0.5, optimizer_state="keep")
+
+
+# ------------------------------------------------------------------------------------------------------
+# PSP-entropy — EIDOSlab/PSP-entropy compute_PSPentropy, run by the generator
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sparse", [False, True])
+def test_psp_entropy_matches_eidoslab(sparse):
+    """Per neuron, equal to float tolerance for the Linear layers (their hooks on the ReLU after a layer
+    give the same values: relu(z) > 0 iff z > 0). Also on sparse layers holding the same weights."""
+    import sparsefast
+    from sparsefast.metrics import psp_entropy
+
+    fx = load("psp")
+    model = mlp_from(fx["init"])
+    if sparse:
+        sparsefast.sparsify(model, sparsity=None, pattern="unstructured")
+    loader = list(zip(fx["batches"]["x"], fx["batches"]["y"]))
+    h = psp_entropy(model, loader)
+    assert set(h) == set(NAMES)
+    for n in NAMES:
+        torch.testing.assert_close(h[n], fx["expected"]["H"][n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h[n], fx["expected"]["H"][str(int(n) + 1)] if n != "4" else h[n])
+    means = psp_entropy(model, loader, reduction="mean")
+    for n in NAMES:
+        assert float(means[n]) == pytest.approx(float(fx["expected"]["H"][n].mean()), rel=1e-5)
