@@ -84,6 +84,10 @@ class SNIP(Pruner):
     trained, and ``sparsity`` counts weights. ``True``: the official ranking (unstructured, ``"global"``
     only); a pruned bias is set to 0 and its gradient masked (so SGD, weight decay, momentum and Adam keep
     it at 0); ``bias_masks()`` returns the kept biases.
+
+    Also different in the official code: it scores one initialisation (``weights_bp``) and then trains a
+    second, independently drawn one (``weights_ap``, ``model.py:52``) under the mask; here the scored
+    weights are the ones trained (as the paper describes).
     """
 
     default_distribution = "global"
