@@ -369,3 +369,77 @@ def test_psp_entropy_matches_eidoslab(sparse):
     means = psp_entropy(model, loader, reduction="mean")
     for n in NAMES:
         assert float(means[n]) == pytest.approx(float(fx["expected"]["H"][n].mean()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Magnitude — ganguli-lab/Synaptic-Flow Mag + prune_loop, run by the generator
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.1, 0.37])
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_magnitude_matches_synaptic_flow(density, scope):
+    """The same |W| ranking; the kept count differs only by the count rule: Synaptic-Flow keeps
+    n − int((1 − d)·n) (a kthvalue threshold at k = int(...)), sparsefast round(d·n) — at most one weight
+    per layer (local) or in total (global), and the masks are then nested."""
+    fx = load("magnitude")
+    ref = fx["expected"][f"{density}/{scope}"]
+    model = mlp_from(fx["init"])
+    dist = "global" if scope == "global" else "uniform"
+    pr = P.Magnitude(model, sparsity=1 - density, distribution=dist)
+    pr.prune()
+    total = 0
+    for n, l in pr.layers:
+        ours, theirs = l.mask, ref[n]
+        assert bool((ours <= theirs).all()) or bool((theirs <= ours).all()), f"layer {n}: masks not nested"
+        diff = int(ours.sum()) - int(theirs.sum())
+        total += diff
+        numel = l.mask.numel()
+        if scope == "local":
+            assert int(ours.sum()) == round(density * numel)
+            assert int(theirs.sum()) == numel - int((1 - density) * numel)
+            assert abs(diff) <= 1
+    N = sum(l.mask.numel() for _, l in pr.layers)
+    if scope == "global":
+        assert total == round(density * N) - (N - int((1 - density) * N))
+        assert abs(total) <= 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# EdgePopup — allenai/hidden-networks GetSubnet / SupermaskLinear, run by the generator
+# ------------------------------------------------------------------------------------------------------
+def test_edgepopup_matches_hidden_networks():
+    """Same top-|s| masks step by step, the same straight-through score gradient sign(s)·G·W(0), the same
+    scores after 4 SGD steps (at k = 0.5 both count rules give n/2 per layer)."""
+    fx = load("edgepopup")
+    model = mlp_from(fx["init"])
+    pr = P.EdgePopup(model, sparsity=0.5, seed=0)
+    for n, l in pr.layers:  # the fixture's W(0) and scores are this seed's
+        torch.testing.assert_close(pr._w0(n, l), fx["init"]["weights"][n])
+        torch.testing.assert_close(l.popup_scores.detach(), fx["init"]["scores"][n])
+    pr.prune()
+    opt = torch.optim.SGD(pr.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    for i in range(X.shape[0]):
+        e = fx["expected"][i]
+        for n, l in pr.layers:
+            assert torch.equal(l.mask, e["masks"][n]), f"step {i} layer {n}"
+        F.cross_entropy(model(X[i]), Y[i]).backward()
+        for n, l in pr.layers:
+            torch.testing.assert_close(l.popup_scores.grad, e["score_grads"][n], **TOL)
+        opt.step()
+        pr.step()
+        opt.zero_grad()
+        for n, l in pr.layers:
+            torch.testing.assert_close(l.popup_scores.detach(), e["scores"][n], **TOL)
+
+
+@pytest.mark.parametrize("k", [0.1, 0.37])
+def test_edgepopup_count_rule(k):
+    """hidden-networks keeps n − int((1 − k)·n) per layer, sparsefast round(k·n): at most one apart."""
+    fx = load("edgepopup")
+    model = mlp_from(fx["init"])
+    pr = P.EdgePopup(model, sparsity=1 - k, seed=0)
+    pr.prune()
+    for n, l in pr.layers:
+        theirs = fx["counts"][k][n]
+        assert theirs == l.mask.numel() - int((1 - k) * l.mask.numel())
+        assert int(l.mask.sum()) == round(k * l.mask.numel()) and abs(int(l.mask.sum()) - theirs) <= 1
