@@ -443,3 +443,38 @@ def test_edgepopup_count_rule(k):
         theirs = fx["counts"][k][n]
         assert theirs == l.mask.numel() - int((1 - k) * l.mask.numel())
         assert int(l.mask.sum()) == round(k * l.mask.numel()) and abs(int(l.mask.sum()) - theirs) <= 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# ERK / ER / uniform — VITA-Group/Random_Pruning and google-research/rigl sparse_utils, run by the generators
+# ------------------------------------------------------------------------------------------------------
+def _dist_model(kind):
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("dist", ["erk", "er", "uniform"])
+@pytest.mark.parametrize("density", [0.1, 0.05, 0.3])
+def test_distributions_match_random_pruning_and_rigl(kind, dist, density):
+    """Densities equal VITA-Group/Random_Pruning's (the same continuous budget D·N, dense layers set one at a
+    time) to float precision. rigl solves ε for the integer per-layer budgets Σ(n_l − floor(s·n_l)), up to
+    one weight per layer more than D·N, and keeps n − floor(s_l·n) where sparsefast keeps round(d_l·n): its
+    kept counts are within one weight per layer of ours plus that share of the budget surplus."""
+    fx = load("distributions")
+    d = P.layer_densities(_dist_model(kind), 1 - density, dist)
+    if dist != "uniform":
+        vita = fx["vita"][f"{kind}/{dist.upper()}/{density}"]
+        assert set(vita) == set(d)
+        for n in d:
+            assert d[n] == pytest.approx(vita[n], rel=1e-9, abs=1e-12)
+    rig = fx["rigl"][f"{kind}/{dist}/{density}"]
+    L = len(rig)
+    for n, shape in fx["shapes"][kind]:
+        numel = math.prod(shape)
+        assert (d[n] == 1.0) == (rig[n]["density"] == 1.0)  # the same layers end up dense
+        ours = max(1, round(d[n] * numel))
+        assert abs(ours - rig[n]["kept"]) <= 1 + math.ceil(L * numel / sum(math.prod(s) for _, s in fx["shapes"][kind]))
+        assert d[n] == pytest.approx(rig[n]["density"], abs=L / numel)
