@@ -313,26 +313,31 @@ class RobustTicket(LotteryTicket):
         return super().rounds
 
     def adversarial_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable | None = None) -> torch.Tensor:
-        """PGD (L∞) adversarial examples ``x + δ`` against the current (masked) model: random start
-        ``δ ~ U(−ε, ε)`` (seeded), ``pgd_steps`` ascent steps of size ``alpha`` on ``sign(∂L/∂δ)``,
-        projected to the ε-ball (and to ``clamp``). Weight gradients are not touched. Returns a detached
-        tensor shaped like ``x``."""
+        """PGD (L∞, Madry et al. 2018) adversarial examples against the current (masked) model, the iterate
+        form of MadryLab/robustness ``attack_steps.py:81-105`` (``LinfStep``) and ``attacker.py``'s loop
+        with ``random_start=True, use_best=False``: random start ``x' = x + 2(u − 0.5)ε`` (u uniform, seeded),
+        then ``pgd_steps`` times ``x' ← x' + alpha·sign(∂L/∂x')`` projected onto the ε-ball around ``x``;
+        with ``clamp=(lo, hi)`` every iterate (the random start too) is also clipped to that box, as their
+        projection clips to [0, 1]. Weight gradients are not touched. Returns a detached tensor shaped
+        like ``x``."""
         loss_fn = loss_fn or F.cross_entropy
         self._pgd_calls += 1
         g = self._gen("pgd", self._step, self._pgd_calls)
-        delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * self.eps).to(device=x.device, dtype=x.dtype)
         x = x.detach()
+        u = torch.rand(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+        xa = x + 2 * (u - 0.5) * self.eps
+        if self.clamp is not None:
+            xa = xa.clamp(*self.clamp)
         for _ in range(self.pgd_steps):
-            delta.requires_grad_(True)
-            xa = x + delta
-            if self.clamp is not None:
-                xa = xa.clamp(*self.clamp)
+            xa = xa.clone().detach().requires_grad_(True)
             loss = loss_fn(self.model(xa), y)
-            (gd,) = torch.autograd.grad(loss, delta)
+            (gd,) = torch.autograd.grad(loss, xa)
             with torch.no_grad():
-                delta = (delta + self.alpha * gd.sign()).clamp(-self.eps, self.eps)
-        xa = (x + delta).detach()
-        return xa.clamp(*self.clamp) if self.clamp is not None else xa
+                xa = xa + gd.sign() * self.alpha
+                xa = (xa - x).clamp(-self.eps, self.eps) + x
+                if self.clamp is not None:
+                    xa = xa.clamp(*self.clamp)
+        return xa.detach()
 
     def finetune(self, mode: str = "full", head: str | nn.Module | None = None) -> list[nn.Parameter]:
         """Prepare downstream fine-tuning and return the parameters to optimise. ``"full"``: every

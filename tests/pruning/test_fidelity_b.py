@@ -478,3 +478,95 @@ def test_distributions_match_random_pruning_and_rigl(kind, dist, density):
         ours = max(1, round(d[n] * numel))
         assert abs(ours - rig[n]["kept"]) <= 1 + math.ceil(L * numel / sum(math.prod(s) for _, s in fx["shapes"][kind]))
         assert d[n] == pytest.approx(rig[n]["density"], abs=L / numel)
+
+
+# ------------------------------------------------------------------------------------------------------
+# FreezeNet — no public code: the paper's pseudo-code (arXiv 2011.14087 §3; seed 003 eq. (7)-(8), (16))
+# ------------------------------------------------------------------------------------------------------
+def test_freezenet_matches_the_papers_pseudo_code():
+    fx = load("freezenet")
+    e = fx["expected"]
+    model = mlp_from(fx["init"])
+    pr = P.FreezeNet(model, sparsity=0.9, seed=0)
+    for n, l in pr.layers:
+        torch.testing.assert_close(l.dense_weight(), fx["init"]["weights"][n])  # the generator's θ0
+    with torch.no_grad():
+        for n, l in pr.layers:
+            l.bias.copy_(fx["init"]["biases"][n])
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    pr.prune(batch=(X[0], Y[0]))
+    for n, l in pr.layers:
+        assert torch.equal(l.mask, e["mask"][n]), f"layer {n}: trainable sets differ"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for i in range(1, X.shape[0]):
+        train_step(model, opt, pr, X[i], Y[i])
+    for n, l in pr.layers:
+        torch.testing.assert_close(pr.effective_weight(n), e["effective"][n], **TOL)
+        torch.testing.assert_close(l.bias.detach(), e["biases"][n], **TOL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# RobustTicket — no public code of the paper (seed 004 §II); the practice it cites, run by the generator:
+# VITA-Group/CV_LTH_Pre-training (global L1 IMP/OMP over the convolutions but conv1) and MadryLab/robustness
+# (LinfStep PGD)
+# ------------------------------------------------------------------------------------------------------
+class _RTNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 10, 3, padding=1)
+        self.conv3 = nn.Conv2d(10, 10, 3, stride=2, padding=1)
+        self.fc = nn.Linear(160, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+def _rt_model(fx):
+    m = _RTNet()
+    m.load_state_dict(fx["theta_pre"])
+    return m
+
+
+_CONVS = lambda n, m: n in ("conv2", "conv3")  # noqa: E731  (CV_LTH_Pre-training skips conv1 and the head)
+
+
+def test_robust_ticket_omp_matches_global_l1():
+    fx = load("robust")
+    pr = P.RobustTicket(_rt_model(fx), sparsity=0.7, method="omp", filter_fn=_CONVS)
+    pr.prune()
+    for n, l in pr.layers:  # 0.7 · 1620 is an integer: both keep 486
+        assert torch.equal(l.mask, fx["expected"]["omp"][n]), n
+
+
+def test_robust_ticket_aimp_matches_cv_lth_with_madry_pgd():
+    """Round 1 exactly; PGD examples (LinfStep iterate, fed our seeded random start) and the trained
+    weights to float tolerance; round 2 prunes ceil(0.2 · 1296) = 260 where torch's container prunes
+    round(0.2 · 1296) = 259: their mask is ours plus one weight."""
+    fx = load("robust")
+    cfg, e = fx["config"], fx["expected"]
+    model = _rt_model(fx)
+    pr = P.RobustTicket(model, sparsity=0.5, method="imp", rate=0.2, filter_fn=_CONVS, eps=cfg["eps"],
+                        alpha=cfg["alpha"], pgd_steps=cfg["pgd_steps"], clamp=(0.0, 1.0))
+    pr.prune()
+    for n, l in pr.layers:
+        assert torch.equal(l.mask, e["imp_mask1"][n]), n
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    pr.optimizer = opt
+    X, Y = fx["batches"]["x"], fx["batches"]["y"]
+    for i in range(X.shape[0]):
+        xa = pr.adversarial_batch(X[i], Y[i])
+        torch.testing.assert_close(xa, e["adversarial"][i], rtol=0, atol=1e-6)
+        train_step(model, opt, pr, xa, Y[i])
+    for n, l in pr.layers:
+        torch.testing.assert_close(l.dense_weight(), e["trained"][f"{n}.weight"] * l.mask, **TOL)
+    torch.testing.assert_close(model.fc.weight.detach(), e["trained"]["fc.weight"], **TOL)
+    pr.prune()
+    ours = sum(int(l.mask.sum()) for _, l in pr.layers)
+    theirs = sum(int(e["imp_mask2"][n].sum()) for n, _ in pr.layers)
+    assert (ours, theirs) == (1296 - 260, 1296 - 259)
+    for n, l in pr.layers:
+        assert bool((l.mask <= e["imp_mask2"][n]).all()), n
