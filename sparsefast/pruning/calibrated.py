@@ -513,17 +513,17 @@ class _Calibrated(Pruner):
         method = type(self).__name__
         order: list[tuple[str, SparseModule, bool]] = []  # (name, layer, same input as the previous one)
         calls: dict[str, int] = {}
-        state = {"prev": None}
+        state = {"prev": None, "prev_name": None}  # input and name of the previous managed-layer call
 
         def hook_for(name: str, layer: SparseModule):
             def pre(mod, args):
                 x = args[0] if args else None
                 _check_input(method, name, layer, x)
                 if name not in calls:
-                    same = bool(order) and state["prev"] is x
+                    same = bool(order) and state["prev_name"] == order[-1][0] and state["prev"] is x
                     order.append((name, layer, same))
                 calls[name] = calls.get(name, 0) + 1
-                state["prev"] = x
+                state["prev"], state["prev_name"] = x, name
             return pre
 
         for name, layer in self._layers:
