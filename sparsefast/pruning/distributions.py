@@ -23,6 +23,14 @@ layer to a whole number of weights; a layer always keeps at least one weight):
 Conv sizes use the weight shape ``(c_out, c_in/groups, k_h, k_w)``. Biases and normalisation layers are
 never pruned (they are not in the layer list).
 
+References (``tests/pruning/test_fidelity_b.py``): ``"erk"``, ``"er"`` and ``"uniform"`` give
+VITA-Group/Random_Pruning's densities (``CIFAR/sparselearning/core.py:81-262``) to float precision
+(making every over-full layer dense at once ends where their one-layer-at-a-time loop ends: ε only grows
+as layers become dense); google-research/rigl ``sparse_utils.py:90-256`` solves ε for the integer
+budgets ``Σ (n_l − floor(s · n_l))`` and keeps ``n − floor(s_l · n)`` per layer, a few weights more than
+``round(d_l · n)`` here. Their masks are Bernoulli draws (Random_Pruning) or exact counts (rigl); here
+exact counts.
+
 :func:`flow_repair` (Gadhikar et al. 2023, appendix A.1): every neuron left with no incoming edge, and
 every hidden neuron left with no outgoing edge, gets one random edge (seeded).
 """

@@ -387,7 +387,7 @@ class SNFS(_DST):
     ``block:B`` are refused).
 
     Compared with the authors' code (TimDettmers/sparse_learning ``sparselearning/core.py:377-514``,
-    ``funcs.py:53-111,245-247``) the drop and growth rules and the redistribution statistic (mean ``|M|``
+    ``funcs.py:56-114,177-249``) the drop and growth rules and the redistribution statistic (mean ``|M|``
     over the active weights, normalised) are the same; the counts are kept exact where theirs are not
     (``docs/methods.md`` lists each): per-layer drop ``round(p · active)`` (theirs ``ceil``), regrowth
     ``K`` split by largest remainder capped by the free positions (theirs ``ceil(share · K)`` per layer,

@@ -74,6 +74,11 @@ class FreezeNet(_SeededInit, Pruner):
     dense torch op (no weight gradient). ``frozen_decay``: optional multiplicative decay of the frozen
     weights per ``step()`` (``(1 − frozen_decay)^t``, a scalar — still regenerable), default 0.
     :meth:`remove` detaches the hooks (the model then computes only the trainable part).
+
+    Reference: no code of the authors is public; the paper's pseudo-code (arXiv 2011.14087 §3, restated
+    in the authors' survey, seed 003 eq. (7)-(8), (16)) — saliency ``|∂L/∂θ ⊙ θ0|`` at the init, one
+    global threshold, ``Θ = m·ϑ + (1 − m)·θ0``, gradients to the trainable part only, biases trained —
+    gives the same mask and weights (``tests/pruning/test_fidelity_b.py``).
     """
 
     default_distribution = "global"
@@ -174,6 +179,10 @@ class EdgePopup(_SeededInit, Pruner):
     Straight-through gradient: ``∂L/∂s = sign(s) ⊙ G ⊙ W(0)`` with G the dense weight gradient ``dYᵀX``
     of the layer (every position), i.e. ``G ⊙ W(0)`` with respect to ``|s|`` as in the authors' code,
     routed by a forward hook (an identity autograd function; it costs one copy of each layer output).
+
+    Reference: allenai/hidden-networks (``simple_mnist_example.py:16-80``, ``utils/conv_type.py:14-56``):
+    the same masks, score gradients and scores step by step. Count rule: each layer keeps ``round(k·n)``
+    (k = 1 − sparsity); theirs ``n − int((1 − k)·n)``, at most one weight apart (``docs/methods.md``).
     """
 
     default_distribution = "uniform"

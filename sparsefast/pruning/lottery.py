@@ -284,6 +284,13 @@ class RobustTicket(LotteryTicket):
     input range or ``None``). :meth:`finetune` prepares downstream fine-tuning: ``"full"`` or
     ``"linear"`` (linear probe: everything frozen except the head). OMP supports N:M (top-n ``|W|`` per
     m-group); A-IMP refuses N:M. Both support ``block:B`` (blocks of largest summed ``|W|``).
+
+    Reference: the paper (Fu et al. 2023, seed 004 §II) has no public code; it builds on the practice
+    it cites, which matches here (``tests/pruning/test_fidelity_b.py``): global L1 OMP / IMP as
+    VITA-Group/CV_LTH_Pre-training (``pruning_utils.py:15-34``; that code skips ``conv1`` and the linear
+    head: pass ``filter_fn`` to do the same), PGD as MadryLab/robustness ``LinfStep``. A-IMP rounds remove
+    ``ceil(rate · remaining)`` (open_lth's rule, :class:`LotteryTicket`); torch.nn.utils.prune, used by
+    CV_LTH_Pre-training, removes ``round(rate · remaining)`` — one weight apart at most.
     """
 
     supports_nm = "A-IMP prunes a fraction of the remaining weights per round (method='omp' supports N:M)"

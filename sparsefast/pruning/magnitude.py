@@ -22,6 +22,11 @@ class Magnitude(Pruner):
 
     Patterns: unstructured, N:M, and ``block:B`` (keeps the b x b blocks of the reduction view with the
     largest summed ``|W|``; the global threshold and the layer densities count blocks).
+
+    Count rule: the model (``"global"``) or each layer keeps ``round(d · n)`` weights (at least one per
+    layer). Reference: ganguli-lab/Synaptic-Flow ``Pruners/pruners.py:12-41,94-100`` (``Mag``), whose
+    kthvalue threshold at ``k = int((1 − d) · n)`` keeps ``n − int((1 − d) · n)``: the same ranking, at
+    most one weight apart per layer (local) or in total (global); ``docs/methods.md``.
     """
 
     default_distribution = "global"
@@ -83,6 +88,17 @@ class GradualMagnitude(Pruner):
     ``|W|``; the schedule's sparsities count blocks, each layer keeping at least one). N:M is refused:
     every intermediate mask must already satisfy the layer pattern, so a schedule between dense and N:M
     does not exist (use :class:`SRSTE` or :class:`Magnitude` with N:M).
+
+    Reference: tensorflow/model-optimization ``prune_low_magnitude`` with ``PolynomialDecay`` (power 3):
+    the same schedule, per-layer ``max(round(n (1 − s_t)), 1)`` smallest-``|W|`` masks and update steps
+    (checked mask by mask in ``tests/pruning/test_fidelity_b.py``). Step convention: ``t`` counts
+    completed optimizer steps from 0, tfmot's ``pruning_step`` counts the current batch from 1, so tfmot's
+    ``begin_step``/``end_step`` are ``start_step + 1`` / ``end_step + 1`` here. Departures
+    (``docs/methods.md``): a level is also applied at ``end_step`` when ``end_step − start_step`` is not a
+    multiple of ``update_every`` (tfmot then never reaches the final sparsity through its schedule); pruned
+    weights can never return (tfmot's kernel takes dense gradient updates between its masking ops, so at
+    a mask update a pruned position holds ``−lr·momentum`` and could in principle re-enter); a
+    ``"global"`` distribution is offered (tfmot is per layer only).
     """
 
     default_distribution = "uniform"
