@@ -138,13 +138,13 @@ class _DST(Pruner):
             out[_kept.index(layer.mask)[sel].long()] = True
             return out.view(layer.mask.shape)
         w = layer.dense_weight().abs().float()
-        s = torch.where(layer.mask, -w, torch.full_like(w, -math.inf))
+        s = (-w).masked_fill_(~layer.mask, -math.inf)
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
 
     def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
         """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n;
         block patterns: the ``k`` blocks outside ``after`` with the largest summed ``score``)."""
-        s = torch.where(after, torch.full_like(score, -math.inf), score.float())
+        s = score.float().masked_fill(after, -math.inf)  # one pass (where + full_like: two, and a copy)
         if self.pattern.is_nm:
             need = self.pattern.n - nm_group_counts(after, self.pattern.m)
             return nm_group_top(s, need, self.pattern.m) & ~after
@@ -170,7 +170,7 @@ class _DST(Pruner):
             d = self._drop_set(l, frac, nnz)
             if d is None:
                 continue
-            k = int(d.sum()) // math.prod(self.unit)
+            k = int(torch.count_nonzero(d)) // math.prod(self.unit)
             after = l.mask & ~d
             g = self._grow(after, grow_score(n, l), k)
             new[n], grown[n], dropped[n] = after | g, g, d
@@ -343,20 +343,20 @@ class DSR(_DST):
         for n, l in self._layers:
             w = l.dense_weight().abs()
             d = l.mask & (w < H)
-            if int(d.sum()) > 0 and int(d.sum()) == int(l.mask.sum()):
+            if int(torch.count_nonzero(d)) > 0 and int(torch.count_nonzero(d)) == int(torch.count_nonzero(l.mask)):
                 # keep the largest weight of a layer that would be emptied
                 keep = top_k_mask(torch.where(l.mask, w.float(), torch.full_like(w.float(), -math.inf)), 1)
                 d = d & ~keep
             dropped[n], after[n] = d, l.mask & ~d
-        K = sum(int(d.sum()) for d in dropped.values())
+        K = sum(int(torch.count_nonzero(d)) for d in dropped.values())
         if K < (1 - self.tolerance) * target:
             self.threshold = H * 2
         elif K > (1 + self.tolerance) * target:
             self.threshold = H / 2
-        surv = [float(after[n].sum()) for n in self._names]
+        surv = [float(torch.count_nonzero(after[n])) for n in self._names]
         # as in the authors' code (grow_random(pruned_indices=...): np.setdiff1d), a position pruned in this
         # update is not a candidate for regrowth in the same update
-        caps = [int((~l.mask).sum()) for _, l in self._layers]
+        caps = [int(torch.count_nonzero(~l.mask)) for _, l in self._layers]
         alloc = largest_remainder(K, surv, caps)
         new, grown = {}, {}
         for (n, l), r in zip(self._layers, alloc):
@@ -438,8 +438,8 @@ class SNFS(_DST):
             dropped[n], after[n] = d, l.mask & ~d
             mom = self._mom[n].abs()
             contrib.append(float(mom[l.mask].mean()) if bool(l.mask.any()) else 0.0)
-        K = sum(int(d.sum()) for d in dropped.values())
-        caps = [int((~after[n]).sum()) for n in self._names]
+        K = sum(int(torch.count_nonzero(d)) for d in dropped.values())
+        caps = [int(torch.count_nonzero(~after[n])) for n in self._names]
         alloc = largest_remainder(K, contrib, caps)
         new, grown = {}, {}
         for (n, l), r in zip(self._layers, alloc):
