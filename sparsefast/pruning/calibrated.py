@@ -390,6 +390,9 @@ def sparsegpt_prune(weight_rv: torch.Tensor, H: torch.Tensor | None, *, sparsity
     losses = torch.zeros(R, dtype=torch.float32, device=dev)
     prunedT = torch.zeros(K, R, dtype=torch.bool, device=dev)
     total_prune = sparsity * R * K
+    # the column sweep is thousands of small ops: on CPU they run single-threaded (intra-op threads cost
+    # more than they give there, up to 10x on a loaded machine); the block matmuls keep every thread
+    threads = torch.get_num_threads() if dev.type == "cpu" else 1
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         count = i2 - i1
@@ -406,19 +409,25 @@ def sparsegpt_prune(weight_rv: torch.Tensor, H: torch.Tensor | None, *, sparsity
             tmp = W1.square() / d1.square()
             tmp = torch.where(fixed1, torch.full_like(tmp, -math.inf), tmp)
             mask1 = top_k_mask(-tmp.t().contiguous(), min(max(k, 0), tmp.numel())).t() | fixed1
-        for i in range(count):
-            if nm and i % m == 0:  # the m − n lowest w²/d² of each output row in this m-group
-                tmp = W1[i:i + m].square() / d1[i:i + m].square()
-                tmp = torch.where(fixed1[i:i + m], torch.full_like(tmp, -math.inf), tmp)
-                low = torch.sort(tmp, dim=0, stable=True).indices[:m - n]
-                mask1[i:i + m].scatter_(0, low, True)
-            w = W1[i]
-            q = torch.where(mask1[i], torch.zeros_like(w), w)
-            Q1[i] = q
-            err = (w - q) / Hinv1[i, i]
-            losses += err.square() * 0.5
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            for i in range(count):
+                if nm and i % m == 0:  # the m − n lowest w²/d² of each output row in this m-group
+                    tmp = W1[i:i + m].square() / d1[i:i + m].square()
+                    tmp = torch.where(fixed1[i:i + m], torch.full_like(tmp, -math.inf), tmp)
+                    low = torch.sort(tmp, dim=0, stable=True).indices[:m - n]
+                    mask1[i:i + m].scatter_(0, low, True)
+                w = W1[i]
+                q = torch.where(mask1[i], torch.zeros_like(w), w)
+                Q1[i] = q
+                err = (w - q) / Hinv1[i, i]
+                losses += err.square() * 0.5
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+                Err1[i] = err
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
         WT[i1:i2] = Q1
         prunedT[i1:i2] = mask1
         if i2 < K:  # lazy batch update of all later columns
