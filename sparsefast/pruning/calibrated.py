@@ -322,7 +322,10 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float = 0.01, *, where: str = 
     """SparseGPT's preparation of a ``(K, K)`` Gram matrix ``H = Σ xᵀx`` (any positive scale): dead inputs
     (zero diagonal) get a unit diagonal, ``damp · mean(diag H)`` is added to the diagonal (raised ×10 up to
     three times, with a warning, while the Cholesky factorisation fails), and the upper Cholesky factor
-    ``U`` of ``H⁻¹`` (``UᵀU = H⁻¹``) is returned with the bool dead-input mask and the damp used."""
+    ``U`` of ``H⁻¹`` (``UᵀU = H⁻¹``) is returned with the bool dead-input mask and the damp used. ``U`` is
+    computed as the inverse of the upper triangular ``R`` with ``H = RRᵀ`` (a Cholesky factorisation in
+    reversed index order) — the factor the reference obtains as ``cholesky(cholesky_inverse(cholesky(H)),
+    upper=True)``, with one Cholesky and one triangular solve instead of two Cholesky and an inverse."""
     H = H.detach().float().clone()
     K = H.shape[0]
     if not bool(torch.isfinite(H).all()):
@@ -337,9 +340,14 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float = 0.01, *, where: str = 
         try:
             Hd = H.clone()
             Hd.diagonal().add_(d_used * mean_diag)
-            L = torch.linalg.cholesky(Hd)
+            # H = R Rᵀ with R = J chol(J H J) J upper triangular (J reverses the order), so H⁻¹ = R⁻ᵀ R⁻¹ and
+            # U = R⁻¹ is the upper Cholesky factor of H⁻¹: the reference's chol → cholesky_inverse → chol
+            # result (to float rounding) from one Cholesky and one triangular solve (3-4x faster on CPU)
+            Lr = torch.linalg.cholesky(Hd.flip(0, 1))
             del Hd
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            eye = torch.eye(K, dtype=Lr.dtype, device=Lr.device)
+            Hinv = torch.linalg.solve_triangular(Lr.flip(0, 1), eye, upper=True)
+            del Lr, eye
             if bool(torch.isfinite(Hinv).all()):
                 return Hinv, dead, d_used
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
