@@ -319,6 +319,52 @@ def test_gpu_launch_planning_shape_classes():
                                                                     tnm._m_class(256 * 56 * 56), 64, 576, 1, sms)) > 1
 
 
+def test_autotune_keys_are_kernel_arguments():
+    """Every autotuned Triton kernel is keyed on its own arguments only: Triton <= 3.8 silently
+    dropped a key name that is not an argument (conv dx was keyed on ``Kred``, which it does not
+    take), 3.9 refuses to launch."""
+    from sparsefast.backends.triton import _nm_conv
+    from sparsefast.backends.triton import unstructured as tu
+
+    tuners = [t for t, _ in (*tnm._FWD.values(), *tnm._DX.values(), *tnm._DW.values(),
+                             _nm_conv._FWD, _nm_conv._DX, _nm_conv._DW)]
+    tuners += [tu._fwd, tu._dx, tu._dw, tu._gather]
+    for t in tuners:
+        assert t.keys and set(t.keys) <= set(t.arg_names), (t.fn, sorted(set(t.keys) - set(t.arg_names)))
+
+
+def test_interpreter_masks_are_bool(monkeypatch):
+    """Under the interpreter a mask built as ``tensor & (scalar == 0)`` holds int32 data; Triton
+    3.9's masked load / store reject that, so ``_common.fix_interpreter_masks`` casts it to bool."""
+    if not _INTERPRETED:
+        pytest.skip("interpreter only")
+    import triton.language as tl
+    from triton.runtime import interpreter as it
+
+    @triton.jit
+    def k(x_ptr, y_ptr, N):
+        r = tl.arange(0, 16)
+        ok = (r < N) & (tl.program_id(0) == 0)
+        tl.store(y_ptr + r, tl.load(x_ptr + r, mask=ok, other=-1.0), mask=ok | (r == 15))
+
+    seen = []
+    orig = it.InterpreterBuilder.create_masked_load
+
+    def spy(self, ptrs, mask, *a, **kw):
+        seen.append(mask.data.dtype)
+        return orig(self, ptrs, mask, *a, **kw)
+
+    for name in ("create_masked_store", "create_atomic_rmw"):  # restored after the test
+        monkeypatch.setattr(it.InterpreterBuilder, name, getattr(it.InterpreterBuilder, name))
+    monkeypatch.setattr(it.InterpreterBuilder, "create_masked_load", spy)
+    from sparsefast.backends.triton._common import fix_interpreter_masks
+    fix_interpreter_masks()  # wraps the spy: the spy sees what the native load gets
+    x, y = torch.arange(16.0), torch.zeros(16)
+    k[(1,)](x, y, 10)
+    assert [str(d) for d in seen] == ["bool"]
+    assert y[:10].tolist() == list(range(10)) and y[10:15].eq(0).all() and y[15] == -1
+
+
 def test_aot_compile_configs_cover_every_autotune_config():
     specs = tnm.aot_compile_configs()
     names = [s.name for s in specs]

@@ -199,6 +199,36 @@ def test_conv2d(impl, monkeypatch, case, split):
     assert (dw[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("tie_last", [False, True], ids=["tie-first-axis", "tie-last-axis"])
+def test_row_layout_helpers_either_triton_rule(impl, monkeypatch, tie_last):
+    """``_load_rows`` / ``_store_rows`` (gathered tiles laid out along their rows on every Triton
+    version) give the same values through either branch: the one compiled for Triton <= 3.6
+    (plain load / store) and the one for >= 3.7 (transposed). The interpreter runs both here."""
+    if not interpreting():
+        pytest.skip("the interpreter reads the module constant per call; compiled kernels cache it")
+    import triton.language as tl
+
+    from sparsefast.backends.triton import _unstructured_kernels as K
+    monkeypatch.setattr(K, "_TIE_LAST", tl.constexpr(tie_last))
+    monkeypatch.setattr(U, "_path_override", "decode")
+    M, K_, N = 5, 70, 24
+    mask = _mask((N, K_), 0.4)
+    w, x, dy = _rand(N, K_, seed=1) * mask, _rand(M, K_, seed=2), _rand(M, N, seed=3)
+    wm = (w * mask).double()
+    _close(impl.linear_fwd(x, w, mask, None, PAT), F.linear(x.double(), wm), torch.float32, "y")
+    _close(impl.linear_dx(dy, w, mask, PAT), dy.double() @ wm, torch.float32, "dx")
+    B, C, H, W, O, (kh, kw), s, p, dil, g, dtype, _ = CONV[0]
+    conv = ConvParams(s, p, dil, g)
+    cmask = _mask((O, C // g, kh, kw), 0.3, seed=O)
+    cw, cx = _rand(O, C // g, kh, kw, seed=1) * cmask, _rand(B, C, H, W, seed=2)
+    cwm = (cw * cmask).double()
+    ry = F.conv2d(cx.double(), cwm, None, s, p, dil, g)
+    _close(impl.conv_fwd(cx, cw, cmask, None, PAT, conv), ry, dtype, "conv y")
+    cdy = _rand(*ry.shape, seed=4)
+    rdw = torch.nn.grad.conv2d_weight(cx.double(), list(cw.shape), cdy.double(), s, p, dil, g) * cmask
+    _close(impl.conv_dw(cdy, cx, cmask, PAT, conv, cw.shape), rdw, dtype, "conv dW")
+
+
 # ------------------------------------------------------------------------------------------------
 # caching, re-packing, failures
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton (imports it)."""
+    import triton
+
+    major, minor = (triton.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def tf32_enabled() -> bool:
     """True when fp32 CUDA matmuls may use TF32 (:func:`matmul_fp32_precision` is ``"tf32"``)."""
     return matmul_fp32_precision() == "tf32"

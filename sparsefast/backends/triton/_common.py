@@ -3,7 +3,8 @@
 the ahead-of-time compilation spec (:class:`AotSpec`, :func:`specialize`) that
 :mod:`sparsefast.kernel_report` reads from each module's ``aot_compile_configs()``.
 
-Importing this module applies :func:`fix_interpreter_loops` when ``TRITON_INTERPRET=1`` is set.
+Importing this module applies :func:`fix_interpreter_loops` and :func:`fix_interpreter_masks` when
+``TRITON_INTERPRET=1`` is set.
 (Private module: the kernel report scans only public modules for ``aot_compile_configs``.)
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from . import interpreting, tf32_enabled
 
-__all__ = ["AotSpec", "DTYPE_NAMES", "cuda_sms", "device_guard", "fix_interpreter_loops", "prec", "specialize"]
+__all__ = ["AotSpec", "DTYPE_NAMES", "cuda_sms", "device_guard", "fix_interpreter_loops", "fix_interpreter_masks",
+           "prec", "specialize"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,8 +45,49 @@ def fix_interpreter_loops() -> None:
     it._patch_lang_tensor = patched
 
 
+def fix_interpreter_masks() -> None:
+    """The interpreter computes ``bool_tensor & (scalar == 0)`` (e.g. ``n_ok & (pid_k == 0)``) as
+    int32 0/1 data instead of bool (every version up to 3.9 at least); Triton 3.9's native masked
+    load / store / atomic then reject it (``ValueError: mask has unsupported dtype``), where 3.8
+    read it as a truth value. Wrap those three builder methods so a mask reaches them as bool.
+
+    Idempotent (``_sparsefast_compat`` marker); only applied under ``TRITON_INTERPRET=1``."""
+    import numpy as np
+    from triton.runtime import interpreter as it
+
+    builder = it.InterpreterBuilder
+    if getattr(builder.create_masked_load, "_sparsefast_compat", False):
+        return
+
+    def as_bool(mask):
+        if mask is None or mask.data.dtype == np.bool_:
+            return mask
+        return it.TensorHandle(mask.data != 0, mask.dtype)
+
+    def wrap(name, mask_pos):
+        orig = getattr(builder, name)
+
+        def patched(self, *args, **kwargs):
+            args = list(args)
+            if len(args) > mask_pos:
+                args[mask_pos] = as_bool(args[mask_pos])
+            elif "mask" in kwargs:
+                kwargs["mask"] = as_bool(kwargs["mask"])
+            return orig(self, *args, **kwargs)
+
+        patched._sparsefast_compat = True  # type: ignore[attr-defined]
+        setattr(builder, name, patched)
+
+    # positions after ``self``: (ptrs, mask, other, ...), (ptrs, value, mask, ...),
+    # (rmwOp, ptr, val, mask, ...)
+    wrap("create_masked_load", 1)
+    wrap("create_masked_store", 2)
+    wrap("create_atomic_rmw", 3)
+
+
 if interpreting():
     fix_interpreter_loops()
+    fix_interpreter_masks()
 
 
 # ------------------------------------------------------------------------------------------------

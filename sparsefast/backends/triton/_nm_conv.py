@@ -175,7 +175,10 @@ def _max_dw_split(p_class: int, Og: int, Kred: int, groups: int, sms: int) -> in
 
 
 _FWD = (triton.autotune(_CONV_CONFIGS, key=_CONV_KEY)(_conv_fwd_kernel), _CONV_CONFIGS)
-_DX = (triton.autotune(_CONV_CONFIGS, key=_CONV_KEY)(_conv_dx_kernel), _CONV_CONFIGS)
+#: dx takes KH instead of Kred (= KH * KW * Cg). Triton <= 3.8 silently dropped key names that are not
+#: kernel arguments (so dx was keyed without the kernel height); 3.9 rejects them
+_CONV_DX_KEY = ["M_CLASS", "Cg", "Og", "KH", "KW", "PREC"]
+_DX = (triton.autotune(_CONV_CONFIGS, key=_CONV_DX_KEY)(_conv_dx_kernel), _CONV_CONFIGS)
 _DW = (triton.autotune(_CONV_DW_CONFIGS, key=_CONV_DW_KEY,
                        prune_configs_by={"early_config_prune": _prune_dw})(_conv_dw_kernel), _CONV_DW_CONFIGS)
 

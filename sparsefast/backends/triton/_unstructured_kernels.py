@@ -6,12 +6,44 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401 - used inside kernels
 
-from . import interpreting
+from . import interpreting, triton_version
 
 # ================================================================================================
 # Triton kernels
 # ================================================================================================
 _INTERP: tl.constexpr = tl.constexpr(interpreting())
+#: Which axis Triton's coalescing pass gives the threads of a warp when a load's / store's addresses
+#: are provably contiguous along no axis (a tie): the first axis up to 3.6, the last axis from 3.7
+#: on. The decoded weight tiles (``values + start[row] + rank``) and the conv im2col tiles (NCHW: only
+#: the output pixels of a row are adjacent, which the compiler cannot prove) are such gathers. With
+#: the threads along the first axis (rows / pixels) each thread keeps one row's bitmap words, kept
+#: count and chunk pointer (one output pixel's coordinates) and walks its lanes; along the last axis
+#: each thread holds one lane of many rows and all of their per-row state: under 3.8 that doubled
+#: the registers of the tile-decode kernels and spilled 8-1768 B per thread in 21 bf16 configs on
+#: sm_90 (conv forward, conv input gradient, conv dW; one Linear forward). :func:`_load_rows` /
+#: :func:`_store_rows` put the threads on the first axis under both rules (``tl.trans`` is free: it
+#: relabels the layout, no data moves), so every version compiles the 3.6 layout.
+_TIE_LAST: tl.constexpr = tl.constexpr(triton_version() >= (3, 7))
+
+
+@triton.jit
+def _load_rows(ptrs, mask, other):
+    """``tl.load(ptrs, mask, other)`` of a gathered 2-D tile, laid out with the threads of a warp
+    along axis 0 whatever the Triton version (:data:`_TIE_LAST`). Same values either way; where the
+    addresses are provably contiguous along an axis that axis still decides."""
+    if _TIE_LAST:
+        return tl.trans(tl.load(tl.trans(ptrs), mask=tl.trans(mask), other=other))
+    return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _store_rows(ptrs, val, mask):
+    """``tl.store(ptrs, val, mask)`` of a scattered 2-D tile with the threads along axis 0 (as
+    :func:`_load_rows`)."""
+    if _TIE_LAST:
+        tl.store(tl.trans(ptrs), tl.trans(val), mask=tl.trans(mask))
+    else:
+        tl.store(ptrs, val, mask=mask)
 
 
 @triton.jit
@@ -118,6 +150,7 @@ def _a_tile(a_ptr, a_row, m_ok, oh, ow, c, K, CA, KW, AH, AW, SH, SW, PH, PW, DH
             wi = ow[:, None] * SW - PW + kw[None, :] * DW
             ok = ok & (hi >= 0) & (hi < AH) & (wi >= 0) & (wi < AW)
         ptrs = a_ptr + a_row[:, None] + cc[None, :] * sa_c + hi * sa_h + wi * sa_w
+        return _load_rows(ptrs, ok, 0.0)
     else:
         ptrs = a_ptr + a_row[:, None] + k[None, :] * sa_c
     return tl.load(ptrs, mask=ok, other=0.0)
@@ -157,7 +190,7 @@ def _pack_kernel(w_ptr, bm_ptr, cp_ptr, v_ptr, R, K, C,
             w = (k[None, :] + rank * 0).to(v_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptr + row[:, None] + _col_off(k, CD, KW, CS0, CS1, CS2)[None, :], mask=keep)
-        tl.store(v_ptr + start[:, None] + rank, w, mask=keep)
+        _store_rows(v_ptr + start[:, None] + rank, w, keep)
         start += cnt
 
 
@@ -259,7 +292,7 @@ def _fwd_kernel(a_ptr, bm_ptr, cp_ptr, v_ptr, bias_ptr, out_ptr,
         a = _a_tile(a_ptr, a_row, m_ok, oh, ow, c, K, CA, KW, AH, AW, SH, SW, PH, PW, DH, DW,
                     sa_c, sa_h, sa_w, IS_CONV, TRANSPOSED, CA_GE64)
         keep, rank, cnt = _chunk(bm_ptr, rows, n_ok, c, 2 * C)
-        w = tl.load(v_ptr + start[:, None] + rank, mask=keep, other=0.0)
+        w = _load_rows(v_ptr + start[:, None] + rank, keep, 0.0)
         start += cnt
         acc = _mma(a, tl.trans(w), acc, PREC)
     if HAS_BIAS:
@@ -289,7 +322,7 @@ def _dx_kernel(dy_ptr, bm_ptr, cp_ptr, v_ptr, out_ptr, M, N, K, C, RPS,
         d = tl.load(dy_ptr + m[:, None] * s_dm + rows[None, :] * s_dn, mask=m_ok[:, None] & ok[None, :], other=0.0)
         keep, rank, _ = _chunk(bm_ptr, rows, ok, c, 2 * C)
         start = tl.load(cp_ptr + rows * C + c, mask=ok, other=0)
-        w = tl.load(v_ptr + start[:, None] + rank, mask=keep, other=0.0)
+        w = _load_rows(v_ptr + start[:, None] + rank, keep, 0.0)
         acc = _mma(d, w, acc, PREC)
     out = out_ptr + pid_s * so_s + m[:, None] * so_m + k[None, :] * so_k
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (k < K)[None, :])

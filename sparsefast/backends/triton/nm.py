@@ -137,7 +137,10 @@ def _store_tile(acc, y_ptrs, y_ok, ws_ptr, ws_offs, ws_split_stride, lock_ptr, t
         arrived = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros_like(acc)
-            for i in tl.static_range(SPLIT_K):
+            # a loop, not tl.static_range: unrolled, Triton 3.8 / 3.9 issue all SPLIT_K tile loads
+            # before the first add (SPLIT_K live fp32 tiles: dW BN64xBK128 split 4 spilled 32 B,
+            # split 8 1224 B per thread on sm_90); looped, one partial is live whatever SPLIT_K
+            for i in range(SPLIT_K):
                 total += tl.load(ws_ptr + i * ws_split_stride + ws_offs, mask=y_ok, other=0.0,
                                  cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=y_ok)

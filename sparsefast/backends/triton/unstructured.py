@@ -126,7 +126,9 @@ def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "f
     needs 8 warps, fp32 at most 4096 outputs per program. dW (tile ``BN × 64``, ``BM`` rows of M per
     step): fp32 with 32-row steps and 64+ weight rows needs 8 warps (4 warps spill 48-56 B in the conv
     variant). The launchers prune the autotune candidates with this, and :func:`aot_compile_configs`
-    compiles exactly the kept ones."""
+    compiles exactly the kept ones. The same list holds for Triton 3.6 to 3.9 (kernel report, bf16
+    scope, under 3.6, 3.8 and 3.9): the kernels lay their gathered tiles out alike on every version
+    (``_TIE_LAST`` in :mod:`._unstructured_kernels`), so no config is version-specific."""
     if kind == "dw":
         return not (fp32 and BM >= 32 and cfg.kwargs["BN"] >= 64 and cfg.num_warps < 8)
     tile = BM * cfg.kwargs.get("BN", 0)
