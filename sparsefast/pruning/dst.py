@@ -141,10 +141,13 @@ class _DST(Pruner):
         s = (-w).masked_fill_(~layer.mask, -math.inf)
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
 
-    def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+    def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int, *, owned: bool = False) -> torch.Tensor:
         """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n;
         block patterns: the ``k`` blocks outside ``after`` with the largest summed ``score``)."""
-        s = score.float().masked_fill(after, -math.inf)  # one pass (where + full_like: two, and a copy)
+        # one pass; in place when the caller hands over a float32 score it does not keep (``owned``): a fresh
+        # dense-sized tensor costs its page faults again at every update
+        s = score.float()
+        s = s.masked_fill_(after, -math.inf) if owned and s is score else s.masked_fill(after, -math.inf)
         if self.pattern.is_nm:
             need = self.pattern.n - nm_group_counts(after, self.pattern.m)
             return nm_group_top(s, need, self.pattern.m) & ~after
@@ -172,7 +175,7 @@ class _DST(Pruner):
                 continue
             k = int(torch.count_nonzero(d)) // math.prod(self.unit)
             after = l.mask & ~d
-            g = self._grow(after, grow_score(n, l), k)
+            g = self._grow(after, grow_score(n, l), k, owned=True)  # grow_score returns a fresh tensor
             new[n], grown[n], dropped[n] = after | g, g, d
         self._commit(new, grown, dropped)
 
@@ -300,7 +303,7 @@ class RigL(_DST):
         grads = self._grads_or_warn("RigL mask update")
         if grads is None:
             return
-        self._drop_grow_per_layer(t, self.drop_schedule(t), lambda n, l: grads[n].abs().to(l.mask.device))
+        self._drop_grow_per_layer(t, self.drop_schedule(t), lambda n, l: grads[n].abs_().to(l.mask.device))
 
 
 class DSR(_DST):
