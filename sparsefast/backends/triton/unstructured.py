@@ -56,7 +56,7 @@ from ...formats.unstructured import CHUNK, INT32_MAX, UnstructuredIndex, Unstruc
 from ...formats import kept as _kept
 from ...masks import Pattern
 from ..base import Backend, ConvParams, OpQuery, conv_output_hw
-from . import interpreting, tf32_enabled
+from . import interpreting, tf32_enabled, triton_version
 from ._common import DTYPE_NAMES as _TY, AotSpec, cuda_sms, device_guard, prec as _prec  # noqa: F401 - _TY for tests
 
 __all__ = ["Impl", "aot_compile_configs", "AotSpec"]
@@ -120,19 +120,29 @@ def _dw_cap(dtype: torch.dtype) -> int:
     return 32 if _fma_dot(dtype) else 64
 
 
+#: Largest 16-bit fwd / dx tile (``BM × BN`` outputs) a 4-warp program may take; bigger ones need 8
+#: warps. Triton 3.6 (CI, the GPU image): 8192 -- 64×128 and 128×64 with 4 warps compile without
+#: spills there, so they stay autotune candidates. From 3.7 on: 4096 -- those two 4-warp configs sit
+#: at the 255-register ceiling on sm_80 (fwd / dgrad / Linear, 252-255 under 3.8 and 3.9) and 3.7
+#: spills 24 B/thread in the Linear forward 64×128 (sm_80); their 8-warp twins (128×64 w8s3,
+#: 64×128 w8s4) stay candidates and are well below it (103-182 registers).
+_TILE_4WARPS_MAX = 8192 if triton_version() < (3, 7) else 4096
+
+
 def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "fwd") -> bool:
     """Configs that compile without register spills for sm_80 and sm_90 (``python -m sparsefast
     kernels``; ``fp32`` means the FMA dot, :func:`_fma_dot`). fwd / dx (tile ``BM × BN``): 128×128
-    needs 8 warps, fp32 at most 4096 outputs per program. dW (tile ``BN × 64``, ``BM`` rows of M per
-    step): fp32 with 32-row steps and 64+ weight rows needs 8 warps (4 warps spill 48-56 B in the conv
-    variant). The launchers prune the autotune candidates with this, and :func:`aot_compile_configs`
-    compiles exactly the kept ones. The same list holds for Triton 3.6 to 3.9 (kernel report, bf16
-    scope, under 3.6, 3.8 and 3.9): the kernels lay their gathered tiles out alike on every version
-    (``_TIE_LAST`` in :mod:`._unstructured_kernels`), so no config is version-specific."""
+    needs 8 warps, 16-bit tiles over :data:`_TILE_4WARPS_MAX` outputs need 8 warps, fp32 at most 4096
+    outputs per program. dW (tile ``BN × 64``, ``BM`` rows of M per step): fp32 with 32-row steps and
+    64+ weight rows needs 8 warps (4 warps spill 48-56 B in the conv variant). The launchers prune the
+    autotune candidates with this, and :func:`aot_compile_configs` compiles exactly the kept ones.
+    Checked with the kernel report (bf16 scope) under Triton 3.6, 3.7, 3.8 and 3.9; apart from
+    :data:`_TILE_4WARPS_MAX` the list is the same for all of them because the kernels lay their
+    gathered tiles out alike on every version (``_TIE_LAST`` in :mod:`._unstructured_kernels`)."""
     if kind == "dw":
         return not (fp32 and BM >= 32 and cfg.kwargs["BN"] >= 64 and cfg.num_warps < 8)
     tile = BM * cfg.kwargs.get("BN", 0)
-    return tile <= (4096 if fp32 else 8192) or (not fp32 and cfg.num_warps >= 8)
+    return tile <= (4096 if fp32 else _TILE_4WARPS_MAX) or (not fp32 and cfg.num_warps >= 8)
 
 
 def _pruner(kind: str):
