@@ -78,3 +78,21 @@ def test_demo_prints_training_step_ratio():
     ratio, mem = demo._training_step_comparison(model, mlp, "reference", x, y, torch.device("cpu"), batch=16,
                                                 rounds=5, steps=2)
     assert ratio > 0 and 0 < mem < 0.5  # 10 % of the weights: far less training state than dense
+
+
+def test_bench_runs_a_case_end_to_end(capsys):
+    """`python -m sparsefast bench` checks and times a case and prints its row (run_cases / run_case share
+    first_call and the Result record; a NameError there once made every bench run crash)."""
+    from sparsefast.benchmarking.report import run_case
+    from sparsefast.benchmarking.timing import Result, run_cases
+    from sparsefast.cli import bench
+    from sparsefast.benchmarking.cases import cases
+
+    c = cases("cpu", shapes=["cpu-small"], ops=["linear"], kinds=["fwd"], dtypes=["float32"], patterns=["90%"])[0]
+    rs = run_cases(c, ["dense", "sf:reference"], rounds=5, budget_s=0.01, dense_dtypes=False)
+    assert {r.impl: r.status for r in rs} == {"dense": "ok", "sf:reference": "ok"}
+    assert all(isinstance(r, Result) and r.rounds >= 5 and r.median_s > 0 for r in rs)
+    assert run_case(c, "torch-2:4", timed=False).status == "skip"  # GPU 2:4 only: a skip with its reason
+    assert bench.main(["--rounds", "5", "--budget", "0.01", "--shapes", "cpu-small", "--ops", "linear",
+                       "--kinds", "fwd", "--dtypes", "float32", "--patterns", "90%", "--impls", "dense,sf:reference"]) == 0
+    assert "64x1024x1024" in capsys.readouterr().out

@@ -20,38 +20,12 @@ from .cases import *  # noqa: F401,F403
 from .runners import *  # noqa: F401,F403
 from .timing import *  # noqa: F401,F403
 
-# ------------------------------------------------------------------------------------------------
-# results
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    case: Case
-    impl: str
-    status: str                 # "ok" (timed), "checked" (correct, not timed), "skip"
-    median_s: float | None = None
-    reason: str = ""
-    errors: dict[str, float] = field(default_factory=dict)
-    min_s: float | None = None  # over the timed rounds (python -m sparsefast bench), else None
-    max_s: float | None = None
-    rounds: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["case"] = asdict(self.case) | {"id": self.case.id}
-        return d
-
-
 def run_case(c: Case, impl: str, *, timed: bool = True, budget_s: float = 0.25) -> Result:
     """Check ``impl`` on fresh inputs against the reference, then time it (``timed``)."""
-    p = prepare(c)
-    inp = inputs(c, p)
-    try:
-        fn = make_runner(c, impl, p, inp)
-        out = fn()
-    except Skip as e:
-        return Result(c, impl, "skip", reason=str(e))
-    except (RuntimeError, NotImplementedError) as e:
-        return Result(c, impl, "skip", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    first = first_call(c, impl)
+    if isinstance(first, Result):
+        return first
+    fn, out, inp = first
     errs = check(c, impl, out, inp)
     del out
     if not timed:

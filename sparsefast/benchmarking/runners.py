@@ -90,6 +90,15 @@ def _dense_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:
     return _autograd_runner(c, f, w, x, dy, wgrad_view=lambda g: g * mask)
 
 
+def _by_kind(c: Case, fwd: Callable, dxf: Callable, dwf: Callable) -> Callable[[], dict]:
+    """The runner of a case from its three closures: forward only, input gradient only, or the whole step."""
+    if c.kind == "fwd":
+        return lambda: {"y": fwd()}
+    if c.kind == "dx":
+        return lambda: {"dx": dxf()}
+    return lambda: {"y": fwd(), "dx": dxf(), "dw": dwf()}
+
+
 def _csr_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:
     if c.op != "linear":
         raise Skip("torch has no sparse convolution")
@@ -109,11 +118,7 @@ def _csr_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:
             dwf()
     except (RuntimeError, NotImplementedError, TypeError) as e:
         raise Skip(f"torch CSR: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from e
-    if c.kind == "fwd":
-        return lambda: {"y": fwd()}
-    if c.kind == "dx":
-        return lambda: {"dx": dxf()}
-    return lambda: {"y": fwd(), "dx": dxf(), "dw": dwf()}
+    return _by_kind(c, fwd, dxf, dwf)
 
 
 def _semi_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:
@@ -134,11 +139,7 @@ def _semi_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:
             dxf()
     except Exception as e:  # noqa: BLE001 - torch raises several types for unsupported shapes/GPUs
         raise Skip(f"torch 2:4: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from e
-    if c.kind == "fwd":
-        return lambda: {"y": fwd()}
-    if c.kind == "dx":
-        return lambda: {"dx": dxf()}
-    return lambda: {"y": fwd(), "dx": dxf(), "dw": dwf()}
+    return _by_kind(c, fwd, dxf, dwf)
 
 
 def _sparseprop_runner(c: Case, p: Problem, x, dy) -> Callable[[], dict]:

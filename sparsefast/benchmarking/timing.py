@@ -57,6 +57,27 @@ def time_call(fn: Callable, device: str, budget_s: float = 0.25) -> float:
 MIN_ROUNDS = 5
 
 
+# ------------------------------------------------------------------------------------------------
+# results (the one record every timing and report function reads and writes)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    case: Case
+    impl: str
+    status: str                 # "ok" (timed), "checked" (correct, not timed), "skip"
+    median_s: float | None = None
+    reason: str = ""
+    errors: dict[str, float] = field(default_factory=dict)
+    min_s: float | None = None  # over the timed rounds (python -m sparsefast bench), else None
+    max_s: float | None = None
+    rounds: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["case"] = asdict(self.case) | {"id": self.case.id}
+        return d
+
+
 def _sampler(fn: Callable, device: str) -> Callable[[], float]:
     """One timing sample (seconds per call) of ``fn``, already warmed up: GPU ``do_bench`` median of a
     short burst (CUDA events, L2 flushed); CPU enough back-to-back calls for >= ~1 ms, averaged."""
@@ -99,6 +120,20 @@ def _alt_dense_dtype(c: Case) -> str | None:
     return {"float32": "bfloat16", "bfloat16": "float32"}.get(c.dtype)
 
 
+def first_call(c: Case, impl: str) -> "tuple[Callable, dict, Any] | Result":
+    """``(runner, its first output, its inputs)`` of ``impl`` on fresh inputs of case ``c``, or the skip
+    ``Result`` saying why it cannot run here."""
+    p = prepare(c)
+    inp = inputs(c, p)
+    try:
+        fn = make_runner(c, impl, p, inp)
+        return fn, fn(), inp
+    except Skip as e:
+        return Result(c, impl, "skip", reason=str(e))
+    except (RuntimeError, NotImplementedError) as e:
+        return Result(c, impl, "skip", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
+
 def run_cases(c: Case, names: list[str], *, rounds: int = 7, budget_s: float | None = None,
               dense_dtypes: bool = True) -> list[Result]:
     """Check every implementation of case ``c`` on fresh inputs, then time them together, rounds
@@ -110,17 +145,11 @@ def run_cases(c: Case, names: list[str], *, rounds: int = 7, budget_s: float | N
     results: dict[str, Result] = {}
     fns: dict[str, Callable] = {}
     for n in names:
-        p = prepare(c)
-        inp = inputs(c, p)
-        try:
-            fn = make_runner(c, n, p, inp)
-            out = fn()
-        except Skip as e:
-            results[n] = Result(c, n, "skip", reason=str(e))
+        first = first_call(c, n)
+        if isinstance(first, Result):
+            results[n] = first
             continue
-        except (RuntimeError, NotImplementedError) as e:
-            results[n] = Result(c, n, "skip", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            continue
+        fn, out, inp = first
         try:
             errs = check(c, n, out, inp)
         except AssertionError as e:
