@@ -61,6 +61,11 @@ def _canonical_flat(mask: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"kept values need a 2-D (linear) or 4-D (conv) mask, got shape {tuple(mask.shape)}")
 
 
+def _ver(mask: torch.Tensor) -> tuple:
+    """What a cached index is valid for: the mask's contents (version counter) at its storage and shape."""
+    return (mask._version, mask.data_ptr(), tuple(mask.shape), mask.device)
+
+
 def index(mask: torch.Tensor) -> torch.Tensor:
     """``flat`` positions (``(nnz,)``; int32 when the mask has fewer than 2^31 entries, else int64 — the
     cached copy lives as long as the mask, so half the bytes matter) of ``mask``'s kept entries in
@@ -68,7 +73,7 @@ def index(mask: torch.Tensor) -> torch.Tensor:
     if mask.device.type == "meta":
         raise RuntimeError("kept-values index of a mask on the meta device: the mask's contents are unknown")
     key = id(mask)
-    ver = (mask._version, mask.data_ptr(), tuple(mask.shape), mask.device)
+    ver = _ver(mask)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None and hit[0]() is mask and hit[1] == ver:
@@ -89,14 +94,14 @@ def share_index(src: torch.Tensor, dst: torch.Tensor) -> None:
     mask change computes its index once — for the remap — and not again on the next forward."""
     with _LOCK:
         hit = _CACHE.get(id(src))
-    if hit is None or hit[0]() is not src or hit[1] != (src._version, src.data_ptr(), tuple(src.shape), src.device):
+    if hit is None or hit[0]() is not src or hit[1] != _ver(src):
         return
     if tuple(dst.shape) != tuple(src.shape) or dst.device != src.device:
         return
     key = id(dst)
     with _LOCK:
         fresh = key not in _CACHE or _CACHE[key][0]() is not dst
-        _CACHE[key] = (weakref.ref(dst), (dst._version, dst.data_ptr(), tuple(dst.shape), dst.device), hit[2])
+        _CACHE[key] = (weakref.ref(dst), _ver(dst), hit[2])
     if fresh:
         weakref.finalize(dst, _drop, key)
 
