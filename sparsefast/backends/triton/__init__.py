@@ -1,5 +1,5 @@
-"""The ``"triton"`` backend: Triton kernels for N:M (:mod:`.nm`) and unstructured
-(:mod:`.unstructured`) sparsity. This class only checks availability and routes each call to the
+"""The ``"triton"`` backend: Triton kernels for N:M (:mod:`.nm`), unstructured (:mod:`.unstructured`)
+and block (:mod:`.block`) sparsity. This class only checks availability and routes each call to the
 implementation for its pattern; each implementation is itself a :class:`~sparsefast.backends.base.Backend`.
 
 Available where ``triton`` imports and either a CUDA device is present or ``TRITON_INTERPRET=1`` was
@@ -57,8 +57,18 @@ class TritonBackend(Backend):
             return "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)"
         return None
 
+    @staticmethod
+    def _kind(pattern) -> str:
+        """Which implementation module runs ``pattern``: ``"nm"``, ``"block"`` or ``"unstructured"``
+        (every other pattern)."""
+        from ...masks import Block
+
+        if pattern.is_nm:
+            return "nm"
+        return "block" if isinstance(pattern, Block) else "unstructured"
+
     def _impl(self, pattern) -> Backend | None:
-        kind = "nm" if pattern.is_nm else "unstructured"
+        kind = self._kind(pattern)
         if kind not in self._impls:
             try:
                 mod = importlib.import_module(f"{__name__}.{kind}")
@@ -71,7 +81,7 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         impl = self._impl(q.pattern)
         if impl is None:
-            return [self._impl_errors["nm" if q.pattern.is_nm else "unstructured"]]
+            return [self._impl_errors[self._kind(q.pattern)]]
         return super().not_supported_reasons(q) + impl.not_supported_reasons(q)
 
     def prefer_dense_reason(self, q: OpQuery) -> str | None:
@@ -81,13 +91,14 @@ class TritonBackend(Backend):
     def _get(self, pattern) -> Backend:
         impl = self._impl(pattern)
         if impl is None:
-            raise RuntimeError(self._impl_errors["nm" if pattern.is_nm else "unstructured"])
+            raise RuntimeError(self._impl_errors[self._kind(pattern)])
         return impl
 
     def pack(self, weight, mask, pattern):
         return self._get(pattern).pack(weight, mask, pattern)
 
-    # kept values: the unstructured kernels read them natively; N:M goes through the base adapter
+    # kept values: the unstructured and block kernels read them natively (the block kernels also write
+    # the weight gradient as kept values); N:M goes through the base adapter
     def _kept(self, pattern, op: str):
         impl = self._get(pattern)
         return getattr(impl, op) if getattr(impl, "kept_native", False) else getattr(super(), op)
@@ -98,11 +109,17 @@ class TritonBackend(Backend):
     def kept_linear_dx(self, dy, values, mask, pattern):
         return self._kept(pattern, "kept_linear_dx")(dy, values, mask, pattern)
 
+    def kept_linear_dw(self, dy, x, mask, pattern):
+        return self._kept(pattern, "kept_linear_dw")(dy, x, mask, pattern)
+
     def kept_conv_fwd(self, x, values, mask, bias, pattern, conv):
         return self._kept(pattern, "kept_conv_fwd")(x, values, mask, bias, pattern, conv)
 
     def kept_conv_dx(self, dy, values, mask, pattern, conv, input_shape):
         return self._kept(pattern, "kept_conv_dx")(dy, values, mask, pattern, conv, input_shape)
+
+    def kept_conv_dw(self, dy, x, mask, pattern, conv):
+        return self._kept(pattern, "kept_conv_dw")(dy, x, mask, pattern, conv)
 
     def linear_fwd(self, x, weight, mask, bias, pattern):
         return self._get(pattern).linear_fwd(x, weight, mask, bias, pattern)
