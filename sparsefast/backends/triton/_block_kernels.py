@@ -54,10 +54,9 @@ def _end(lo, step, n):
 
 
 @triton.jit
-def _block_cols(col_ptr, base, t, t_ok, c, B: tl.constexpr):
-    """Reduction columns ``col[base + t]·B + c % B`` of the kept blocks ``t`` (one entry per tile
-    column ``c``), with the hint that they come in aligned runs of ``B`` contiguous columns."""
-    j = tl.load(col_ptr + base + t, mask=t_ok, other=0)
+def _block_cols(j, c, B: tl.constexpr):
+    """Reduction columns ``j·B + c % B`` of kept blocks in block columns ``j`` (one entry per tile column
+    ``c``), with the hint that they come in aligned runs of ``B`` contiguous columns."""
     return tl.max_contiguous(tl.multiple_of(j * B + c % B, B), B)
 
 
@@ -82,10 +81,15 @@ def _fwd_kernel(x_ptr, rp_ptr, col_ptr, v_ptr, bias_ptr, out_ptr, M, NBR,
     tb = c // B
     w_row = tl.multiple_of(lo * (B * B) + o * ld, B)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
+    # block columns of the next step, loaded one step ahead: an x address that comes from a load in the
+    # same iteration keeps Triton's pipeliner from multi-buffering the x tile (one smem stage at any
+    # num_stages, sm_80 and sm_90); loop-carried, it gets num_stages buffers like a dense GEMM
+    j_next = tl.load(col_ptr + lo + tb, mask=tb < nb, other=0)
     for t0 in range(0, nb, TK):
         t = t0 + tb
         t_ok = t < nb
-        k = _block_cols(col_ptr, lo, t, t_ok, c, B)
+        k = _block_cols(j_next, c, B)
+        j_next = tl.load(col_ptr + lo + t + TK, mask=t + TK < nb, other=0)
         a = tl.load(x_ptr + m[:, None] * s_xm + k[None, :] * s_xk, mask=m_ok[:, None] & t_ok[None, :], other=0.0)
         w = tl.load(v_ptr + w_row[:, None] + (t0 * B + c)[None, :], mask=o_ok[:, None] & t_ok[None, :], other=0.0)
         acc = _mma(a, tl.trans(w), acc, PREC)
@@ -117,13 +121,22 @@ def _dx_kernel(dy_ptr, cp_ptr, tb_ptr, v_ptr, out_ptr, M, NBC,
     c = tl.arange(0, BR)
     c_ok = c < B
     acc = tl.zeros((BM, BR), dtype=tl.float32)
+    # the next step's block entries are loaded one step ahead (see _fwd_kernel: multi-buffered tiles)
+    e = tb_ptr + (lo + rb) * 3
+    i_n = tl.load(e, mask=rb < nb, other=0)
+    off_n = tl.load(e + 1, mask=rb < nb, other=0)
+    ld_n = tl.load(e + 2, mask=rb < nb, other=0)
     for t0 in range(0, nb, TN):
         t = t0 + rb
         t_ok = t < nb
-        e = tb_ptr + (lo + t) * 3
-        i = tl.load(e, mask=t_ok, other=0)
-        off = tl.load(e + 1, mask=t_ok, other=0)
-        ld = tl.load(e + 2, mask=t_ok, other=0)
+        i = i_n
+        off = off_n
+        ld = ld_n
+        e = tb_ptr + (lo + t + TN) * 3
+        nxt = t + TN < nb
+        i_n = tl.load(e, mask=nxt, other=0)
+        off_n = tl.load(e + 1, mask=nxt, other=0)
+        ld_n = tl.load(e + 2, mask=nxt, other=0)
         n = tl.max_contiguous(tl.multiple_of(i * B + oo, B), B)
         d = tl.load(dy_ptr + m[:, None] * s_dm + n[None, :] * s_dn, mask=m_ok[:, None] & t_ok[None, :], other=0.0)
         w_row = tl.multiple_of(off + oo * ld, B)
@@ -151,7 +164,7 @@ def _dw_kernel(dy_ptr, x_ptr, rp_ptr, col_ptr, item_ptr, out_ptr, M, MPS,
     c = tl.arange(0, TB * B)
     t = t0 + c // B
     t_ok = t < nb
-    k = _block_cols(col_ptr, lo, t, t_ok, c, B)
+    k = _block_cols(tl.load(col_ptr + lo + t, mask=t_ok, other=0), c, B)
     o = tl.arange(0, BR)
     o_ok = o < B
     n = i * B + o
