@@ -11,6 +11,10 @@ What keeps its meaning: ``weight_shape`` (the dense shape), ``dense_weight()`` (
 ``set_dense_weight(w)`` (take the kept values from a dense tensor), ``state_dict()`` (a dense-shaped
 ``weight`` with zeros at pruned positions, ``bias``, ``mask``; loads those dicts and plain
 ``nn.Linear``/``nn.Conv2d`` dicts), ``to_dense()``, ``freeze()`` / ``layer.weight.requires_grad_(False)``.
+A ``SparseLinear`` made from a Hugging Face ``transformers`` ``Conv1D`` (GPT-2: weight stored
+``(in_features, out_features)``, ``y = x @ W + b``) holds its weight as ``(out, in)`` like any other, but keeps
+``Conv1D``'s ``(in, out)`` layout for ``weight`` and ``mask`` in its state dict (loads only that layout) and
+``to_dense()`` gives back a ``Conv1D``.
 Weight-decay grouping by name (``name.endswith("weight")``) keeps working; grouping by ``p.ndim >= 2`` would
 put the 1-D values with biases — use :func:`sparsefast.nn.param_groups` (see the docs).
 
@@ -44,6 +48,15 @@ __all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "param_groups"]
 _LAYERS: "weakref.WeakValueDictionary[int, SparseModule]" = weakref.WeakValueDictionary()
 #: optimizers that have stepped (their state may hold kept-sized tensors to move on a mask change)
 _OPTIMIZERS: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+def _is_conv1d(m: Any) -> bool:
+    """A Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2 style: ``weight`` stored ``(in_features,
+    out_features)``, ``y = x @ W + b``), recognised without importing transformers: the class name, the
+    ``nf`` (out_features) attribute and a 2-D weight whose second dimension is ``nf``."""
+    w = getattr(m, "weight", None)
+    return (isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
 
 
 def _track_optimizer(optimizer, args, kwargs) -> None:
@@ -379,6 +392,9 @@ class SparseLinear(SparseModule):
     """
 
     _op = "linear"
+    #: the ``transformers`` ``Conv1D`` class this layer was made from (``from_dense(conv1d)``), else None:
+    #: then the state dict keeps Conv1D's ``(in, out)`` layout and ``to_dense()`` returns that class
+    _conv1d: type | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: float | None = None,
                  pattern: str = "unstructured", backend: str = "auto", device=None, dtype=None,
@@ -415,13 +431,21 @@ class SparseLinear(SparseModule):
                    mask: torch.Tensor | None = None, backend: str = "auto", _adopt: bool = False) -> "SparseLinear":
         """A SparseLinear with ``linear``'s weights (copied). Without ``mask`` keeps the largest |w|.
         (``_adopt``, used by :func:`sparsefast.sparsify`: take over ``linear``'s Parameter objects, so an
-        optimizer built on the dense model keeps training the sparse one.)"""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        optimizer built on the dense model keeps training the sparse one.) ``linear`` may also be a
+        ``transformers`` ``Conv1D``: its weight is used transposed (``mask``, if given, is ``(out, in)``),
+        and the layer remembers it (state-dict layout, ``to_dense()``; module docstring)."""
+        conv1d = _is_conv1d(linear)
+        if not isinstance(linear, nn.Linear) and not conv1d:
+            raise TypeError(f"from_dense expects an nn.Linear (or a transformers Conv1D), got {type(linear).__name__}")
         w = linear.weight.detach()
         layer = cls.__new__(cls)
         SparseModule.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        if conv1d:
+            w = w.t()
+            layer._conv1d = type(linear)
+            layer.in_features, layer.out_features = int(w.shape[1]), int(w.shape[0])
+        else:
+            layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer._setup_sparse(pattern, backend)
         if linear.bias is None:
             layer.register_parameter("bias", None)
@@ -438,8 +462,21 @@ class SparseLinear(SparseModule):
         return sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=self._resolve(x),
                                   pattern=self.pattern, density=self._density_arg())
 
-    def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the masked weights."""
+    def to_dense(self) -> nn.Module:
+        """A plain ``nn.Linear`` holding the masked weights (a ``Conv1D`` for a layer made from one)."""
+        if self._conv1d is not None:
+            with torch.device(self.weight.device):
+                conv = self._conv1d(self.out_features, self.in_features)
+            conv.to(self.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(self.dense_weight().t())
+                if self.bias is not None:
+                    conv.bias.copy_(self.bias)
+                else:
+                    conv.bias.zero_()
+            conv.weight.requires_grad_(self.weight.requires_grad)
+            conv.train(self.training)
+            return conv
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -450,10 +487,37 @@ class SparseLinear(SparseModule):
         lin.train(self.training)
         return lin
 
+    # ---- a Conv1D-made layer: Conv1D's (in, out) layout in the state dict ---------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._conv1d is not None:
+            for k in (prefix + "weight", prefix + "mask"):
+                destination[k] = destination[k].t().contiguous()
+
+    def _staged_load(self, sd, wkey, bkey, mkey):
+        if self._conv1d is None:
+            return super()._staged_load(sd, wkey, bkey, mkey)
+        want = (self.in_features, self.out_features)
+        view = {k: sd[k] for k in (wkey, bkey, mkey) if k in sd}
+        for k in (wkey, mkey):
+            t = view.get(k)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                hint = (" (that is nn.Linear's (out_features, in_features) layout: transpose it, or load it into "
+                        "the densify()'d model)") if got == self.weight_shape else ""
+                return (f"{self._name()}: {k} shape {got} in the checkpoint differs from {want}: this layer was made "
+                        f"from a transformers Conv1D and its state dict keeps Conv1D's (in_features, out_features) "
+                        f"layout{hint}")
+            view[k] = t.t()
+        return super()._staged_load(view, wkey, bkey, mkey)
+
     def extra_repr(self) -> str:
         d = f", density={self.density:.3g}" if hasattr(self, "mask") else ""
+        c = ", layout=Conv1D" if self._conv1d is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={self.pattern}{d}, backend={self.requested_backend}")
+                f"pattern={self.pattern}{d}, backend={self.requested_backend}{c}")
 
 
 class SparseConv2d(SparseModule):

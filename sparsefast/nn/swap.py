@@ -43,16 +43,20 @@ def _move_dense_state(param: nn.Parameter, layer: SparseModule, old_grad: torch.
     gradient and the dense-shaped optimizer state of optimizers that already stepped it (e.g. AdamW's
     moments after a dense warm-up) onto the kept positions, so the next ``step()`` still works."""
     shape = tuple(layer.weight_shape)
+    conv1d = getattr(layer, "_conv1d", None) is not None  # the dense tensors are (in, out): transposed
+
+    def own(v: torch.Tensor) -> torch.Tensor:
+        return v.t() if conv1d and v.dim() == 2 else v
     with torch.no_grad():
-        if old_grad is not None and tuple(old_grad.shape) == shape:
-            param.grad = _kept.gather(old_grad, layer.mask).clone()
+        if old_grad is not None and tuple(own(old_grad).shape) == shape:
+            param.grad = _kept.gather(own(old_grad), layer.mask).clone()
         for opt in list(_layers._OPTIMIZERS):
             st = getattr(opt, "state", {}).get(param)
             if not st:
                 continue
             for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dim() >= 2:
-                    st[k] = _kept.gather(v, layer.mask.to(v.device)).clone()
+                if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(own(v).shape) == shape:
+                    st[k] = _kept.gather(own(v), layer.mask.to(v.device)).clone()
 
 
 def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = "unstructured",
@@ -60,6 +64,14 @@ def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = 
              tied: str = "skip") -> nn.Module:
     """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (those ``filter_fn(name, module)`` accepts)
     for :class:`SparseLinear` / :class:`SparseConv2d`, in place, and return the model.
+
+    Hugging Face ``transformers`` ``Conv1D`` layers (GPT-2's ``c_attn``/``c_proj``/``c_fc``: weight stored
+    ``(in, out)``, ``y = x @ W + b``; recognised by class name and attributes, transformers is not imported)
+    become a :class:`SparseLinear` of the transposed weight: masks and N:M groups are on the ``(out, in)``
+    weight, i.e. N:M groups run along the input dimension (rows of Conv1D's stored weight). Such a layer
+    keeps Conv1D's ``(in, out)`` layout for ``weight`` and ``mask`` in ``state_dict()`` and
+    ``load_state_dict`` (so the pruned model's dict has the dense model's keys and shapes, plus the
+    masks), and :func:`densify` gives back a ``Conv1D``.
 
     Masks keep the largest-magnitude weights: the top-n of each m-group for N:M, or the top
     ``1 - sparsity`` per layer for unstructured (``sparsity=None`` with unstructured keeps every weight:
@@ -90,7 +102,7 @@ def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = 
     names: dict[int, list[str]] = {}   # id(module) -> every path it is reachable under
     order: list[nn.Module] = []
     for n, m in model.named_modules(remove_duplicate=False):
-        if type(m) not in (nn.Linear, nn.Conv2d):
+        if type(m) not in (nn.Linear, nn.Conv2d) and not _layers._is_conv1d(m):
             continue
         if id(m) not in names:
             names[id(m)] = []
@@ -107,7 +119,7 @@ def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = 
     new_root = model
     for mod in targets:
         label = names[id(mod)][0] or "<root>"
-        cls = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+        cls = SparseConv2d if isinstance(mod, nn.Conv2d) else SparseLinear
         adopt = id(mod) not in tied_with
         old_grad = mod.weight.grad
         try:
@@ -203,7 +215,8 @@ def guard_load_state_dict(model: nn.Module) -> nn.Module:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Swap every sparse layer back to a plain ``nn.Linear``/``nn.Conv2d`` holding the masked weights."""
+    """Swap every sparse layer back to a plain ``nn.Linear``/``nn.Conv2d`` holding the masked weights (a
+    ``transformers`` ``Conv1D`` for a layer :func:`sparsify` made from one, in Conv1D's layout)."""
     targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, SparseModule)]
     made: dict[int, nn.Module] = {}  # a layer reachable under several names becomes one dense layer
     new_root = model

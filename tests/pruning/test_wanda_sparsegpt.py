@@ -498,6 +498,88 @@ def test_hf_save_pretrained_round_trip_and_export(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, want)
 
 
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("cls", [C.Wanda, C.SparseGPT])
+def test_hf_gpt2_conv1d_layers_to_24_and_round_trip(cls, tmp_path):
+    """GPT-2's attention/MLP are transformers Conv1D layers (weight stored (in, out)): they are pruned, 2:4
+    along the input dimension, the state dict keeps Conv1D's layout, and both save_pretrained routes
+    (densify() first, or the sparse model's own dict) load back into a plain GPT2LMHeadModel."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    model = _gpt2()
+    dense_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    conv_names = sorted(n for n, m in model.named_modules() if isinstance(m, Conv1D))
+    assert len(conv_names) == 8
+    calib = [{"input_ids": _ids(seed=s), "attention_mask": torch.ones(4, 16, dtype=torch.long)} for s in (1, 2)]
+    pr = build(cls, model, pattern="2:4")
+    pr.prune(batch=calib)
+    assert sorted(n for n, _ in pr.layers) == conv_names  # wte/wpe/lm_head stay dense
+    assert type(model.lm_head) is nn.Linear and bool((model.lm_head.weight != 0).all())
+    assert type(model.transformer.wte) is nn.Embedding and type(model.transformer.wpe) is nn.Embedding
+    sd = model.state_dict()
+    assert {k: v.shape for k, v in sd.items() if not k.endswith(".mask")} == dense_shapes
+    for n in conv_names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, sparsefast.SparseLinear) and layer._conv1d is Conv1D and layer.pattern == "2:4"
+        out_f, in_f = layer.weight_shape
+        assert bool((layer.mask.reshape(out_f, in_f // 4, 4).sum(-1) == 2).all()), n  # (out, in): along rows
+        m = sd[n + ".mask"]                                                          # Conv1D's (in, out)
+        assert m.shape == (in_f, out_f) and bool((m.reshape(in_f // 4, 4, out_f).sum(1) == 2).all()), n
+        assert not bool((m.reshape(in_f, out_f // 4, 4).sum(-1) == 2).all()), n   # not along the output axis
+        assert torch.equal(sd[n + ".weight"] != 0, m), n
+    assert pr.sparsity() == pytest.approx(0.5)
+    ids = _ids(2, 12, seed=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    masks_before = {n: model.get_submodule(n).mask.clone() for n in conv_names}
+
+    # the sparse model's own dict: same keys and shapes as the dense model's (plus masks, ignored by HF)
+    model.save_pretrained(tmp_path / "sparse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sparse").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(direct(ids).logits, want)
+    # and it loads back strictly into a pruned copy
+    other = _gpt2()
+    sparsefast.sparsify(other, pattern="2:4", backend="reference", filter_fn=C.default_filter(other))
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, want)
+
+    # densify -> save_pretrained -> from_pretrained: Conv1D layers again, identical logits, same 2:4 masks
+    dense = sparsefast.densify(model)
+    assert sorted(n for n, m in dense.named_modules() if type(m) is Conv1D) == conv_names
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, want)
+    dense.save_pretrained(tmp_path / "hf")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, dense(ids).logits)
+    sparsefast.sparsify(loaded, pattern="2:4", backend="reference", filter_fn=C.default_filter(loaded))
+    for n, m in masks_before.items():
+        assert torch.equal(loaded.get_submodule(n).mask, m), n
+
+
+def test_hf_gpt2_constructor_error_puts_the_conv1d_layers_back():
+    from transformers.pytorch_utils import Conv1D
+    model = _gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="global"):
+        build(C.SparseGPT, model, sparsity=0.5, distribution="global")
+    assert sum(type(m) is Conv1D for m in model.modules()) == 8
+    assert not any(isinstance(m, SparseModule) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_hf_to_onnx(tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
