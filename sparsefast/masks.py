@@ -1,7 +1,8 @@
 """Sparsity patterns and mask construction / validation.
 
-A *pattern* is ``"unstructured"`` or ``"N:M"``: N kept out of every M consecutive weights along the
-reduction dimension.
+A *pattern* is ``"unstructured"``, ``"N:M"`` (N kept out of every M consecutive weights along the
+reduction dimension), ``"block:B"`` or a type added with :func:`register_pattern`; each is a
+:class:`Pattern` subclass that answers everything pattern-specific (see its docstring).
 
 Reduction layout (the one every kernel backend uses):
 
@@ -36,10 +37,39 @@ class Pattern:
     run (``Backend.patterns``).
 
     Every method works on the weight's *reduction view* ``(rows, K)`` (:func:`reduction_view`).
-    ``n``/``m`` are ``None`` except for N:M (kept for code that reads them)."""
+    ``n``/``m`` are ``None`` except for N:M (kept for code that reads them).
 
-    #: the pattern family's name, e.g. "unstructured", "nm", "block"
+    What a pattern type answers (override these to add a type; the defaults suit a pattern whose
+    units are allocated freely, like unstructured):
+
+    * :attr:`kind` — the family's name. Backends (``Backend.patterns``) and pruning methods
+      (``Pruner.pattern_support``) accept or refuse a pattern by it, so a new type with a new ``kind`` is
+      refused everywhere until a backend or method opts in; :attr:`label` / :attr:`syntax` name it in
+      error messages.
+    * :attr:`density` / :attr:`implied_sparsity` — the density the pattern fixes by itself (N:M: ``n/m``),
+      ``None`` where a sparsity must be given. A pattern that fixes its density needs no sparsity schedule
+      (one round reaches it) and cannot hold an all-kept mask.
+    * :attr:`group_shape` — ``(rows, cols)`` of the group the pattern constrains (N:M ``(1, m)``, block
+      ``(b, b)``, unstructured ``(1, 1)``).
+    * :attr:`kept_per_group` — the *per-group rule*: how many weights each group keeps (N:M: ``n``), or
+      ``None`` where kept units are *allocated* across a layer or the model (global top-k or per-layer
+      densities). Methods keep the top-``kept_per_group`` scores of every group, refill a group to it
+      after drops, and rank all positions again (not only the kept ones) for a per-group pattern.
+    * :attr:`unit` — ``(rows, cols)`` of the tile kept or dropped whole, in which allocations and drop /
+      grow counts are counted: ``group_shape`` for an allocated pattern (block ``(b, b)``), a single
+      weight for a per-group one.
+    * :meth:`kept_count` / :meth:`index_bytes` — the kept values of a weight and the bytes of the index
+      structure its packed format stores besides them (roofline bounds).
+    * :meth:`parse`, :meth:`examples`, :meth:`fits`, :meth:`top_mask`, :meth:`mask_error` — parsing,
+      backend conformance cases, shape checks, the top-score mask and mask validation.
+    """
+
+    #: the pattern family's name, e.g. "unstructured", "nm", "block" (what backends and methods accept)
     kind: ClassVar[str] = "?"
+    #: the family as error messages name it ("N:M", "block"): "... does not support N:M patterns"
+    label: ClassVar[str] = "?"
+    #: how the family's strings are written, for lists of accepted patterns ("'N:M'")
+    syntax: ClassVar[str] = "?"
 
     def __new__(cls, *args, **kwargs):
         # ``Pattern()`` / ``Pattern(n, m)`` (the former constructor) still give unstructured / N:M
@@ -51,6 +81,8 @@ class Pattern:
 
     @property
     def is_nm(self) -> bool:
+        """Whether this is the built-in N:M type (for kernels written for N:M formats). Code that only
+        needs a pattern's behaviour asks :attr:`density`, :attr:`kept_per_group`, :attr:`unit` instead."""
         return False
 
     @property
@@ -59,9 +91,41 @@ class Pattern:
         return None
 
     @property
+    def implied_sparsity(self) -> float | None:
+        """``1 − density`` where the pattern fixes its density (N:M: ``1 − n/m``), else ``None``."""
+        d = self.density
+        return None if d is None else 1.0 - d
+
+    @property
     def group_shape(self) -> tuple[int, int]:
-        """``(rows, cols)`` of the unit the pattern keeps or drops, in the reduction view."""
+        """``(rows, cols)`` of the group the pattern constrains, in the reduction view."""
         return (1, 1)
+
+    @property
+    def kept_per_group(self) -> int | None:
+        """Weights every :attr:`group_shape` group keeps (the per-group rule; N:M: ``n``), or ``None``
+        where kept units are allocated across the layer / model instead."""
+        return None
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the tile of the reduction view kept or dropped whole: :attr:`group_shape`
+        for an allocated pattern, ``(1, 1)`` for a per-group one (its groups are not kept whole)."""
+        return (1, 1) if self.kept_per_group is not None else tuple(self.group_shape)
+
+    def kept_count(self, numel: int, density: float | None = None) -> int:
+        """Kept values of a weight of ``numel`` entries: ``round(density · numel)``, the pattern's own
+        :attr:`density` where it fixes one (``density`` is then ignored)."""
+        d = self.density if self.density is not None else density
+        if d is None:
+            raise ValueError(f"pattern {self} needs a density to count its kept values")
+        return int(round(d * numel))
+
+    def index_bytes(self, rows: int, cols: int, kept: int) -> int | None:
+        """Bytes of the index structure a packed ``rows x cols`` weight of this pattern stores besides its
+        ``kept`` values; ``None`` where the pattern has no packed format of its own and is stored as an
+        unstructured weight (the roofline then counts the unstructured format)."""
+        return None
 
     @classmethod
     def parse(cls, s: str) -> "Pattern | None":
@@ -92,6 +156,8 @@ class Unstructured(Pattern):
     """Any subset of weights (``sparsity=`` gives how many are kept)."""
 
     kind: ClassVar[str] = "unstructured"
+    label: ClassVar[str] = "unstructured"
+    syntax: ClassVar[str] = "'unstructured'"
 
     @classmethod
     def parse(cls, s: str) -> "Pattern | None":
@@ -117,6 +183,8 @@ class NM(Pattern):
     n: int = 2
     m: int = 4
     kind: ClassVar[str] = "nm"
+    label: ClassVar[str] = "N:M"
+    syntax: ClassVar[str] = "'N:M'"
 
     def __post_init__(self) -> None:
         _check_nm(self.n, self.m)
@@ -132,6 +200,18 @@ class NM(Pattern):
     @property
     def group_shape(self) -> tuple[int, int]:
         return (1, self.m)
+
+    @property
+    def kept_per_group(self) -> int:
+        return self.n
+
+    def kept_count(self, numel: int, density: float | None = None) -> int:
+        return numel * self.n // self.m
+
+    def index_bytes(self, rows: int, cols: int, kept: int) -> int:
+        """``ceil(log2 m)`` bits per kept value (the cuSPARSELt / CUTLASS 2:4 metadata: 2-bit indices)."""
+        bits = max(1, math.ceil(math.log2(self.m)))
+        return math.ceil(kept * bits / 8)
 
     @classmethod
     def parse(cls, s: str) -> "Pattern | None":
@@ -182,6 +262,8 @@ class Block(Pattern):
 
     b: int = 16
     kind: ClassVar[str] = "block"
+    label: ClassVar[str] = "block"
+    syntax: ClassVar[str] = f"'block:B' (B in {BLOCK_SIZES})"
 
     def __post_init__(self) -> None:
         if self.b not in BLOCK_SIZES:
@@ -236,9 +318,20 @@ PATTERN_TYPES: list[type[Pattern]] = [Unstructured, NM, Block]
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
     """Add a :class:`Pattern` subclass (its ``parse`` classmethod recognises its strings); usable as a
-    class decorator. Backends run it where they list it in ``Backend.patterns``."""
+    class decorator. Backends run it where they list it in ``Backend.patterns``; pruning methods where
+    their ``pattern_support`` accepts its :attr:`~Pattern.kind` (a subclass keeping its parent's kind is
+    accepted wherever the parent is; a new kind is refused until a method opts in). ``label`` and
+    ``syntax`` default to the kind."""
     if not (isinstance(cls, type) and issubclass(cls, Pattern)):
         raise TypeError(f"register_pattern expects a Pattern subclass, got {cls!r}")
+    if not isinstance(cls.kind, str) or cls.kind in ("", "?"):
+        raise ValueError(f"register_pattern: {cls.__name__} needs a class attribute kind (the family's name, "
+                         "e.g. kind = 'row') by which backends and pruning methods accept it")
+    own_kind = "kind" in cls.__dict__  # a new family: it does not inherit its parent's name in messages
+    if cls.label == "?" or (own_kind and "label" not in cls.__dict__):
+        cls.label = cls.kind
+    if cls.syntax == "?" or (own_kind and "syntax" not in cls.__dict__):
+        cls.syntax = repr(cls.kind)
     if cls not in PATTERN_TYPES:
         PATTERN_TYPES.append(cls)
         _PARSED.clear()
@@ -269,8 +362,9 @@ def _parse_pattern(pattern) -> Pattern:
         p = cls.parse(s)
         if p is not None:
             return p
+    extra = [c.syntax for c in PATTERN_TYPES if c not in (Unstructured, NM, Block)]
     raise ValueError(f"cannot parse sparsity pattern {pattern!r}: expected 'unstructured', 'N:M' such as '2:4', "
-                     f"or 'block:B' with B in {BLOCK_SIZES}")
+                     f"or 'block:B' with B in {BLOCK_SIZES}" + (f" (registered: {', '.join(extra)})" if extra else ""))
 
 
 def _check_nm(n: int, m: int) -> None:

@@ -118,20 +118,22 @@ def weight_nbytes(rows: int, cols: int, dtype: torch.dtype, pattern: "str | Patt
                   density: float | None = None) -> int:
     """Bytes of a ``rows × cols`` weight (reduction dim = ``cols``) in its packed format.
 
-    ``pattern=None`` (or density 1 unstructured) means dense. N:M: values + ``ceil(log2 m)``-bit index
-    per kept value. Unstructured: see the module docstring (bitmap + values by default)."""
+    ``pattern=None`` (or density 1 unstructured) means dense. Otherwise the pattern's kept values
+    (:meth:`~sparsefast.masks.Pattern.kept_count`; a pattern fixing its density, N:M, ignores ``density``)
+    plus the index bytes of its own packed format (:meth:`~sparsefast.masks.Pattern.index_bytes`; N:M:
+    a ``ceil(log2 m)``-bit index per kept value); a pattern without one (unstructured, block) is counted
+    in the unstructured format: see the module docstring (bitmap + values by default)."""
     e = _elem(dtype)
     numel = rows * cols
     if pattern is None:
         return numel * e
     pat = parse_pattern(pattern)
-    if pat.is_nm:
-        kept = numel * pat.n // pat.m
-        bits = max(1, math.ceil(math.log2(pat.m)))
-        return kept * e + math.ceil(kept * bits / 8)
-    if density is None:
-        raise ValueError("weight_nbytes: an unstructured pattern needs density=")
-    nnz = int(round(density * numel))
+    if pat.density is None and density is None:
+        raise ValueError(f"weight_nbytes: pattern {pat} needs density= (it does not fix its density)")
+    nnz = pat.kept_count(numel, density)
+    idx = pat.index_bytes(rows, cols, nnz)
+    if idx is not None:
+        return nnz * e + idx
     hook = _unstructured_hook()
     if hook is not None:
         return int(hook(rows, cols, nnz, e))
@@ -173,9 +175,9 @@ def _gemm_prediction(kind: str, M: int, K: int, N: int, x_elems: int, y_elems: i
                      pattern: "str | Pattern", density: float | None, hw: Hardware,
                      dw_writes: str, optimizer: str = "adamw") -> Prediction:
     pat = parse_pattern(pattern)
-    d = pat.density if pat.is_nm else density
+    d = pat.density if pat.density is not None else density  # the pattern's own density (N:M) wins
     if d is None or not (0.0 < d <= 1.0):
-        raise ValueError(f"roofline: unstructured cases need a density in (0, 1], got {density!r}")
+        raise ValueError(f"roofline: {pat} cases need a density in (0, 1], got {density!r}")
     e = _elem(dtype)
     w_dense = N * K * e
     w_sparse = weight_nbytes(N, K, dtype, pat, d)

@@ -125,3 +125,75 @@ def test_top_k_flat_equals_stable_sort_on_ties_and_infinities():
         ref = torch.zeros(n, dtype=torch.bool)
         ref[torch.sort(f, descending=True, stable=True).indices[:k]] = True
         assert torch.equal(masks.top_k_flat(f, k), ref), (n, k, kind)
+
+
+# ---- issue 17: what a pattern type answers (the pruning methods and the roofline ask these) ----------
+def test_pattern_density_and_implied_sparsity():
+    u, nm, blk = masks.parse_pattern("unstructured"), masks.parse_pattern("1:4"), masks.parse_pattern("block:16")
+    assert u.density is None and u.implied_sparsity is None
+    assert blk.density is None and blk.implied_sparsity is None
+    assert nm.density == 0.25 and nm.implied_sparsity == 0.75
+    assert masks.Pattern(2, 4).implied_sparsity == 1.0 - 2 / 4  # the float the pruners always used
+
+
+def test_pattern_per_group_rule_unit_and_groups():
+    u, nm, blk = masks.parse_pattern("unstructured"), masks.parse_pattern("2:8"), masks.parse_pattern("block:8")
+    # N:M: a per-group rule (n of every (1, m) group), single weights are the unit
+    assert (nm.kept_per_group, nm.group_shape, nm.unit) == (2, (1, 8), (1, 1))
+    # block: allocated, whole tiles are the unit
+    assert (blk.kept_per_group, blk.group_shape, blk.unit) == (None, (8, 8), (8, 8))
+    assert (u.kept_per_group, u.group_shape, u.unit) == (None, (1, 1), (1, 1))
+
+
+def test_pattern_kept_count_and_index_bytes():
+    nm, u, blk = masks.parse_pattern("2:4"), masks.parse_pattern("unstructured"), masks.parse_pattern("block:8")
+    assert nm.kept_count(4096) == 2048 and nm.kept_count(4096, 0.1) == 2048  # its own density wins
+    assert masks.parse_pattern("1:3").kept_count(10) == 3  # numel·n // m, as the packed format holds
+    assert u.kept_count(1000, 0.1) == 100 and blk.kept_count(64, 0.25) == 16
+    with pytest.raises(ValueError, match="needs a density"):
+        u.kept_count(10)
+    assert nm.index_bytes(64, 64, 2048) == 2048 * 2 // 8  # 2-bit indices
+    assert masks.parse_pattern("4:8").index_bytes(8, 8, 32) == 32 * 3 // 8
+    assert masks.parse_pattern("1:2").index_bytes(8, 8, 32) == 32 // 8  # at least one bit
+    assert u.index_bytes(8, 8, 10) is None and blk.index_bytes(16, 16, 64) is None  # stored unstructured
+
+
+def test_pattern_labels_for_messages():
+    assert [(t.kind, t.label) for t in (masks.Unstructured, masks.NM, masks.Block)] == \
+        [("unstructured", "unstructured"), ("nm", "N:M"), ("block", "block")]
+    assert masks.Block.syntax == f"'block:B' (B in {masks.BLOCK_SIZES})" and masks.NM.syntax == "'N:M'"
+
+
+def test_register_pattern_needs_a_kind_and_names_a_new_family():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    class Nameless(masks.Unstructured):
+        pass
+
+    with pytest.raises(ValueError, match="needs a class attribute kind"):
+        masks.register_pattern(type("Bare", (masks.Pattern,), {}))
+    assert Nameless.kind == "unstructured"  # a subclass keeping its parent's kind is that family
+
+    @dataclass(frozen=True)
+    class Big(masks.Block):  # a new family built on Block's geometry: its own name in messages
+        b: int = 8
+        kind: ClassVar[str] = "bigblock"
+
+        @classmethod
+        def parse(cls, s):
+            return cls(int(s[4:])) if s.startswith("big:") else None
+
+        def __str__(self):
+            return f"big:{self.b}"
+
+    try:
+        assert masks.register_pattern(Big) is Big
+        assert (Big.label, Big.syntax) == ("bigblock", "'bigblock'")
+        p = masks.parse_pattern("big:16")
+        assert isinstance(p, Big) and (p.unit, p.kept_per_group, p.density) == ((16, 16), None, None)
+        m = masks.magnitude_mask(torch.randn(32, 32), p, 0.5)
+        assert masks.validate_mask(m, torch.zeros(32, 32), "big:16").sum() == 512
+    finally:
+        masks.PATTERN_TYPES.remove(Big)
+        masks._PARSED.clear()

@@ -23,10 +23,17 @@ Rules every method keeps:
   never the global RNG, so the same seed gives the same masks on every backend and after a resume.
 * Bad arguments raise ``ValueError`` / ``TypeError`` before any weight or module is touched.
 
+Patterns are types (:class:`sparsefast.masks.Pattern`): this module and the methods ask the pattern
+(``density`` / ``implied_sparsity``, ``kept_per_group``, ``unit``, ``group_shape``, ``fits``) instead of
+branching on its kind, and a method declares the pattern families it accepts in
+:attr:`Pruner.pattern_support` (a type added with :func:`sparsefast.masks.register_pattern` under a new
+``kind`` is refused with a ``ValueError`` until a method lists it there).
+
 N:M: with ``pattern="N:M"`` a layer keeps the top-n scores of each m-group (reduction order of
-:func:`sparsefast.masks.reduction_view`); ``sparsity`` is then implied (``1 − n/m``) and ``distribution``
-does not apply. Layers start as all-kept *unstructured* layers and switch to the N:M pattern when the
-method first gives them an N:M mask. Layers whose shape cannot hold the pattern are left alone with one
+:func:`sparsefast.masks.reduction_view`; the pattern's per-group rule, ``kept_per_group``); ``sparsity``
+is then implied (``1 − n/m``, ``implied_sparsity``) and ``distribution`` does not apply. Layers start
+as all-kept *unstructured* layers and switch to the N:M pattern when the method first gives them an N:M
+mask. Layers whose shape cannot hold the pattern are left alone with one
 warning naming them. Methods for which N:M has no meaning refuse it with a ``ValueError`` (see each class).
 
 Block (``pattern="block:B"``, B in 8/16/32, :class:`sparsefast.masks.Block`): the unit kept or dropped is
@@ -37,14 +44,14 @@ weights: one global top-k of tiles (``"global"``) or, per layer, ``round(d_l · 
 one) for the densities of the distribution; ``sparsity`` is required and counts tiles. Layers whose shape
 does not fit the block (both dims of the reduction view divisible by b) are left alone with one warning,
 as for N:M. Flow repair is skipped (unstructured only). Methods for which blocks have no meaning refuse
-them with a ``ValueError`` naming the patterns they accept (``supports_block``).
+them with a ``ValueError`` naming the patterns they accept (``pattern_support``).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +65,7 @@ from . import distributions as _dist
 from ._grad import GradCapture
 
 __all__ = ["Pruner", "progress", "mix_seed", "weight_shape", "resolve_pattern", "supported_patterns",
-           "unit_scores", "expand_units"]
+           "unit_scores", "expand_units", "group_top_mask", "group_top", "group_counts"]
 
 
 def mix_seed(seed: int, *keys: Any) -> int:
@@ -73,21 +80,60 @@ def weight_shape(layer: nn.Module) -> tuple[int, ...]:
     return tuple(ws) if ws is not None else tuple(layer.weight.shape)
 
 
-def supported_patterns(supports_nm: bool | str, supports_unstructured: bool = True,
+#: the former per-kind capability flags of a method, and the pattern kind each one stands for
+_LEGACY_FLAGS = {"supports_unstructured": "unstructured", "supports_nm": "nm", "supports_block": "block"}
+
+
+def _legacy_entry(flag: str, v: Any) -> bool | str:
+    """A ``pattern_support`` entry from a former ``supports_*`` flag (``True`` or the refusal reason)."""
+    if v is True:
+        return True
+    if isinstance(v, str) and v:
+        return v
+    if flag == "supports_unstructured":
+        return "it needs an N:M pattern such as '2:4'"
+    return "the method does not support them"
+
+
+def _legacy_support(supports_nm: bool | str, supports_unstructured: bool = True,
+                    supports_block: bool | str = True) -> dict[str, bool | str]:
+    vals = {"supports_unstructured": supports_unstructured, "supports_nm": supports_nm,
+            "supports_block": supports_block}
+    return {kind: _legacy_entry(flag, vals[flag]) for flag, kind in _LEGACY_FLAGS.items()}
+
+
+def _support_table(support: "Mapping[str, bool | str] | bool | str", supports_unstructured: bool,
+                   supports_block: bool | str) -> Mapping[str, bool | str]:
+    # a ``pattern_support`` mapping, or the former positional (supports_nm, supports_unstructured, supports_block)
+    if isinstance(support, Mapping):
+        return support
+    return _legacy_support(support, supports_unstructured, supports_block)
+
+
+def supported_patterns(support: "Mapping[str, bool | str] | bool | str" = True, supports_unstructured: bool = True,
                        supports_block: bool | str = True) -> str:
-    """Human-readable list of the patterns a method accepts (for error messages and docs)."""
-    kinds = (["'unstructured'"] if supports_unstructured else []) + (["'N:M'"] if supports_nm is True else []) \
-        + ([f"'block:B' (B in {_masks.BLOCK_SIZES})"] if supports_block is True else [])
-    return ", ".join(kinds) or "none"
+    """Human-readable list of the patterns a method accepts (for error messages and docs): the
+    ``syntax`` of every registered pattern type whose kind ``support`` (a ``pattern_support`` table, or the
+    former ``supports_nm`` flag followed by ``supports_unstructured`` / ``supports_block``) maps to True."""
+    table = _support_table(support, supports_unstructured, supports_block)
+    kinds, out = set(), []
+    for cls in _masks.PATTERN_TYPES:
+        if cls.kind not in kinds:
+            kinds.add(cls.kind)
+            if table.get(cls.kind) is True:
+                out.append(cls.syntax)
+    return ", ".join(out) or "none"
 
 
-def resolve_pattern(method: str, model: nn.Module, pattern: str | None, supports_nm: bool | str,
-                    supports_unstructured: bool = True,
+def resolve_pattern(method: str, model: nn.Module, pattern: str | None,
+                    support: "Mapping[str, bool | str] | bool | str" = True, supports_unstructured: bool = True,
                     filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
                     supports_block: bool | str = True) -> _masks.Pattern:
     """The pattern a pruner will use (``None``: the pattern the model's sparse layers share, else
-    unstructured); raises ``ValueError`` when the method refuses it. Cheap and side-effect free, so
-    methods call it before checking their own arguments."""
+    unstructured); raises ``ValueError`` when the method refuses it. ``support``: the method's
+    ``pattern_support`` table (``{kind: True | reason}``; a kind it does not list is refused), or the
+    former ``supports_nm`` flag with ``supports_unstructured`` / ``supports_block``. Cheap and side-effect
+    free, so methods call it before checking their own arguments."""
     if pattern is None:
         pats = set()
         if isinstance(model, nn.Module):
@@ -96,14 +142,16 @@ def resolve_pattern(method: str, model: nn.Module, pattern: str | None, supports
                     pats.add(str(m.pattern))
         pattern = pats.pop() if len(pats) == 1 else "unstructured"
     pat = _masks.parse_pattern(pattern)
-    accepted = supported_patterns(supports_nm, supports_unstructured, supports_block)
-    if isinstance(pat, _masks.Block) and supports_block is not True:
-        raise ValueError(f"{method} does not support block patterns ({pattern}): {supports_block}. "
-                         f"{method} accepts: {accepted}")
-    if pat.is_nm and supports_nm is not True:
-        raise ValueError(f"{method} does not support N:M patterns ({pattern}): {supports_nm}")
-    if isinstance(pat, _masks.Unstructured) and not supports_unstructured:
-        raise ValueError(f"{method} needs an N:M pattern such as '2:4', got {pattern!r}")
+    table = _support_table(support, supports_unstructured, supports_block)
+    ok = table.get(pat.kind)
+    if ok is not True:
+        if ok is None:
+            why = (f"{method}.pattern_support does not list their kind {pat.kind!r}, and a method refuses the kinds "
+                   f"it does not list (a type added with register_pattern until the method opts in to it)")
+        else:
+            why = ok if isinstance(ok, str) and ok else "the method does not support them"
+        raise ValueError(f"{method} does not support {pat.label} patterns ({pattern}): {why}. "
+                         f"{method} accepts: {supported_patterns(table)}")
     return pat
 
 
@@ -153,30 +201,72 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return _masks.top_k_flat(score.detach().reshape(-1).float(), k).reshape(score.shape)
 
 
-def nm_top_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask keeping the ``n`` largest raw scores of each m-group in reduction order."""
+def _groups(rv: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """``(groups, rows·cols)``: the ``group_shape`` groups of a reduction view, one per row (groups in
+    row-major order; an N:M ``(1, m)`` group is ``m`` consecutive entries)."""
+    r, c = group_shape
+    if r == 1:
+        return rv.reshape(-1, c)
+    R, K = rv.shape
+    return rv.reshape(R // r, r, K // c, c).permute(0, 2, 1, 3).reshape(-1, r * c)
+
+
+def _ungroup(g: torch.Tensor, group_shape: tuple[int, int], rv_shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_groups`."""
+    r, c = group_shape
+    if r == 1:
+        return g.reshape(rv_shape)
+    R, K = rv_shape
+    return g.reshape(R // r, K // c, r, c).permute(0, 2, 1, 3).reshape(R, K)
+
+
+def _group_top_n(score: torch.Tensor, n: int, group_shape: tuple[int, int]) -> torch.Tensor:
     rv = _masks.reduction_view(score.detach().float())
-    g = rv.reshape(-1, m)
+    g = _groups(rv, group_shape)
     idx = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :n]
     out = torch.zeros_like(g, dtype=torch.bool)
     out.scatter_(1, idx, True)
-    return _masks.from_reduction_view(out.reshape(rv.shape), score.shape)
+    return _masks.from_reduction_view(_ungroup(out, group_shape, tuple(rv.shape)), score.shape)
+
+
+def group_top_mask(score: torch.Tensor, pattern: _masks.Pattern) -> torch.Tensor:
+    """Bool mask keeping, in every ``pattern.group_shape`` group of the reduction view, the
+    ``pattern.kept_per_group`` largest raw scores (the per-group rule; N:M: top-n of each m-group).
+    Ties go to the lower index."""
+    return _group_top_n(score, int(pattern.kept_per_group), tuple(pattern.group_shape))
+
+
+def group_top(score: torch.Tensor, need: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """Bool mask choosing, in each ``group_shape`` group of the reduction view, the ``need[g]`` largest raw
+    scores (``need``: one count per group, in :func:`group_counts` order)."""
+    rv = _masks.reduction_view(score.detach().float())
+    g = _groups(rv, group_shape)
+    size = g.shape[1]
+    order = torch.sort(g, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(size, device=g.device).expand_as(order).contiguous())
+    sel = ranks < need.reshape(-1, 1).to(g.device)
+    return _masks.from_reduction_view(_ungroup(sel, group_shape, tuple(rv.shape)), score.shape)
+
+
+def group_counts(mask: torch.Tensor, group_shape: tuple[int, int]) -> torch.Tensor:
+    """Kept count of every ``group_shape`` group of the reduction view, flat."""
+    return _groups(_masks.reduction_view(mask), group_shape).sum(dim=1)
+
+
+def nm_top_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the ``n`` largest raw scores of each m-group in reduction order."""
+    return _group_top_n(score, n, (1, m))
 
 
 def nm_group_top(score: torch.Tensor, need: torch.Tensor, m: int) -> torch.Tensor:
     """Bool mask choosing, in each m-group (reduction order), the ``need[g]`` largest raw scores."""
-    rv = _masks.reduction_view(score.detach().float())
-    g = rv.reshape(-1, m)
-    order = torch.sort(g, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(m, device=g.device).expand_as(order).contiguous())
-    sel = ranks < need.reshape(-1, 1).to(g.device)
-    return _masks.from_reduction_view(sel.reshape(rv.shape), score.shape)
+    return group_top(score, need, (1, m))
 
 
 def nm_group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     """Kept count of every m-group (reduction order), flat."""
-    return _masks.reduction_view(mask).reshape(-1, m).sum(dim=1)
+    return group_counts(mask, (1, m))
 
 
 def unit_scores(score: torch.Tensor, unit: tuple[int, int]) -> torch.Tensor:
@@ -266,15 +356,44 @@ class Pruner:
         progress: show tqdm progress bars on long loops (if tqdm is installed).
     """
 
-    #: ``True`` if N:M patterns are supported, else the reason they are refused.
+    #: The pattern families (:attr:`sparsefast.masks.Pattern.kind`) the method accepts: ``{kind: True}``,
+    #: or ``{kind: "why it is refused"}``. A kind not listed (a type added with
+    #: :func:`~sparsefast.masks.register_pattern`) is refused until the method opts in, e.g. in a
+    #: subclass: ``pattern_support = {**Magnitude.pattern_support, "row": True}``. The method's code asks
+    #: the pattern for everything pattern-specific, so opting in needs no other change.
+    pattern_support: dict[str, bool | str] = {"unstructured": True, "nm": True, "block": True}
+    #: Shorthands of ``pattern_support["nm"]`` / ``["unstructured"]`` / ``["block"]``: ``True``, or the
+    #: reason (``supports_unstructured``: ``False``) — a subclass setting one sets that entry (the
+    #: attributes are kept in step with the table).
     supports_nm: bool | str = True
-    #: ``False`` for methods that can only produce N:M masks.
     supports_unstructured: bool = True
-    #: ``True`` if ``"block:B"`` patterns are supported, else the reason they are refused.
     supports_block: bool | str = True
     default_distribution: str = "global"
     #: unstructured needs ``sparsity=``; False for methods with their own stopping rule (LOBSTER)
     requires_sparsity: bool = True
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        table = dict(cls.pattern_support)  # the class's own table, or its parent's
+        for flag, kind in _LEGACY_FLAGS.items():
+            if flag in cls.__dict__:
+                table[kind] = _legacy_entry(flag, cls.__dict__[flag])
+        cls.pattern_support = table
+        cls._sync_flags(cls, table)
+
+    @staticmethod
+    def _sync_flags(obj: Any, table: Mapping[str, bool | str]) -> None:
+        for flag, kind in _LEGACY_FLAGS.items():
+            v = table.get(kind, f"{kind} patterns are not in pattern_support")
+            setattr(obj, flag, v is True if flag == "supports_unstructured" else v)
+
+    def _pattern_table(self) -> dict[str, bool | str]:
+        """This method's ``pattern_support``, with any ``supports_*`` flag set on the instance applied."""
+        table = dict(self.pattern_support)
+        for flag, kind in _LEGACY_FLAGS.items():
+            if flag in self.__dict__:
+                table[kind] = _legacy_entry(flag, self.__dict__[flag])
+        return table
 
     def __init__(self, model: nn.Module, *, sparsity: float | None = None, pattern: str | None = None,
                  distribution: str | None = None, seed: int = 0,
@@ -301,13 +420,12 @@ class Pruner:
 
         # pattern
         cand_ids = {id(m) for _, m in cands}
-        pat = resolve_pattern(name, model, pattern, self.supports_nm, self.supports_unstructured,
-                              lambda n, m: id(m) in cand_ids, supports_block=self.supports_block)
+        pat = resolve_pattern(name, model, pattern, self._pattern_table(), filter_fn=lambda n, m: id(m) in cand_ids)
         self.pattern = pat
 
         # sparsity
-        if pat.is_nm:
-            implied = 1.0 - pat.n / pat.m
+        implied = pat.implied_sparsity  # the pattern fixes the density itself (N:M: 1 - n/m)
+        if implied is not None:
             if sparsity is not None:
                 s = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True)
                 if abs(s - implied) > 1e-9:
@@ -446,10 +564,7 @@ class Pruner:
             m = masks[n]
             if isinstance(m, torch.Tensor):
                 m = m.to(l.mask.device)
-            ws = l.weight_shape
-            if pat.is_nm and len(ws) == 4 and ws[1] % pat.m:
-                raise ValueError(f"{where}: pattern {pat} needs in_channels/groups={ws[1]} divisible by {pat.m}")
-            m = _masks.validate_mask(m, l.mask, pat, where=where)
+            m = _masks.validate_mask(m, l.mask, pat, where=where)  # (pat.fits: the weight shape first)
             staged.append((l, m, pat))
         step, pruned, seed = int(d["step"]), bool(d["pruned"]), int(d["seed"])
         for l, m, pat in staged:
@@ -523,22 +638,24 @@ class Pruner:
     def unit(self) -> tuple[int, int]:
         """``(rows, cols)`` of the tile of the reduction view the pattern keeps or drops whole, in which
         masks are allocated and drop / grow counts are counted: ``(b, b)`` for ``block:B``, ``(1, 1)`` for
-        unstructured and for N:M (whose m-groups are not kept whole: they follow their n-per-group rule)."""
-        return (1, 1) if self.pattern.is_nm else tuple(self.pattern.group_shape)
+        unstructured and for N:M (whose m-groups are not kept whole: they follow their n-per-group rule);
+        the pattern's :attr:`~sparsefast.masks.Pattern.unit`."""
+        return tuple(self.pattern.unit)
 
     def _allocate(self, scores: dict[str, torch.Tensor], sparsity: float | None = None, *,
                   distribution: str | None = None, densities: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """Masks keeping the largest raw ``scores`` (``-inf``: never kept unless the budget forces it).
 
-        N:M: top-n of each m-group per layer. Unstructured: one global top-k (``"global"``) or the
-        per-layer densities of the distribution (each layer keeps at least one weight). Block (any
+        Per-group patterns (``kept_per_group``; N:M): the top ``kept_per_group`` scores of every group,
+        per layer (``sparsity`` / ``densities`` do not apply). Unstructured: one global top-k
+        (``"global"``) or the per-layer densities of the distribution (each layer keeps at least one weight). Block (any
         pattern whose :attr:`unit` is a tile): the same over tiles, each scored by the sum of its
         weights' scores (:func:`unit_scores`); a layer of density ``d`` keeps ``round(d · tiles)`` tiles,
         at least one."""
         for n, s in scores.items():
             _check_finite_order(s, f"{type(self).__name__} layer {n!r}")
-        if self.pattern.is_nm:
-            return {n: nm_top_mask(scores[n], self.pattern.n, self.pattern.m) for n in self._names}
+        if self.pattern.kept_per_group is not None:
+            return {n: group_top_mask(scores[n], self.pattern) for n in self._names}
         unit = self.unit
         us = {n: unit_scores(scores[n], unit) for n in self._names}
         sp = self.target_sparsity if sparsity is None else sparsity

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..formats import kept as _kept
-from .base import Pruner, _check_number, expand_units, nm_group_counts, nm_group_top, top_k_mask, unit_scores
+from .base import Pruner, _check_number, expand_units, group_counts, group_top, top_k_mask, unit_scores
 from .schedules import ConstantSchedule, CosineDecay, UpdateEvery
 
 __all__ = ["SET", "RigL", "DSR", "SNFS"]
@@ -142,15 +142,18 @@ class _DST(Pruner):
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
 
     def _grow(self, after: torch.Tensor, score: torch.Tensor, k: int, *, owned: bool = False) -> torch.Tensor:
-        """``k`` positions outside ``after`` with the largest ``score`` (N:M: refill every group to n;
-        block patterns: the ``k`` blocks outside ``after`` with the largest summed ``score``)."""
+        """``k`` positions outside ``after`` with the largest ``score`` (per-group patterns, N:M: refill every
+        group to its ``kept_per_group``, n; block patterns: the ``k`` blocks outside ``after`` with the
+        largest summed ``score``)."""
         # one pass; in place when the caller hands over a float32 score it does not keep (``owned``): a fresh
         # dense-sized tensor costs its page faults again at every update
         s = score.float()
         s = s.masked_fill_(after, -math.inf) if owned and s is score else s.masked_fill(after, -math.inf)
-        if self.pattern.is_nm:
-            need = self.pattern.n - nm_group_counts(after, self.pattern.m)
-            return nm_group_top(s, need, self.pattern.m) & ~after
+        per_group = self.pattern.kept_per_group
+        if per_group is not None:
+            gs = tuple(self.pattern.group_shape)
+            need = per_group - group_counts(after, gs)
+            return group_top(s, need, gs) & ~after
         unit = self.unit
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, tuple(after.shape)) & ~after
 
@@ -249,7 +252,7 @@ class SET(_DST):
         super().__init__(model, reinit_when_same=reinit_when_same, **kw)
 
     def _check_hparams(self) -> None:
-        if self.drop_rule == "signed" and (self.pattern.is_nm or self.pattern.group_shape != (1, 1)):
+        if self.drop_rule == "signed" and self.pattern.group_shape != (1, 1):  # (N:M: (1, m), block: (b, b))
             raise ValueError(f"SET drop_rule='signed' (the original code's rule: ζ of the positive and ζ of the "
                              f"negative weights) is defined for single weights only; pattern {self.pattern} "
                              "needs drop_rule='magnitude'")
@@ -328,9 +331,12 @@ class DSR(_DST):
     per weight (their default ``--sub-kernel-granularity 2`` prunes whole kh x kw kernels).
     """
 
-    supports_nm = "DSR moves weights between layers, which a fixed n per m-group forbids"
-    supports_block = ("DSR prunes every weight below a per-weight magnitude threshold H adapted to a weight "
-                      "count; a block-granularity variant is not defined")
+    pattern_support = {
+        "unstructured": True,
+        "nm": "DSR moves weights between layers, which a fixed n per m-group forbids",
+        "block": ("DSR prunes every weight below a per-weight magnitude threshold H adapted to a weight "
+                  "count; a block-granularity variant is not defined"),
+    }
     _default_drop = 0.1
 
     def __init__(self, model: nn.Module, *, threshold: float = 1e-3, tolerance: float = 0.1, **kw: Any) -> None:
@@ -404,9 +410,12 @@ class SNFS(_DST):
     lowers ``p`` for layers less than 20% sparse is not applied.
     """
 
-    supports_nm = "SNFS redistributes weights between layers, which a fixed n per m-group forbids"
-    supports_block = ("SNFS redistributes individual weights between layers by their momentum; a "
-                      "block-granularity variant is not implemented (use RigL or SET)")
+    pattern_support = {
+        "unstructured": True,
+        "nm": "SNFS redistributes weights between layers, which a fixed n per m-group forbids",
+        "block": ("SNFS redistributes individual weights between layers by their momentum; a "
+                  "block-granularity variant is not implemented (use RigL or SET)"),
+    }
     _default_drop = 0.5
 
     def __init__(self, model: nn.Module, *, momentum: float = 0.9, **kw: Any) -> None:

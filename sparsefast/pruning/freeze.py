@@ -54,8 +54,8 @@ class _SeededInit:
     def _reset_to_w0(self) -> None:
         """All-kept masks (in the layers' current pattern class) and W ← W(0)."""
         for n, l in self._layers:
-            # an N:M layer cannot be all-kept: the method sets its mask in prune()
-            if not bool(l.mask.all()) and not _masks.parse_pattern(l.pattern).is_nm:
+            # a layer whose pattern fixes its density (N:M) cannot be all-kept: the method sets its mask in prune()
+            if not bool(l.mask.all()) and _masks.parse_pattern(l.pattern).density is None:
                 l.set_mask(torch.ones_like(l.mask), weight=self._w0(n, l))
             else:
                 l.set_dense_weight(self._w0(n, l))

@@ -57,7 +57,8 @@ class LotteryTicket(Pruner):
 
     default_distribution = "global"
     _one_shot = False
-    supports_nm = "IMP prunes a fraction of the remaining weights per round, which N:M cannot express"
+    pattern_support = {"unstructured": True, "block": True,
+                       "nm": "IMP prunes a fraction of the remaining weights per round, which N:M cannot express"}
 
     def __init__(self, model: nn.Module, *, sparsity: float | None = None, rate: float = 0.2,
                  rewind: str | None = "weights", rewind_step: int = 0, optimizer: Any = None,
@@ -194,7 +195,7 @@ class LotteryTicket(Pruner):
         s = self.target_sparsity
         if s <= 0:
             return 0
-        if self.pattern.is_nm:
+        if self.pattern.density is not None:  # the pattern fixes the density (N:M): one round reaches it
             return 1
         units = {n: (t, t) for n, (_, t) in self._units().items()}  # the rounds count from all-kept
         final = self._final_kept(units)
@@ -222,7 +223,8 @@ class LotteryTicket(Pruner):
         if self.rewind is not None:
             self._check_snapshot()  # raises the explanation before any mask changes
         scores = self._masked_scores({n: l.dense_weight().abs() for n, l in self._layers})
-        if self.pattern.is_nm:
+        fixed = self.pattern.density is not None  # N:M: straight to the pattern's density, from every weight
+        if fixed:
             new = self._allocate({n: l.dense_weight().abs() for n, l in self._layers})
         else:
             kept, total = self._round_kept(), self._units()
@@ -231,7 +233,7 @@ class LotteryTicket(Pruner):
                 new = self._allocate(scores, 1.0 - kept / n_all)
             else:  # each layer towards its own final density
                 new = self._allocate(scores, densities={n: kept[n] / total[n][1] for n in kept})
-        if not self.pattern.is_nm:
+        if not fixed:
             new = {n: new[n] & l.mask for n, l in self._layers}
         if self.rewind == "weights":  # the survivors go back to their values at the rewind point
             names = {id(l): n for n, l in self._sparse_params().items()}
@@ -293,7 +295,8 @@ class RobustTicket(LotteryTicket):
     CV_LTH_Pre-training, removes ``round(rate · remaining)`` — one weight apart at most.
     """
 
-    supports_nm = "A-IMP prunes a fraction of the remaining weights per round (method='omp' supports N:M)"
+    pattern_support = {"unstructured": True, "block": True,
+                       "nm": "A-IMP prunes a fraction of the remaining weights per round (method='omp' supports N:M)"}
 
     def __init__(self, model: nn.Module, *, method: str = "omp", eps: float = 8 / 255, alpha: float = 2 / 255,
                  pgd_steps: int = 7, clamp: tuple[float, float] | None = None, rate: float = 0.2,
@@ -308,8 +311,8 @@ class RobustTicket(LotteryTicket):
             raise ValueError(f"clamp must be (lo, hi) with lo < hi, got {clamp!r}")
         self.clamp = clamp
         self._pgd_calls = 0
-        if method == "omp":
-            self.supports_nm = True  # instance attribute: one shot to N:M is well defined
+        if method == "omp":  # instance attribute: one shot to N:M is well defined
+            self.pattern_support = {**self.pattern_support, "nm": True}
             self._one_shot = True
         super().__init__(model, rate=rate, rewind=rewind, **kw)
 

@@ -33,7 +33,7 @@ class Magnitude(Pruner):
 
     def _prune(self, batch: Any, loss_fn: Callable | None) -> None:
         scores = {n: l.dense_weight().abs() for n, l in self._layers}
-        if not self.pattern.is_nm:
+        if self.pattern.kept_per_group is None:  # (a per-group rule, N:M, ranks every position of a group)
             scores = self._masked_scores(scores)
         self._apply(self._allocate(scores))
 
@@ -102,13 +102,14 @@ class GradualMagnitude(Pruner):
     """
 
     default_distribution = "uniform"
-    supports_nm = "gradual sparsity levels between dense and N:M are not N:M masks (use SRSTE or Magnitude)"
+    pattern_support = {"unstructured": True, "block": True,
+                       "nm": "gradual sparsity levels between dense and N:M are not N:M masks (use SRSTE or Magnitude)"}
 
     def __init__(self, model: nn.Module, *, sparsity: float | None = None, initial_sparsity: float = 0.0,
                  start_step: int = 0, end_step: int | None = None, update_every: int = 100, **kw: Any) -> None:
         # refuse an N:M pattern (it can never work) before asking for the schedule's arguments
-        resolve_pattern(type(self).__name__, model, kw.get("pattern"), self.supports_nm,
-                        self.supports_unstructured, kw.get("filter_fn"), supports_block=self.supports_block)
+        resolve_pattern(type(self).__name__, model, kw.get("pattern"), self._pattern_table(),
+                        filter_fn=kw.get("filter_fn"))
         if end_step is None:
             raise ValueError("GradualMagnitude needs end_step (the step at which the final sparsity is reached)")
         if sparsity is not None:

@@ -111,7 +111,7 @@ class SNIP(Pruner):
             return self._prune_with_bias(batch, loss_fn)
         g = snip_grads(self, batch, loss_fn, self.batches)
         scores = {n: (g[n] * l.dense_weight().float()).abs() for n, l in self._layers}
-        if not self.pattern.is_nm:
+        if self.pattern.kept_per_group is None:  # (a per-group rule, N:M, ranks every position of a group)
             scores = self._masked_scores(scores)
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
 
@@ -274,7 +274,7 @@ class GraSP(Pruner):
                         m.set_dense_weight(w)
                     else:
                         m.weight.copy_(w)
-        if not self.pattern.is_nm:
+        if self.pattern.kept_per_group is None:  # (a per-group rule, N:M, ranks every position of a group)
             scores = self._masked_scores(scores)
         self._apply(self._maybe_flow_repair(self._allocate(scores), "init"))
 
@@ -355,9 +355,10 @@ class SynFlow(Pruner):
         saved_dense = [l.dense_weight() for l in layers]
         was_training = model.training
         weights = [l.weight for l in layers]
-        rounds = 1 if self.pattern.is_nm else self.iterations
+        fixed = self.pattern.density is not None  # the pattern fixes the density (N:M): one round reaches it
+        rounds = 1 if fixed else self.iterations
         sched = ExponentialDensity(1.0 - self.target_sparsity, rounds)
-        final = None if self.distribution == "global" or self.pattern.is_nm else self._densities(self.target_sparsity)
+        final = None if self.distribution == "global" or fixed else self._densities(self.target_sparsity)
         try:
             model.eval()
             with torch.no_grad():
@@ -379,7 +380,7 @@ class SynFlow(Pruner):
                 scores = {n: (_dense(l, g) * l.dense_weight()).abs().float()
                           for (n, l), g in zip(self._layers, gs)}
                 del R, gs  # no graph may outlive a mask change that resizes the kept values
-                if self.pattern.is_nm:
+                if fixed:
                     new = self._allocate(scores)
                 else:
                     scores = self._masked_scores(scores)
@@ -389,7 +390,7 @@ class SynFlow(Pruner):
                         new = self._allocate(scores, densities={n: final[n] ** (k / rounds) for n in self._names})
                     new = {n: new[n] & l.mask for n, l in self._layers}
                 self._apply(new)
-            if self.flow_repair and not self.pattern.is_nm:  # repaired edges get W(0) in the restore below
+            if self.flow_repair and not fixed:  # repaired edges get W(0) in the restore below
                 self._apply(self._maybe_flow_repair(self.masks(), "init"))
         finally:
             with torch.no_grad():
