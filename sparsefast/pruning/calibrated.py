@@ -44,7 +44,11 @@ mode is restored, so a failed call leaves the model as it was. Hooks are always 
 **Default layers.** Without ``filter_fn`` the output head stays dense: the module a Hugging Face model
 returns from ``get_output_embeddings()`` (e.g. ``lm_head``), any layer named ``lm_head`` and any layer
 whose weight is shared with an embedding (tied heads). Embeddings are never pruned (they are not
-``Linear``/``Conv2d``). A ``filter_fn`` replaces this default; :func:`default_filter` gives it to combine.
+``Linear``/``Conv2d``). Hugging Face ``Conv1D`` layers (GPT-2's ``c_attn``/``c_proj``/``c_fc``, weight stored
+``(in, out)``) are pruned like ``Linear`` layers: they become :class:`~sparsefast.SparseLinear` layers of the
+transposed weight (N:M groups along the input dimension) that keep Conv1D's layout in the state dict and
+densify back to ``Conv1D`` (:func:`sparsefast.sparsify`). A ``filter_fn`` replaces this default;
+:func:`default_filter` gives it to combine.
 
 **Layer-wise sparsity.** ``sparsity`` with ``distribution`` (default ``"uniform"``, the papers' rule: every
 layer at the same sparsity; any layer-wise distribution is accepted) gives each layer's density. The
@@ -86,7 +90,7 @@ _CHUNK_ELEMS = 1 << 24
 # ------------------------------------------------------------------------------------------------
 def default_filter(model: nn.Module) -> Callable[[str, nn.Module], bool]:
     """The layer filter :class:`Wanda` and :class:`SparseGPT` use without ``filter_fn``: every
-    ``Linear``/``Conv2d`` (plain or sparse) except the output head, i.e. the module ``model``'s
+    ``Linear``/``Conv2d``/``Conv1D`` (plain or sparse) except the output head, i.e. the module ``model``'s
     ``get_output_embeddings()`` returns (Hugging Face models), layers named ``lm_head`` and layers whose
     weight is shared with an ``nn.Embedding`` (tied heads). Combine it with your own rule as
     ``lambda n, m: default_filter(model)(n, m) and mine(n, m)``."""
@@ -245,6 +249,10 @@ try:  # BLAS syrk (half the flops of a matmul) when SciPy is installed; torch ot
     from scipy.linalg.blas import ssyrk as _ssyrk  # type: ignore
 except Exception:  # noqa: BLE001 - optional
     _ssyrk = None
+try:  # LAPACK triangular inverse (a third of a triangular solve against the identity)
+    from scipy.linalg.lapack import strtri as _strtri  # type: ignore
+except Exception:  # noqa: BLE001 - optional
+    _strtri = None
 
 
 class _Stats:
@@ -275,9 +283,8 @@ class _Stats:
                 X = X.float() if X.dtype != torch.float32 else X
                 if not X.is_contiguous():
                     X = X.contiguous()
-                if not bool(torch.isfinite(X).all()):
-                    self.nonfinite = True
-                    return
+                # no finiteness pass over X here (a full read of every chunk): a NaN/Inf in column j makes
+                # the accumulated Σ x_j² (H's diagonal / sq) NaN or Inf, which finish() checks once
                 if self.hessian:
                     _add_xtx(self.H[gi], X)
                 else:
@@ -289,6 +296,7 @@ class _Stats:
             for gi in range(self.H.shape[0]):
                 self.H[gi] = _symmetrize(self.H[gi])
             self.sq = torch.diagonal(self.H, dim1=-2, dim2=-1).double().clone()
+        self.nonfinite = not bool(torch.isfinite(self.sq).all())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,9 +353,8 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float = 0.01, *, where: str = 
             # result (to float rounding) from one Cholesky and one triangular solve (3-4x faster on CPU)
             Lr = torch.linalg.cholesky(Hd.flip(0, 1))
             del Hd
-            eye = torch.eye(K, dtype=Lr.dtype, device=Lr.device)
-            Hinv = torch.linalg.solve_triangular(Lr.flip(0, 1), eye, upper=True)
-            del Lr, eye
+            Hinv = _triangular_inverse(Lr.flip(0, 1))
+            del Lr
             if bool(torch.isfinite(Hinv).all()):
                 return Hinv, dead, d_used
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
@@ -359,6 +366,22 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float = 0.01, *, where: str = 
             d_used *= 10
     raise ValueError(f"{where}: the calibration Hessian stays singular even with damp={d_used:g}; give more "
                      "calibration data or a larger damp=")
+
+
+def _triangular_inverse(R: torch.Tensor) -> torch.Tensor:
+    """``R⁻¹`` of an upper triangular ``R`` (a fresh tensor, overwritten). On CPU with SciPy: LAPACK
+    ``strtri`` in place (K³/3 flops, on the transposed view: a lower triangle in column-major order);
+    otherwise a triangular solve against the identity (K³ flops)."""
+    if _strtri is not None and R.device.type == "cpu" and R.dtype == torch.float32 and R.is_contiguous():
+        a = R.numpy().T
+        out, info = _strtri(a, lower=1, overwrite_c=1)
+        if info == 0:
+            if out.ctypes.data != a.ctypes.data:  # not in place: copy back
+                R.copy_(torch.from_numpy(out).T)
+            return R
+        # singular (cannot follow a successful Cholesky) or an argument problem: the torch path below
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
 
 
 def sparsegpt_prune(weight_rv: torch.Tensor, H: torch.Tensor | None, *, sparsity: float = 0.5, n: int = 0,
@@ -552,7 +575,7 @@ class _Calibrated(Pruner):
                         st = stats[_signature(layer)]
                         if st.nonfinite:
                             raise ValueError(f"{method}.prune(): layer {name!r} received NaN or Inf calibration "
-                                             "activations")
+                                             "activations (or values whose squares overflow float32)")
                         if st.rows == 0:
                             raise ValueError(f"{method}.prune(): layer {name!r} received no calibration rows "
                                              "(empty batches?)")
@@ -735,7 +758,8 @@ class SparseGPT(_Calibrated):
     pruned weights stay pruned. ``block:B`` is refused. Convolutions: the Hessian of the unfolded patches
     (one per group of a grouped convolution). Memory: one K x K float32 Hessian per layer group (shared by
     layers that read the same input) and its inverse factor, plus a float32 copy of the layer's weight.
-    CPU: the Hessian uses BLAS ``syrk`` (SciPy, when installed: half a matmul's flops) and the column sweep
+    CPU: the Hessian uses BLAS ``syrk`` (SciPy, when installed: half a matmul's flops; the inverse factor
+    LAPACK ``strtri``) and the column sweep
     runs single-threaded (its thousands of small ops lose to threading overhead); see
     ``benchmarks/sparsegpt_time.py`` for the time of a 4096 x 4096 layer.
     """
