@@ -48,6 +48,18 @@ struct SpMat {
   const uint8_t* meta = nullptr;    // NM
   int n = 0, m = 0;                 // NM
   int64_t S = 0, meta_ld = 0;       // NM: slots per row, meta bytes per row
+  // BSR over kept values (block:B masks): block row br (rows [br*bs, (br+1)*bs)) holds entries
+  // e in [bptr[br], bptr[br+1]); entry e is block column bcol[e] and
+  //   A[br*bs + r, bcol[e]*bs + c] = val[boff[e] + r*rs + c*cs],  (rs, cs) = btrans ? (1, bld[e]) : (bld[e], 1)
+  // so the forward (A = W) and dX (A = W^T) read the layer's kept values in place (CSR order of a block
+  // mask: a block row's values are one (bs x nb*bs) row-major matrix). rowptr is still given (per-row
+  // entry counts) to balance threads.
+  int64_t bs = 0;
+  const int32_t* bptr = nullptr;
+  const int32_t* bcol = nullptr;
+  const int32_t* boff = nullptr;
+  const int32_t* bld = nullptr;
+  bool btrans = false;
 };
 
 // Y[r] = A[r] . X  for rows r in [r0, r1), one lane panel (fp32 X, Y, bias; values T).
@@ -118,6 +130,8 @@ struct KernelTable {
   // masked weight gradient
   void (*sddmm_panel)(const SddmmArgs&);
   void (*sddmm_small)(const SddmmArgs&);
+  // BSR (a.bs 16 or 32) masked weight gradient, block rows [r0, r1): dy (rows/bs, B, bs), x (cols/bs, B, bs) T
+  void (*sddmm_bsr)(const SddmmArgs&);
   // T rows (B x K) -> fp32 panels (nc x K x PW), zero padding lanes >= B; and back (fp32 -> T)
   void (*to_panels)(const PackArgs&);
   void (*from_panels)(const PackArgs&);

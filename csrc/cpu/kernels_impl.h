@@ -471,8 +471,84 @@ static void spmm_nm_panel_ns(const PanelArgs& a) {
   }
 }
 
+// BSR (SpMat::bs): a GEMM micro-kernel per group of R rows of one block row -- each X row of a kept
+// block is loaded once per R output rows (the CSR kernel loads it once per kept weight), so the
+// FMAs are not load-bound. R accumulator rows of U vectors, sized so that accumulators, the U X
+// vectors and a broadcast fit the register file (32 zmm / 16 ymm, a v16f being two / 16 xmm, four).
+template <int U>
+struct BsrR {
+#if SF_ISA == 2
+  static constexpr int R = U == 1 ? 8 : (U == 2 ? 6 : (U == 3 ? 4 : 3));
+#elif SF_ISA == 1
+  static constexpr int R = U == 1 ? 6 : (U == 2 ? 2 : 1);  // + U*2 ymm of X + 1 broadcast <= 16
+#else
+  static constexpr int R = U == 1 ? 2 : 1;
+#endif
+};
+
+template <typename T, int U, int R, int BS, bool TR>
+SF_INLINE void bsr_rows(const PanelArgs& a, int64_t br, int64_t r_lo) {
+  const SpMat& A = a.a;
+  const float* __restrict X = (const float*)a.x;
+  const T* __restrict val = (const T*)A.val;
+  const int64_t ldx = a.ldx;
+  v16f acc[R][U];
+  SF_UNROLL for (int rr = 0; rr < R; ++rr) {
+    const float b = a.bias ? a.bias[br * BS + r_lo + rr] : 0.f;
+    SF_UNROLL for (int u = 0; u < U; ++u) acc[rr][u] = splat(b);
+  }
+  for (int64_t e = A.bptr[br]; e < A.bptr[br + 1]; ++e) {
+    const int64_t ld = A.bld[e];
+    const T* __restrict v = val + A.boff[e] + r_lo * (TR ? 1 : ld);
+    const float* __restrict xp = X + (int64_t)A.bcol[e] * BS * ldx;
+#pragma GCC unroll 4
+    for (int c = 0; c < BS; ++c) {
+      v16f x[U];
+      SF_UNROLL for (int u = 0; u < U; ++u) x[u] = vload(xp + c * ldx + 16 * u);
+      SF_UNROLL for (int rr = 0; rr < R; ++rr) {
+        const v16f w = splat(ld1(TR ? v + c * ld + rr : v + rr * ld + c));
+        SF_UNROLL for (int u = 0; u < U; ++u) acc[rr][u] += w * x[u];
+      }
+    }
+  }
+  float* Y = (float*)a.y + (br * BS + r_lo) * a.ldy;
+  SF_UNROLL for (int rr = 0; rr < R; ++rr) SF_UNROLL for (int u = 0; u < U; ++u) vstore(Y + rr * a.ldy + 16 * u, acc[rr][u]);
+}
+
+template <typename T, int U, int BS, bool TR>
+static void spmm_bsr_panel_bs(const PanelArgs& a) {
+  constexpr int R = BsrR<U>::R;
+  for (int64_t br = a.r0 / BS; br * BS < a.r1; ++br) {  // rows [r0, r1) may cut block rows
+    const int64_t lo = a.r0 > br * BS ? a.r0 - br * BS : 0;
+    const int64_t hi = a.r1 < (br + 1) * BS ? a.r1 - br * BS : BS;
+    int64_t r = lo;
+    for (; r + R <= hi; r += R) bsr_rows<T, U, R, BS, TR>(a, br, r);
+    if (R > 2) for (; r + 2 <= hi; r += 2) bsr_rows<T, U, 2, BS, TR>(a, br, r);
+    for (; r < hi; ++r) bsr_rows<T, U, 1, BS, TR>(a, br, r);
+  }
+}
+
+template <typename T, int U>
+static void spmm_bsr_panel_u(const PanelArgs& a) {
+  const bool tr = a.a.btrans;
+  switch (a.a.bs) {
+    case 8: tr ? spmm_bsr_panel_bs<T, U, 8, true>(a) : spmm_bsr_panel_bs<T, U, 8, false>(a); break;
+    case 16: tr ? spmm_bsr_panel_bs<T, U, 16, true>(a) : spmm_bsr_panel_bs<T, U, 16, false>(a); break;
+    default: tr ? spmm_bsr_panel_bs<T, U, 32, true>(a) : spmm_bsr_panel_bs<T, U, 32, false>(a); break;
+  }
+}
+
 template <typename T>
 static void spmm_panel(const PanelArgs& a) {
+  if (a.a.bs) {
+    switch (a.nvec) {
+      case 1: spmm_bsr_panel_u<T, 1>(a); break;
+      case 2: spmm_bsr_panel_u<T, 2>(a); break;
+      case 3: spmm_bsr_panel_u<T, 3>(a); break;
+      default: spmm_bsr_panel_u<T, 4>(a); break;
+    }
+    return;
+  }
   if (a.a.meta) {
     switch (a.a.n) {
       case 1: spmm_nm_panel_ns<T, 0>(a); break;
@@ -1184,6 +1260,63 @@ static void ge_bytes(const float* p, int64_t n, float v, uint8_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(p[i] >= v ? 1 : 0);
 }
 
+// Masked dW of a BSR matrix (SpMat::bs, not transposed), block rows [r0, r1):
+//   out[boff[e] + o*bld[e] + k] = sum_l DY[l][br*bs + o] * X[l][bcol[e]*bs + k]
+// DY and X in column-block layout, T: DY (rows/bs, B, bs), X (cols/bs, B, bs), so a block's operands
+// stream contiguously (row-major X would read one line per batch row at a stride of cols*4 bytes,
+// which maps a whole block onto one L1 set). Per block an outer-product GEMM micro-kernel over the
+// batch rows (R broadcasts of DY and bs/16 vectors of X per row). bs in {16, 32}.
+template <int UK>
+struct BsrDwR {
+#if SF_ISA == 2
+  static constexpr int R = UK == 1 ? 8 : 6;
+#elif SF_ISA == 1
+  static constexpr int R = UK == 1 ? 6 : 2;  // accumulators + UK*2 ymm of X + 1 broadcast <= 16
+#else
+  static constexpr int R = UK == 1 ? 2 : 1;
+#endif
+};
+
+template <typename T, int UK, int R>
+SF_INLINE void bsr_dw_rows(const SddmmArgs& a, int64_t br, int64_t e, int64_t o0) {
+  const SpMat& A = a.a;
+  const int64_t bs = A.bs;
+  const T* __restrict dy = (const T*)a.dy + br * a.B * bs + o0;
+  const T* __restrict x = (const T*)a.x + (int64_t)A.bcol[e] * a.B * bs;
+  v16f acc[R][UK];
+  SF_UNROLL for (int r = 0; r < R; ++r) SF_UNROLL for (int u = 0; u < UK; ++u) acc[r][u] = splat(0.f);
+  for (int64_t l = 0; l < a.B; ++l) {
+    v16f xv[UK];
+    SF_UNROLL for (int u = 0; u < UK; ++u) xv[u] = vload(x + l * bs + 16 * u);
+    const T* __restrict d = dy + l * bs;
+    SF_UNROLL for (int r = 0; r < R; ++r) {
+      const v16f w = splat(ld1(d + r));
+      SF_UNROLL for (int u = 0; u < UK; ++u) acc[r][u] += w * xv[u];
+    }
+  }
+  float* out = a.out + A.boff[e] + o0 * (int64_t)A.bld[e];
+  SF_UNROLL for (int r = 0; r < R; ++r) SF_UNROLL for (int u = 0; u < UK; ++u) vstore(out + r * (int64_t)A.bld[e] + 16 * u, acc[r][u]);
+}
+
+template <typename T, int UK>
+static void sddmm_bsr_u(const SddmmArgs& a) {
+  constexpr int R = BsrDwR<UK>::R;
+  const int64_t bs = a.a.bs;
+  for (int64_t br = a.r0; br < a.r1; ++br) {
+    for (int64_t e = a.a.bptr[br]; e < a.a.bptr[br + 1]; ++e) {
+      int64_t o = 0;
+      for (; o + R <= bs; o += R) bsr_dw_rows<T, UK, R>(a, br, e, o);
+      if (R > 2) for (; o + 2 <= bs; o += 2) bsr_dw_rows<T, UK, 2>(a, br, e, o);
+      for (; o < bs; ++o) bsr_dw_rows<T, UK, 1>(a, br, e, o);
+    }
+  }
+}
+
+template <typename T>
+static void sddmm_bsr(const SddmmArgs& a) {
+  if (a.a.bs == 32) sddmm_bsr_u<T, 2>(a); else sddmm_bsr_u<T, 1>(a);
+}
+
 template <typename T>
 static KernelTable make_table(const char* name) {
   KernelTable t;
@@ -1193,6 +1326,7 @@ static KernelTable make_table(const char* name) {
   t.spmm_small = &spmm_small<T>;
   t.sddmm_panel = &sddmm_panel<T>;
   t.sddmm_small = &sddmm_small<T>;
+  t.sddmm_bsr = &sddmm_bsr<T>;
   t.to_panels = &to_panels<T>;
   t.from_panels = &from_panels<T>;
   t.im2col = &im2col<T>;

@@ -10,6 +10,9 @@ structures (see ``csrc/cpu/kernels.h``) depend on the mask only and are cached p
   the scatter-style transposed kernel (``spmm_t``) that gives ``dX`` for up to 32 rows;
 * the blocked per-group transpose and the permutation of its entries to value positions — ``dX``
   for more rows gathers the transpose's values once per call (block-major: cache-sized windows);
+* BSR for ``block:B`` Linear masks (:meth:`CpuBackend._bsr`): block rows, block columns and where each
+  block starts in the kept values — forward, dX and (B = 16 / 32) dW run GEMM micro-kernels over the
+  kept blocks, reading the values in place (conv block masks run the CSR kernels);
 * compact N:M (n in {1, 2, 4, 8}, m <= 16): 4-bit in-group offsets; the slot values are the kept
   values when every group is full — for N:M calls with <= 4 rows, where the product is memory-bound;
   an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers.
@@ -38,7 +41,7 @@ from typing import Sequence
 import torch
 
 from .. import _build_cpu
-from ..masks import Pattern, density, reduction_view
+from ..masks import Block, Pattern, density, reduction_view
 from .base import Backend, ConvParams, OpQuery
 from .reference import ReferenceBackend
 
@@ -211,7 +214,7 @@ class CpuBackend(Backend):
     uses_kept_index = False  # CSR / blocks / N:M slots built from the mask (see the kept-values section)
 
     def extra_reasons(self, q: OpQuery) -> list[str]:
-        """16-bit column indices and 32-bit offsets (block masks run on the CSR kernels)."""
+        """16-bit column indices and 32-bit offsets."""
         reasons = []
         ws = tuple(q.weight_shape)
         if q.op == "linear":
@@ -312,6 +315,53 @@ class CpuBackend(Backend):
     #: batches up to this many rows use the compact N:M gather kernel (memory-bound regime)
     NM_SMALL_MAX = 4
 
+    def _bsr(self, mask: torch.Tensor, pattern: Pattern):
+        """The BSR index of a ``block:B`` mask over the layer's kept values (``SpMat::bs`` in
+        ``csrc/cpu/kernels.h``), for the forward (A = W) and for dX (A = Wᵀ): two tuples
+        ``(rowptr, bptr, bcol, boff, bld)``, or ``None`` when the mask is not made of whole blocks (a
+        mask that does not follow its pattern runs the CSR kernels). Built from the mask in O(numel)
+        once per mask version; O(blocks) int32s.
+
+        In CSR order a block row's kept values form one ``(B, nb*B)`` row-major matrix (``nb`` kept
+        blocks), so block ``(i, t-th kept)`` starts at ``bptr[i]*B*B + t*B`` with row stride ``nb*B``:
+        both products read the values where they are."""
+        def build():
+            b = pattern.b
+            m2 = reduction_view(mask)
+            r, c = m2.shape
+            if r % b or c % b:
+                return None
+            blk = m2.reshape(r // b, b, c // b, b).any(dim=3).any(dim=1)
+            cnt = blk.sum(1)
+            if int(cnt.sum()) * b * b != int(m2.sum()):  # a partly kept block
+                return None
+            i32 = torch.int32
+
+            def index(blk: torch.Tensor, cnt: torch.Tensor, off: torch.Tensor, ld: torch.Tensor):
+                bptr = torch.zeros(blk.shape[0] + 1, dtype=torch.int64)
+                bptr[1:] = cnt.cumsum(0)
+                rowptr = torch.zeros(blk.shape[0] * b + 1, dtype=torch.int64)
+                rowptr[1:] = (cnt * b).repeat_interleave(b).cumsum(0)
+                return (rowptr.to(i32), bptr.to(i32), blk.nonzero()[:, 1].to(i32).contiguous(), off.to(i32), ld.to(i32))
+
+            bi, bj = blk.nonzero(as_tuple=True)  # row-major: the values' order of blocks
+            start = torch.zeros(blk.shape[0] + 1, dtype=torch.int64)
+            start[1:] = cnt.cumsum(0)
+            off = start[bi] * b * b + (torch.arange(bi.numel()) - start[bi]) * b
+            ld = cnt[bi] * b
+            fwd = index(blk, cnt, off, ld)
+            order = torch.argsort(bj * blk.shape[0] + bi)  # column-major: the transpose's block rows
+            bwd = index(blk.t(), blk.sum(0), off[order], ld[order])
+            return fwd, bwd
+        return self.cached("bsr", (mask,), build, str(pattern))
+
+    def _bsr_for(self, mask: torch.Tensor, pattern: Pattern, rows: int):
+        """The BSR index where the block kernels run this call (a whole-block ``block:B`` mask and more
+        than the gather kernels' rows), else ``None``."""
+        if not isinstance(pattern, Block) or rows <= self.ext.small_max():
+            return None
+        return self._bsr(mask, pattern)
+
     # ---- shared helpers of the primitives -----------------------------------------------------
     # The dense-weight primitives (linear_fwd, ...) come from the base class: they gather the kept
     # values and run the kept primitives below, the only implementation.
@@ -409,6 +459,9 @@ class CpuBackend(Backend):
         if not self.ext.all_finite(x):
             return _DENSE.kept_linear_fwd(x, values, mask, bias, pattern)
         n, k = mask.shape
+        bsr = self._bsr_for(mask, pattern, x.shape[0])
+        if bsr is not None:
+            return self.ext.spmm_bsr(x, n, k, *bsr[0], pattern.b, False, self._vc(values), bias)
         rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, x.shape[0])
         return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn_, mm, bias, bp, cb)
 
@@ -422,6 +475,9 @@ class CpuBackend(Backend):
         if not self.ext.all_finite(dy):
             return _DENSE.kept_linear_dx(dy, values, mask, pattern)
         n, k = mask.shape
+        bsr = self._bsr_for(mask, pattern, dy.shape[0])
+        if bsr is not None:
+            return self.ext.spmm_bsr(dy, k, n, *bsr[1], pattern.b, True, self._vc(values), None)
         if self.ext.small_max() < dy.shape[0] <= self.SPMM_T_MAX:
             rowptr, col = self._csr(mask)
             return self.ext.spmm_t(dy, n, k, rowptr, col, self._vc(values), self._cblk(mask))
@@ -441,6 +497,10 @@ class CpuBackend(Backend):
     DW_CHUNK = 1 << 20
 
     def kept_linear_dw(self, dy, x, mask, pattern):
+        bsr = self._bsr_for(mask, pattern, x.shape[0]) if getattr(pattern, "b", 0) in (16, 32) else None
+        if bsr is not None:  # block GEMM micro-kernels at the kept blocks (block:8 runs the CSR SDDMM)
+            n, k = mask.shape
+            return self.ext.sddmm_bsr(dy, x, n, k, *bsr[0][1:], pattern.b, int(bsr[0][0][-1]))
         if self._dense_dw("linear", mask, x.shape[0], x.dtype, kept=True):  # dense GEMM, then the kept positions
             n, k = mask.shape
             rows = max(16, self.DW_CHUNK // max(k, 1))
