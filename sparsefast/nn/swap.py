@@ -98,7 +98,7 @@ def sparsify(model: nn.Module, *, sparsity: float | None = None, pattern: str = 
     if sparsity is not None:
         _masks.check_sparsity(sparsity)
     _bk.check_requested(backend)
-    eff_sparsity = sparsity if (sparsity is not None or pat.is_nm) else 0.0
+    eff_sparsity = sparsity if (sparsity is not None or pat.density is not None) else 0.0
     names: dict[int, list[str]] = {}   # id(module) -> every path it is reachable under
     order: list[nn.Module] = []
     for n, m in model.named_modules(remove_duplicate=False):

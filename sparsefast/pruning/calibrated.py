@@ -76,7 +76,8 @@ from .. import masks as _masks
 from ..backends import SparsefastWarning
 from ..formats import kept as _kept
 from ..nn.layers import SparseConv2d, SparseLinear, SparseModule
-from .base import Pruner, _check_int, _check_number, expand_units, progress, top_k_mask, unit_scores
+from .base import (Pruner, _check_int, _check_number, expand_units, group_top_mask, progress, top_k_mask,
+                   unit_scores)
 
 __all__ = ["Wanda", "SparseGPT", "default_filter", "sparsegpt_prune", "hessian_inverse_factor",
            "wanda_scores"]
@@ -556,7 +557,7 @@ class _Calibrated(Pruner):
         data = _calibration_set(method, batch)
         model = self.model
         device = self._layers[0][1].mask.device
-        densities = None if self.pattern.is_nm else self._densities(self.target_sparsity)
+        densities = None if self.pattern.density is not None else self._densities(self.target_sparsity)
         was_training = model.training
         undo: list[tuple[SparseModule, torch.Tensor, str, torch.Tensor]] = []
         handles: list = []
@@ -723,10 +724,8 @@ class Wanda(_Calibrated):
         score = W.float().abs() * sq.float().clamp_min(0).sqrt()
         fixed = _fixed_rv(layer)
         pat = self.pattern
-        if pat.is_nm:
-            rv = score.reshape(-1, pat.m)
-            idx = torch.sort(rv, dim=1, descending=True, stable=True).indices[:, :pat.n]
-            keep = torch.zeros_like(rv, dtype=torch.bool).scatter_(1, idx, True).reshape(R, K)
+        if pat.kept_per_group is not None:  # per-group rule (N:M: the top n of each m-group, ties to the lower index)
+            keep = group_top_mask(score, pat)
         else:
             score = torch.where(fixed, torch.full_like(score, -math.inf), score)
             unit = self.unit
@@ -775,8 +774,14 @@ class SparseGPT(_Calibrated):
 
     def _check_hparams(self) -> None:
         super()._check_hparams()
-        if self.pattern.is_nm and self.blocksize % self.pattern.m:
-            raise ValueError(f"SparseGPT: blocksize={self.blocksize} must be a multiple of m={self.pattern.m} "
+        pat = self.pattern
+        if pat.kept_per_group is not None and pat.group_shape[0] != 1:
+            raise ValueError(f"SparseGPT does not support pattern {pat}: its groups span {pat.group_shape[0]} rows of "
+                             "the reduction view; SparseGPT removes single weights column by column with an OBS "
+                             "update of the rest, and its per-group rule keeps n of every m consecutive weights "
+                             "of one row (groups of shape (1, m), as N:M)")
+        if pat.kept_per_group is not None and self.blocksize % pat.group_shape[1]:
+            raise ValueError(f"SparseGPT: blocksize={self.blocksize} must be a multiple of m={pat.group_shape[1]} "
                              f"(pattern {self.pattern}) so that no m-group straddles two blocks")
 
     def _solve(self, name, layer, stats, density):
@@ -787,7 +792,10 @@ class SparseGPT(_Calibrated):
         g = stats.H.shape[0]
         rg = R // g
         pat = self.pattern
-        n, m = (pat.n, pat.m) if pat.is_nm else (0, 0)
+        # the solver's per-group rule: keep n of every m consecutive weights of a row (groups are one row:
+        # _check_hparams refuses others); n = m = 0 for an allocated pattern (per-block sparsity)
+        per_group = pat.kept_per_group is not None
+        n, m = (int(pat.kept_per_group), int(pat.group_shape[1])) if per_group else (0, 0)
         new = torch.empty(R, K, dtype=torch.float32, device=W.device)
         pruned = torch.empty(R, K, dtype=torch.bool, device=W.device)
         info = {"damp": self.damp, "dead": 0, "error": 0.0}
@@ -803,7 +811,7 @@ class SparseGPT(_Calibrated):
             rows = slice(gi * rg, (gi + 1) * rg)
             if gi not in cache:
                 cache[gi] = hessian_inverse_factor(H, self.damp, where=where)
-            w, p, inf = sparsegpt_prune(W[rows], None, sparsity=0.0 if pat.is_nm else 1.0 - density, n=n, m=m,
+            w, p, inf = sparsegpt_prune(W[rows], None, sparsity=0.0 if per_group else 1.0 - density, n=n, m=m,
                                         blocksize=self.blocksize, damp=self.damp, fixed=fixed[rows], where=where,
                                         factor=cache[gi])
             new[rows], pruned[rows] = w, p
