@@ -997,6 +997,27 @@ void mask_into(const Tensor& src, const Tensor& mask, Tensor& dst) {
   }
 }
 
+// t[i] = value where mask[i], in place (float32, contiguous, bool mask of the same numel): the bits of
+// value AND 0 - mask, OR t's bits AND mask - 1 -- one vectorised pass (torch's masked_fill_ took
+// 6 ms for 4M float32 and 1.25 ms for 0.4M on the AVX2 VM: the DST grow step's -inf fill).
+void fill_where(Tensor& t, const Tensor& mask, double value) {
+  TORCH_CHECK(t.is_contiguous() && mask.is_contiguous() && t.scalar_type() == at::kFloat &&
+                  mask.scalar_type() == at::kBool && t.numel() == mask.numel(),
+              "fill_where: contiguous float32 tensor and bool mask of the same size");
+  const int64_t n = t.numel();
+  const float fv = static_cast<float>(value);
+  uint32_t vb;
+  std::memcpy(&vb, &fv, 4);
+  auto* d = reinterpret_cast<uint32_t*>(t.data_ptr());
+  const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr());
+  run_range(n, static_cast<double>(n) / 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t on = 0u - static_cast<uint32_t>(m[i]);
+      d[i] = (vb & on) | (d[i] & ~on);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear
 // ---------------------------------------------------------------------------------------------
@@ -1467,6 +1488,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_tunable", &set_tunable, "set a tuning knob (panel, small_max, conv_lanes, min_par_work)");
   mod.def("all_finite", &all_finite, "no NaN/Inf in the tensor");
   mod.def("mask_into", &mask_into, "dst = where(mask, src, 0), bit-exact; dst may be src");
+  mod.def("fill_where", &fill_where, "t[mask] = value in place (float32)");
   mod.def("build_csr", &build_csr);
   mod.def("build_transpose", &build_transpose);
   mod.def("build_nm", &build_nm);

@@ -196,4 +196,21 @@ def remap_tensor(t: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> torc
         return torch.zeros(src.shape, dtype=t.dtype, device=t.device)
     # one gather and one masked fill (``src`` is a valid position everywhere, ``keep`` says where it
     # means something); boolean indexing would run a nonzero per tensor moved
-    return t.index_select(0, src).masked_fill_(~keep, 0)
+    out = t.index_select(0, src)
+    ext = _cpu_fast(out)
+    if ext is not None and keep.is_contiguous() and out.element_size() in (2, 4, 8):
+        ext.mask_into(out, keep, out)  # one bitwise pass (masked_fill_: ~1.2 ms per 0.4M float32 here)
+        return out
+    return out.masked_fill_(~keep, 0)
+
+
+def fill_where_(t: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """``t.masked_fill_(mask, value)``; one vectorised pass in the cpu extension for contiguous float32 CPU
+    tensors (torch's took 6 ms for 4M entries on an AVX2 VM: the DST grow step's ``-inf`` fill)."""
+    ext = _cpu_fast(t)
+    if (ext is not None and hasattr(ext, "fill_where") and t.dtype == torch.float32 and t.is_contiguous()
+            and mask.dtype == torch.bool and mask.is_contiguous() and mask.shape == t.shape):
+        ext.fill_where(t, mask, float(value))
+        torch.autograd.graph.increment_version(t)  # C++ writes do not bump the version counter
+        return t
+    return t.masked_fill_(mask, value)

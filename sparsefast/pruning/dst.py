@@ -148,7 +148,7 @@ class _DST(Pruner):
         # one pass; in place when the caller hands over a float32 score it does not keep (``owned``): a fresh
         # dense-sized tensor costs its page faults again at every update
         s = score.float()
-        s = s.masked_fill_(after, -math.inf) if owned and s is score else s.masked_fill(after, -math.inf)
+        s = _kept.fill_where_(s if owned and s is score else s.clone(), after, -math.inf)
         per_group = self.pattern.kept_per_group
         if per_group is not None:
             gs = tuple(self.pattern.group_shape)

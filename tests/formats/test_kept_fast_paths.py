@@ -98,3 +98,26 @@ def test_layer_on_cpu_kernels_lets_the_index_go():
     before = layer.dense_weight()
     layer.set_mask(new)
     torch.testing.assert_close(layer.dense_weight(), before * new)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 1000, 40_001])
+def test_fill_where_and_remap_tensor(path, n):
+    """fill_where_ is masked_fill_ (NaN/Inf kept where not filled, version bumped); remap_tensor zeroes the
+    entries that were not kept before, for every element size, the same on both paths."""
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=g)
+    if n > 3:
+        t[1], t[2] = float("nan"), float("inf")
+    m = torch.rand(n, generator=g) < 0.4
+    want = t.clone().masked_fill_(m, -float("inf"))
+    v0 = t._version
+    got = kept.fill_where_(t, m, -float("inf"))
+    assert got is t and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert n == 0 or t._version > v0
+    src = torch.randint(0, max(n, 1), (n,), generator=g) if n else torch.zeros(0, dtype=torch.long)
+    keep = torch.rand(n, generator=g) < 0.7
+    for dt in (torch.float32, torch.bfloat16, torch.float64, torch.int64):
+        x = (torch.randn(n, generator=g) * 100).to(dt)
+        out = kept.remap_tensor(x, src, keep)
+        exp = x[src].masked_fill(~keep, 0) if n else torch.zeros(0, dtype=dt)
+        assert out.dtype == dt and torch.equal(out, exp)
