@@ -16,14 +16,15 @@ _CLAMP = (1e-4, 0.9999)
 
 
 def _is_layer(m: nn.Module) -> bool:
-    from .nn.layers import SparseModule
-    return isinstance(m, (SparseModule, nn.Linear, nn.Conv2d))
+    from .nn.layers import SparseModule, _is_conv1d
+    return isinstance(m, (SparseModule, nn.Linear, nn.Conv2d)) or _is_conv1d(m)
 
 
 @torch.no_grad()
 def psp_entropy(model: nn.Module, loader: Iterable, *, layers: list[str] | None = None,
                 reduction: str = "none") -> dict[str, torch.Tensor]:
-    """PSP-entropy of every neuron of every Linear / Conv2d (plain or sparse) layer.
+    """PSP-entropy of every neuron of every Linear / Conv2d (plain or sparse) layer (and every Hugging Face
+    ``transformers`` ``Conv1D``, GPT-2's Linear-like layers, whose output is ``(..., out_features)`` as a Linear's).
 
     For each neuron (each output element of the layer: a feature of a Linear, a ``(channel, h, w)``
     element of a Conv2d) and class ``c``: ``p_c = P[z > 0 | c]`` over the samples of ``loader`` (``z`` the
@@ -34,7 +35,7 @@ def psp_entropy(model: nn.Module, loader: Iterable, *, layers: list[str] | None 
     Args:
         model: run in eval mode under ``no_grad`` (its mode is restored).
         loader: iterable of ``(x, y)`` batches, ``y`` integer class labels ``(B,)``.
-        layers: names of the layers to measure (default: every Linear/Conv2d/sparse layer).
+        layers: names of the layers to measure (default: every Linear/Conv2d/Conv1D/sparse layer).
         reduction: ``"none"`` (default) returns per-neuron tensors shaped like one sample's layer output
             (``(out_features,)`` or ``(C, H, W)``); ``"mean"`` returns the mean over neurons (0-d).
 

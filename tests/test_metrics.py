@@ -65,3 +65,27 @@ def test_psp_entropy_extremes_and_errors():
     with pytest.raises(TypeError):
         psp_entropy("m", [(x, y)])
     assert math.isfinite(float(psp_entropy(model, [(x, y)], reduction="mean")["0"]))
+
+
+def test_psp_entropy_measures_transformers_conv1d_layers():
+    """GPT-2's Linear-like ``Conv1D`` layers are measured, plain or after sparsify (the same values)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(30, 4, generator=g)
+    ys = torch.randint(0, 3, (30,), generator=g)
+    loader = [(xs[i:i + 8], ys[i:i + 8]) for i in range(0, 30, 8)]
+    out = psp_entropy(model, loader)
+    assert set(out) == {"0", "2"}
+    with torch.no_grad():
+        z0 = model[0](xs)
+    expect = sum(_h((z0[ys == c] > 0).double().mean(0)) for c in range(3)).float()
+    assert out["0"].shape == (6,)
+    torch.testing.assert_close(out["0"], expect)
+    sparsefast.sparsify(model, sparsity=None)
+    assert isinstance(model[0], sparsefast.SparseLinear)
+    again = psp_entropy(model, loader)
+    for k in out:
+        torch.testing.assert_close(again[k], out[k])

@@ -10,9 +10,13 @@
 Rules every method keeps:
 
 * It acts on :class:`~sparsefast.SparseLinear` / :class:`~sparsefast.SparseConv2d` layers only. Plain
-  ``nn.Linear`` / ``nn.Conv2d`` layers are first swapped by :func:`sparsefast.sparsify` with an all-kept
-  unstructured mask (``sparsity=None``), so the model holds sparse layers from construction on (build the
-  optimizer *after* the pruner: the swap creates new Parameters).
+  ``nn.Linear`` / ``nn.Conv2d`` layers and Hugging Face ``transformers`` ``Conv1D`` layers (GPT-2's
+  ``c_attn``/``c_proj``/``c_fc``, weight stored ``(in, out)``: they become ``SparseLinear`` layers of the
+  transposed weight that keep Conv1D's layout in their state dict) are first swapped by
+  :func:`sparsefast.sparsify` with an all-kept unstructured mask (``sparsity=None``), so the model holds
+  sparse layers from construction on (build the optimizer *after* the pruner: the swap creates new
+  Parameters). A plain layer whose weight is tied to another module (e.g. GPT-2's ``lm_head`` and its
+  token embedding) is left dense with one warning naming it, as :func:`sparsefast.sparsify` does.
 * A sparse layer stores only its kept values (``layer.weight`` is 1-D); methods read the masked dense
   weight with ``layer.dense_weight()`` and the dense shape with ``layer.weight_shape``.
 * Masks change only through ``layer.set_mask(mask, pattern=..., weight=...)`` (validated and atomic; it
@@ -60,7 +64,7 @@ from torch import nn
 from .. import masks as _masks
 from ..backends import SparsefastWarning
 from ..nn.layers import SparseModule
-from ..nn.swap import sparsify
+from ..nn.swap import _tied_weights, sparsify
 from . import distributions as _dist
 from ._grad import GradCapture
 
@@ -75,9 +79,9 @@ def mix_seed(seed: int, *keys: Any) -> int:
 
 
 def weight_shape(layer: nn.Module) -> tuple[int, ...]:
-    """Dense weight shape of a sparse layer (``weight_shape``) or a plain ``nn.Linear`` / ``nn.Conv2d``."""
-    ws = getattr(layer, "weight_shape", None)
-    return tuple(ws) if ws is not None else tuple(layer.weight.shape)
+    """Dense weight shape of a sparse layer (``weight_shape``) or a plain ``nn.Linear`` / ``nn.Conv2d`` /
+    ``transformers`` ``Conv1D`` (``(out, in)``: the shape of the sparse layer it becomes)."""
+    return _dist._weight_shape(layer)
 
 
 #: the former per-kind capability flags of a method, and the pattern kind each one stands for
@@ -340,7 +344,7 @@ class Pruner:
     """Base class of every pruning method (the shared protocol; see the module docstring).
 
     Args (shared by all methods):
-        model: the model (modified in place: plain Linear/Conv2d layers become sparse layers).
+        model: the model (modified in place: plain Linear/Conv2d/Conv1D layers become sparse layers).
         sparsity: target fraction of pruned weights over the managed layers, in ``[0, 1)``. Optional with
             an N:M pattern (implied ``1 − n/m``).
         pattern: ``"unstructured"``, ``"N:M"`` or ``"block:B"``. ``None``: the pattern the model's sparse
@@ -349,7 +353,7 @@ class Pruner:
             method's default (the one its paper uses).
         seed: seed of every random choice.
         filter_fn: ``filter_fn(name, module) -> bool`` selects the layers to prune (default: all
-            Linear/Conv2d and sparse layers).
+            Linear/Conv2d, transformers Conv1D and sparse layers).
         backend: backend of the sparse layers created from plain ones (``"auto"``).
         flow_repair: after an at-init mask, give cut-off neurons one random edge (unstructured only; skipped
             for N:M and block patterns).
@@ -402,7 +406,7 @@ class Pruner:
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} expects an nn.Module as its first argument, got {type(model).__name__}")
-        if type(model) in (nn.Linear, nn.Conv2d):
+        if _dist._is_prunable(model) and not isinstance(model, SparseModule):
             raise ValueError(f"{name}: the model is itself a plain {type(model).__name__}, which cannot be "
                              "swapped in place; wrap it (e.g. nn.Sequential(layer)) or pass a SparseLinear/SparseConv2d")
         self.seed = _check_int("seed", seed, 0)
@@ -412,11 +416,21 @@ class Pruner:
         _bk.check_requested(backend)
 
         cands = [(n, m) for n, m in model.named_modules()
-                 if (isinstance(m, SparseModule) or type(m) in (nn.Linear, nn.Conv2d))
-                 and (filter_fn is None or filter_fn(n, m))]
+                 if _dist._is_prunable(m) and (filter_fn is None or filter_fn(n, m))]
         if not cands:
             raise ValueError(f"{name}: {type(model).__name__} has no prunable layers (nn.Linear / nn.Conv2d / "
-                             "SparseLinear / SparseConv2d" + (" accepted by filter_fn" if filter_fn else "") + ")")
+                             "transformers Conv1D / SparseLinear / SparseConv2d"
+                             + (" accepted by filter_fn" if filter_fn else "") + ")")
+        # plain layers whose weight is tied to another module stay dense (sparsify leaves them: tied="skip")
+        tied = _tied_weights(model, [m for _, m in cands if not isinstance(m, SparseModule)])
+        if tied:
+            desc = ", ".join(f"{n or '<root>'!r} (weight shared with {tied[id(m)]})" for n, m in cands if id(m) in tied)
+            cands = [(n, m) for n, m in cands if id(m) not in tied]
+            if not cands:
+                raise ValueError(f"{name}: every prunable layer of {type(model).__name__} has a weight tied to another "
+                                 f"module: {desc}")
+            warnings.warn(f"{name}: leaving layers with tied weights dense: {desc} (untie them first, e.g. "
+                          "sparsefast.sparsify(model, tied='untie'), to prune them)", SparsefastWarning, stacklevel=3)
 
         # pattern
         cand_ids = {id(m) for _, m in cands}
@@ -461,7 +475,7 @@ class Pruner:
         self._check_hparams()
 
         # --- from here on the model is modified --------------------------------------------------
-        plain = {n for n, m in cands if type(m) in (nn.Linear, nn.Conv2d)}
+        plain = {n for n, m in cands if not isinstance(m, SparseModule)}
         if plain:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", SparsefastWarning)

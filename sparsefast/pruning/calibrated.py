@@ -471,48 +471,6 @@ def sparsegpt_prune(weight_rv: torch.Tensor, H: torch.Tensor | None, *, sparsity
 
 
 # ------------------------------------------------------------------------------------------------
-# Hugging Face Conv1D layers (GPT-2): swapped for SparseLinear before the Pruner looks for layers
-# ------------------------------------------------------------------------------------------------
-def _swap_conv1d(model: Any, filter_fn: Callable | None, backend: str) -> list[tuple]:
-    """Swap the ``transformers`` ``Conv1D`` layers ``filter_fn`` accepts for all-kept :class:`SparseLinear`
-    layers (:func:`sparsefast.sparsify`; the Pruner base only collects ``nn.Linear``/``nn.Conv2d``).
-    Returns what :func:`_unswap_conv1d` needs to put them back: ``(name, conv1d, new layer, (weight data,
-    grad))``."""
-    from ..nn.layers import _is_conv1d
-    from ..nn.swap import sparsify
-    if not isinstance(model, nn.Module) or (filter_fn is not None and not callable(filter_fn)):
-        return []  # the Pruner reports these
-    found = [(n, m) for n, m in model.named_modules() if n and _is_conv1d(m)
-             and (filter_fn is None or filter_fn(n, m))]
-    if not found:
-        return []
-    names = {n for n, _ in found}
-    saved = {id(m): (m.weight.data, m.weight.grad) for _, m in found}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SparsefastWarning)  # tied Conv1D layers stay dense, as in the Pruner
-        sparsify(model, sparsity=None, pattern="unstructured", backend=backend, filter_fn=lambda n, m: n in names)
-    out = []
-    for n, m in found:
-        new = model.get_submodule(n)
-        if new is not m:
-            out.append((n, m, new, saved[id(m)]))
-    return out
-
-
-def _unswap_conv1d(model: nn.Module, undo: list[tuple]) -> None:
-    """Put the ``Conv1D`` layers :func:`_swap_conv1d` replaced back (with their weight data and gradient)."""
-    from ..nn.swap import _set_child
-    back = {id(new): conv for _, conv, new, _ in undo}
-    for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if name and id(mod) in back:  # every path a layer is reachable under
-            _set_child(model, name, back[id(mod)])
-    for _, conv, _, (data, grad) in undo:
-        with torch.no_grad():
-            conv.weight.data = data
-        conv.weight.grad = grad
-
-
-# ------------------------------------------------------------------------------------------------
 # the shared engine
 # ------------------------------------------------------------------------------------------------
 class _Calibrated(Pruner):
@@ -526,18 +484,7 @@ class _Calibrated(Pruner):
         if filter_fn is None and isinstance(model, nn.Module):
             filter_fn = default_filter(model)
         self.layer_stats: dict[str, dict] = {}
-        undo = _swap_conv1d(model, filter_fn, kw.get("backend", "auto"))
-        if undo:
-            swapped = {id(new) for _, _, new, _ in undo}
-            user_filter = filter_fn
-
-            def filter_fn(n: str, m: nn.Module) -> bool:  # the swapped Conv1D layers were accepted already
-                return id(m) in swapped or user_filter is None or user_filter(n, m)
-        try:
-            super().__init__(model, filter_fn=filter_fn, **kw)
-        except BaseException:
-            _unswap_conv1d(model, undo)
-            raise
+        super().__init__(model, filter_fn=filter_fn, **kw)  # Conv1D layers: swapped by the Pruner base
 
     def _check_hparams(self) -> None:
         if self.distribution == "global":

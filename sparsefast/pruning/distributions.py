@@ -20,7 +20,8 @@ layer to a whole number of weights; a layer always keeps at least one weight):
 ``"pyramidal"`` (Gadhikar et al. 2023) ``d_l = p₁^l`` (``l = 1..L`` in module order), ``p₁ ∈ (0, 1)`` the root of
                 ``Σ p₁^l n_l = D N`` (monotone in ``p₁``; solved by bisection in float64).
 
-Conv sizes use the weight shape ``(c_out, c_in/groups, k_h, k_w)``. Biases and normalisation layers are
+Conv sizes use the weight shape ``(c_out, c_in/groups, k_h, k_w)``; a ``transformers`` ``Conv1D`` (GPT-2) counts
+as a Linear of shape ``(out, in)`` (its stored ``(in, out)`` weight transposed). Biases and normalisation layers are
 never pruned (they are not in the layer list).
 
 References (``tests/pruning/test_fidelity_b.py``): ``"erk"``, ``"er"`` and ``"uniform"`` give
@@ -83,16 +84,39 @@ def _check_sparsity(sparsity: float) -> float:
 
 
 def _is_prunable(m: nn.Module) -> bool:
-    from ..nn.layers import SparseModule
-    return isinstance(m, SparseModule) or type(m) in (nn.Linear, nn.Conv2d)
+    """A layer the pruners manage: a sparse layer, an exact ``nn.Linear`` / ``nn.Conv2d``, or a Hugging Face
+    ``transformers`` ``Conv1D`` (GPT-2; recognised by :func:`sparsefast.nn.layers._is_conv1d`)."""
+    from ..nn.layers import SparseModule, _is_conv1d
+    return isinstance(m, SparseModule) or type(m) in (nn.Linear, nn.Conv2d) or _is_conv1d(m)
+
+
+def _dense_weight(m: nn.Module) -> torch.Tensor:
+    """A prunable layer's dense weight, detached, in the sparse layers' orientation: a sparse layer's masked
+    dense weight, ``(out, in)`` for a Linear (a ``Conv1D``'s ``(in, out)`` weight transposed)."""
+    from ..nn.layers import _is_conv1d
+    dense = getattr(m, "dense_weight", None)
+    if callable(dense):
+        return dense()
+    return m.weight.detach().t() if _is_conv1d(m) else m.weight.detach()
+
+
+def _weight_shape(m: nn.Module) -> tuple[int, ...]:
+    """A prunable layer's dense weight shape as its sparse layer has it (``Conv1D``: ``(out, in)``)."""
+    from ..nn.layers import _is_conv1d
+    ws = getattr(m, "weight_shape", None)
+    if ws is not None:
+        return tuple(ws)
+    shape = tuple(m.weight.shape)
+    return shape[::-1] if _is_conv1d(m) else shape
 
 
 def layer_infos(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> list[LayerInfo]:
-    """Prunable layers (``nn.Linear``, ``nn.Conv2d``, sparse layers) of ``model`` in module order."""
+    """Prunable layers (``nn.Linear``, ``nn.Conv2d``, ``transformers`` ``Conv1D``, sparse layers) of ``model``
+    in module order (a ``Conv1D``'s shape as ``(out, in)``, the sparse layer it becomes)."""
     out = []
     for name, m in model.named_modules():
         if _is_prunable(m) and (filter_fn is None or filter_fn(name, m)):
-            shape = tuple(getattr(m, "weight_shape", None) or m.weight.shape)
+            shape = _weight_shape(m)
             out.append(LayerInfo(name, shape, "linear" if len(shape) == 2 else "conv"))
     return out
 
@@ -238,7 +262,7 @@ def global_top_k(flat: torch.Tensor, sizes: list[int], keep: int) -> torch.Tenso
 def layer_densities(model: nn.Module, sparsity: float, distribution: str = "erk", *,
                     filter_fn: Callable[[str, nn.Module], bool] | None = None) -> dict[str, float]:
     """Per-layer densities ``{layer name: d_l}`` for the prunable layers of ``model`` (``nn.Linear``,
-    ``nn.Conv2d`` and sparse layers, those ``filter_fn(name, module)`` accepts), reaching global
+    ``nn.Conv2d``, ``transformers`` ``Conv1D`` and sparse layers, those ``filter_fn(name, module)`` accepts), reaching global
     ``sparsity`` under ``distribution`` (see the module docstring). ``"global"`` uses the current ``|W|``.
 
     Raises ``ValueError`` for a sparsity outside ``[0, 1)``, an unknown distribution, or a model with no
@@ -256,9 +280,7 @@ def layer_densities(model: nn.Module, sparsity: float, distribution: str = "erk"
         mods = dict(model.named_modules())
         scores = {}
         for i in infos:
-            m = mods[i.name]
-            dense = getattr(m, "dense_weight", None)
-            scores[i.name] = dense().abs() if callable(dense) else m.weight.detach().abs()
+            scores[i.name] = _dense_weight(mods[i.name]).abs()
     return compute_densities(infos, sparsity, distribution, scores)
 
 

@@ -3,7 +3,10 @@ same result on every backend, bad calibration input, atomicity, and Hugging Face
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -603,3 +606,130 @@ def test_hf_to_onnx(tmp_path):
     (got,) = sess.run(None, {"input0": ids.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), wrapped(ids), rtol=1e-3, atol=1e-4)
+
+
+def test_magnitude_prunes_hf_gpt2_conv1d_layers_directly():
+    """Issue 19: every pruner (not only Wanda/SparseGPT) collects GPT-2's Conv1D layers itself; the tied
+    lm_head stays dense with one warning naming it; groups run along the input dimension."""
+    from transformers.pytorch_utils import Conv1D
+    model = _gpt2()
+    conv_names = sorted(n for n, m in model.named_modules() if isinstance(m, Conv1D))
+    dense_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.warns(sparsefast.SparsefastWarning, match=r"tied weights dense: 'lm_head'"):
+        pr = build(P.Magnitude, model, pattern="2:4")
+    pr.prune()
+    assert sorted(n for n, _ in pr.layers) == conv_names and pr.sparsity() == pytest.approx(0.5)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    sd = model.state_dict()
+    assert {k: v.shape for k, v in sd.items() if not k.endswith(".mask")} == dense_shapes
+    for n in conv_names:
+        layer = model.get_submodule(n)
+        assert layer._conv1d is Conv1D and layer.pattern == "2:4"
+        out_f, in_f = layer.weight_shape
+        assert bool((layer.mask.reshape(out_f, in_f // 4, 4).sum(-1) == 2).all()), n
+        # magnitude: the 2 largest |w| of each group of 4 inputs of the dense Conv1D weight (its rows)
+        ws = _gpt2().get_submodule(n).weight.detach().t()
+        assert torch.equal(layer.mask, masks.nm_mask(ws, 2, 4)), n
+    # unstructured with a layer-wise distribution: the (out, in) shapes feed the distribution
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsefast.SparsefastWarning)
+        pr = build(P.Magnitude, model, sparsity=0.5, distribution="erk")
+    pr.prune()
+    assert pr.sparsity() == pytest.approx(0.5, abs=1e-3)
+    dens = P.distributions.layer_densities(_gpt2(), 0.5, "erk", filter_fn=lambda n, m: n in conv_names)
+    for n, l in pr.layers:
+        assert l.density == pytest.approx(dens[n], abs=2e-3), n
+
+
+def test_pruner_refuses_a_gpt2_root_conv1d_and_fully_tied_models():
+    from transformers.pytorch_utils import Conv1D
+    with pytest.raises(ValueError, match="itself a plain Conv1D"):
+        build(P.Magnitude, Conv1D(8, 4), sparsity=0.5)
+    model = _gpt2()
+    with pytest.raises(ValueError, match="every prunable layer .* tied"):
+        build(P.Magnitude, model, sparsity=0.5, filter_fn=lambda n, m: n == "lm_head")
+    assert type(model.lm_head) is nn.Linear
+
+
+@dataclass(frozen=True)
+class _Tile(masks.Pattern):
+    """``N@RxC``: at most N kept in every R x C tile of the reduction view (a per-group pattern; R = 1 is
+    N:M written another way)."""
+    n: int = 2
+    r: int = 1
+    c: int = 4
+    kind: ClassVar[str] = "tile19"
+    label: ClassVar[str] = "tile"
+
+    @property
+    def density(self):
+        return self.n / (self.r * self.c)
+
+    @property
+    def group_shape(self):
+        return (self.r, self.c)
+
+    @property
+    def kept_per_group(self):
+        return self.n
+
+    @classmethod
+    def parse(cls, s):
+        if s.startswith("t") and "@" in s:
+            n, rc = s[1:].split("@")
+            r, c = rc.split("x")
+            return cls(int(n), int(r), int(c))
+        return None
+
+    def fits(self, shape, op="linear"):
+        rows, k = shape[0], math.prod(shape[1:])
+        return None if rows % self.r == 0 and k % self.c == 0 else f"{self} needs {self.r}x{self.c} tiles"
+
+    def _tiles(self, rv):
+        R, K = rv.shape
+        return rv.reshape(R // self.r, self.r, K // self.c, self.c).permute(0, 2, 1, 3).reshape(-1, self.r * self.c)
+
+    def mask_error(self, mask_rv):
+        return "too many kept" if bool((self._tiles(mask_rv).sum(1) > self.n).any()) else None
+
+    def __str__(self):
+        return f"t{self.n}@{self.r}x{self.c}"
+
+
+@pytest.fixture
+def tile_pattern():
+    masks.register_pattern(_Tile)
+    yield
+    masks.PATTERN_TYPES.remove(_Tile)
+    masks._PARSED.clear()
+
+
+def test_per_group_rule_from_the_pattern_not_its_kind(tile_pattern):
+    """SparseGPT's solver takes n/m from ``kept_per_group`` / ``group_shape``: a one-row per-group pattern
+    gives exactly the 2:4 result; groups spanning two rows are refused before the model is touched.
+    Wanda keeps the top ``kept_per_group`` of any group shape."""
+    class TileSparseGPT(C.SparseGPT):
+        pattern_support = {**C.SparseGPT.pattern_support, "tile19": True}
+
+    class TileWanda(C.Wanda):
+        pattern_support = {**C.Wanda.pattern_support, "tile19": True}
+
+    x = correlated(64, seed=3)
+    for cls, base in ((TileSparseGPT, C.SparseGPT), (TileWanda, C.Wanda)):
+        a, b = mlp(), mlp()
+        build(cls, a, pattern="t2@1x4").prune(batch=x)
+        build(base, b, pattern="2:4").prune(batch=x)
+        for la, lb in zip(a, b):
+            if isinstance(la, SparseModule):
+                assert torch.equal(la.mask, lb.mask) and torch.equal(la.dense_weight(), lb.dense_weight())
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"groups span 2 rows"):
+        build(TileSparseGPT, model, pattern="t2@2x2")
+    assert not any(isinstance(m, SparseModule) for m in model) and model.state_dict().keys() == before.keys()
+    w = mlp()
+    build(TileWanda, w, pattern="t1@2x2").prune(batch=x)
+    for layer in w:
+        if isinstance(layer, SparseModule):
+            assert bool((_Tile(1, 2, 2)._tiles(masks.reduction_view(layer.mask)).sum(1) == 1).all())
