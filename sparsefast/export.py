@@ -13,18 +13,30 @@
 
 Checkpoint layout (safetensors; ``P`` is a sparse layer's module path)::
 
-    P.weight.values   kept values, 1-D, in the dense weight's row-major (``(out, in)`` / ``(O, C, kh, kw)``)
-                      order (for conv this is not the layer's in-memory kept-values order, which is
-                      ``(O, kh, kw, C)``: the file format does not depend on it)
+    P.weight.values   kept values, 1-D, in the row-major order of the layer's state-dict weight
+                      (``(out, in)`` / ``(O, C, kh, kw)``; ``(in, out)`` for a layer made from a
+                      ``transformers`` ``Conv1D``, see below) (for conv this is not the layer's in-memory
+                      kept-values order, which is ``(O, kh, kw, C)``: the file format does not depend on it)
     P.weight.bitmap   uint8, the mask packed 8 positions per byte (little bit order), ceil(numel/8) bytes
       or
     P.weight.indices  int32/int64 flat positions of kept values (used when density < 1/32: smaller)
     P.bias, and every other state-dict entry (non-sparse params and buffers) stored unchanged
 
 ``P.mask`` is not stored (the encoding is the mask). The header's ``__metadata__["sparsefast"]`` is JSON:
-``{"format": "sparsefast-safetensors", "version": 1, "layers": {P: {"type", "pattern", "shape",
-"dtype", "encoding", "nnz", "config"}}, "keys": [state-dict keys in order], "sha256": digest of all
-tensor bytes}``. 2:4 in bf16 costs 1 + 1/8 bytes per dense element (values + 1 mask bit): 0.5625× dense.
+``{"format": "sparsefast-safetensors", "version": 1 or 2, "layers": {P: {"type", "pattern", "shape",
+"dtype", "encoding", "nnz", "config"[, "layout", "conv1d_class"]}}, "keys": [state-dict keys in order],
+"sha256": digest of all tensor bytes}``. 2:4 in bf16 costs 1 + 1/8 bytes per dense element (values + 1
+mask bit): 0.5625× dense.
+
+**Layout (GPT-2 ``Conv1D``).** The file stores what the model's ``state_dict()`` holds. A ``SparseLinear``
+made from a Hugging Face ``Conv1D`` keeps Conv1D's ``(in, out)`` layout in its state dict, so its values
+and mask are stored in that layout, ``"shape"`` is ``[in, out]``, and the layer's entry says so:
+``"layout": "conv1d"`` (``"conv1d_class"``: the class's import path, to rebuild it without a model). An
+entry without ``"layout"`` is ``(out, in)`` (``"linear"``). :func:`load` converts between the two when the
+target layer's layout differs (a plain ``Conv1D``, a Conv1D-made or a plain ``SparseLinear``, a plain
+``nn.Linear``), from the metadata, never from the shapes, so a square layer is never silently transposed.
+A file with a ``"layout"`` entry is written as version 2 (an older reader refuses it rather than misread
+it); other files stay version 1.
 """
 from __future__ import annotations
 
@@ -46,13 +58,14 @@ from torch import nn
 
 from . import masks as _masks
 from .nn import SparseConv2d, SparseLinear
-from .nn.layers import SparseModule
+from .nn.layers import SparseModule, _is_conv1d
 
 __all__ = ["to_semi_structured", "save", "load", "Checkpoint", "CheckpointError", "to_onnx", "LayerReport",
            "ExportReport", "eligibility_report", "project_24"]
 
 _FORMAT = "sparsefast-safetensors"
-_VERSION = 1
+_VERSION = 2          # the newest version this module reads (2: per-layer "layout")
+_VERSION_PLAIN = 1    # written when no layer needs a "layout" entry, so older readers still read the file
 
 
 class CheckpointError(ValueError):
@@ -133,21 +146,47 @@ def _reduction_24(mask: torch.Tensor) -> tuple[bool, str]:
     return True, "2:4 along the reduction (input-channel) dim"
 
 
-def _layer_mask(mod: nn.Module) -> torch.Tensor:
-    if isinstance(mod, SparseModule):
-        return mod.mask
-    return mod.weight.detach() != 0
-
-
 def _dense_of(mod: nn.Module) -> torch.Tensor:
-    """A layer's dense weight (detached): a sparse layer's masked dense weight, a plain layer's weight."""
+    """A layer's dense weight (detached) in the kernels' orientation (``(out, in)`` / ``(O, C, kh, kw)``): a
+    sparse layer's masked dense weight, a plain layer's weight (a ``transformers`` ``Conv1D``'s transposed)."""
     if isinstance(mod, SparseModule):
         return mod.dense_weight()
-    return mod.weight.detach()
+    return mod.weight.detach().t() if _is_conv1d(mod) else mod.weight.detach()
+
+
+def _layer_mask(mod: nn.Module) -> torch.Tensor:
+    """A layer's mask in the kernels' orientation (a plain layer's: its nonzeros)."""
+    if isinstance(mod, SparseModule):
+        return mod.mask
+    return _dense_of(mod) != 0
 
 
 def _weight_shape(mod: nn.Module) -> tuple[int, ...]:
-    return tuple(mod.weight_shape) if isinstance(mod, SparseModule) else tuple(mod.weight.shape)
+    return tuple(mod.weight_shape) if isinstance(mod, SparseModule) else tuple(_dense_of(mod).shape)
+
+
+def _is_linear_like(mod: nn.Module) -> bool:
+    """A layer that computes ``x @ W.T + b``: a ``SparseLinear`` (also one made from a ``Conv1D``, which
+    densifies back to ``Conv1D``), an exact ``nn.Linear`` or a ``transformers`` ``Conv1D``."""
+    return isinstance(mod, SparseLinear) or type(mod) is nn.Linear or _is_conv1d(mod)
+
+
+def _conv1d_layout(mod: nn.Module) -> bool:
+    """Does ``mod``'s state dict hold its weight (and mask) in ``Conv1D``'s ``(in, out)`` layout?"""
+    return _is_conv1d(mod) or (isinstance(mod, SparseLinear) and mod._conv1d is not None)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_class(path: str) -> type | None:
+    import importlib
+    mod, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _candidates(model: nn.Module, types: tuple, filter_fn) -> list[tuple[str, nn.Module]]:
@@ -188,9 +227,11 @@ def _dtype_name(dt: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------
 def to_semi_structured(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
     """Convert every ``SparseLinear`` (those ``filter_fn(name, module)`` accepts; with a ``filter_fn``
-    plain ``nn.Linear`` layers are candidates too) into an ``nn.Linear`` whose weight is
-    ``torch.sparse.to_sparse_semi_structured(weight * mask)`` (frozen; inference). In place; returns the
-    model (the new root if ``model`` itself is a layer).
+    plain ``nn.Linear`` and ``transformers`` ``Conv1D`` layers are candidates too) into an ``nn.Linear``
+    whose weight is ``torch.sparse.to_sparse_semi_structured(weight * mask)`` as ``(out_features,
+    in_features)`` (frozen; inference). A layer made from a GPT-2 ``Conv1D`` becomes such an ``nn.Linear``
+    too (its 2:4 groups run along ``in_features`` already; the Linear computes what the Conv1D did). In
+    place; returns the model (the new root if ``model`` itself is a layer).
 
     Needs a CUDA GPU with 2:4 sparse tensor cores (A100/H100-class, sm80+) and the model on it.
     Raises ``ValueError`` naming the layer if its weight is not 2:4 along ``in_features``, and
@@ -199,8 +240,10 @@ def to_semi_structured(model: nn.Module, *, filter_fn: Callable[[str, nn.Module]
     warning naming them."""
     from torch.sparse import to_sparse_semi_structured
 
-    types = (SparseLinear, nn.Linear) if filter_fn is not None else (SparseLinear,)
-    targets = _candidates(model, types, filter_fn)
+    if filter_fn is not None:  # plain layers too: exact nn.Linear and transformers Conv1D
+        targets = [(n, m) for n, m in model.named_modules() if _is_linear_like(m) and filter_fn(n, m)]
+    else:
+        targets = _candidates(model, (SparseLinear,), None)
     convs = [n for n, m in _candidates(model, (SparseConv2d,), filter_fn)]
     if convs:
         warnings.warn(f"to_semi_structured: leaving SparseConv2d layers {convs} unchanged (PyTorch has no "
@@ -224,22 +267,31 @@ def to_semi_structured(model: nn.Module, *, filter_fn: Callable[[str, nn.Module]
                                "has no 2:4 sparse tensor cores; an A100/H100-class GPU (sm80+) is needed")
     new_root = model
     for name, mod in targets:
-        w = _dense_of(mod)
-        try:
-            ss = to_sparse_semi_structured(w.contiguous())
-        except Exception as e:  # noqa: BLE001 - name the layer whatever torch objects to
-            raise RuntimeError(f"to_semi_structured: layer {name or '<root>'!r} (weight {tuple(w.shape)}, {w.dtype}): "
-                               f"torch refused it: {type(e).__name__}: {e}") from e
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device="meta")
-        lin.weight = nn.Parameter(ss, requires_grad=False)
-        if mod.bias is not None:
-            lin.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        lin.train(mod.training)
+        lin = _semi_structured_linear(name, mod, to_sparse_semi_structured)
         if name:
             _set_child(model, name, lin)
         else:
             new_root = lin
     return new_root
+
+
+def _semi_structured_linear(name: str, mod: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> nn.Linear:
+    """The frozen ``nn.Linear`` that replaces ``mod`` in :func:`to_semi_structured`: weight
+    ``convert(W)`` for ``W`` the masked dense weight as ``(out_features, in_features)`` (a layer made from,
+    or being, a ``transformers`` ``Conv1D`` computes ``x @ W_conv + b`` with ``W_conv = W.T``: the same
+    function). ``convert`` is ``torch.sparse.to_sparse_semi_structured`` there (tests pass another)."""
+    w = _dense_of(mod)
+    try:
+        ss = convert(w.contiguous())
+    except Exception as e:  # noqa: BLE001 - name the layer whatever torch objects to
+        raise RuntimeError(f"to_semi_structured: layer {name or '<root>'!r} (weight {tuple(w.shape)}, {w.dtype}): "
+                           f"torch refused it: {type(e).__name__}: {e}") from e
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device="meta")
+    lin.weight = nn.Parameter(ss, requires_grad=False)
+    if mod.bias is not None:
+        lin.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+    lin.train(mod.training)
+    return lin
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +341,9 @@ def save(model: nn.Module, path: "str | os.PathLike") -> dict[str, Any]:
     """Write ``model``'s whole state (``state_dict``) to ``path`` as a compressed safetensors file.
 
     Sparse layers (``SparseLinear``/``SparseConv2d``) store kept values + mask encoding (see the module
-    docstring); every other entry is stored unchanged. Tensors are copied to the CPU. The file is
+    docstring); every other entry is stored unchanged. Everything is stored in the ``state_dict()``
+    layout: a layer made from a GPT-2 ``Conv1D`` stores ``(in, out)`` and its metadata entry says
+    ``"layout": "conv1d"`` (module docstring). Tensors are copied to the CPU. The file is
     written to a temporary file in the same directory and renamed into place. Returns the metadata."""
     try:
         from safetensors.torch import save_file
@@ -304,13 +358,18 @@ def save(model: nn.Module, path: "str | os.PathLike") -> dict[str, Any]:
     skip: set[str] = set()
     for name, mod in sparse.items():
         p = f"{name}." if name else ""
-        w, mask = mod.dense_weight().cpu(), mod.mask.detach().cpu()
+        w, mask = mod.dense_weight().detach().cpu(), mod.mask.detach().cpu()
+        conv1d = _conv1d_layout(mod)
+        if conv1d:  # the state dict's layout: Conv1D's (in, out)
+            w, mask = w.t().contiguous(), mask.t().contiguous()
         enc, data = _encode_mask(mask)
         tensors[p + "weight.values"] = w.reshape(-1)[mask.reshape(-1)].clone()
         tensors[p + f"weight.{enc}"] = data.contiguous()
         layers[name] = {"type": type(mod).__name__, "pattern": mod.pattern, "shape": list(w.shape),
                         "dtype": _dtype_name(w.dtype), "encoding": enc, "nnz": int(mask.sum()),
                         "config": _layer_config(mod)}
+        if conv1d:
+            layers[name].update(layout="conv1d", conv1d_class=_class_path(mod._conv1d))
         skip.update({p + "weight", p + "mask"})
     for k, v in sd.items():
         if k in skip:
@@ -318,7 +377,8 @@ def save(model: nn.Module, path: "str | os.PathLike") -> dict[str, Any]:
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"save: state-dict entry {k!r} is a {type(v).__name__}, not a tensor")
         tensors[k] = v.detach().cpu().contiguous().clone()
-    meta = {"format": _FORMAT, "version": _VERSION, "layers": layers, "keys": list(sd.keys()),
+    version = _VERSION if any("layout" in info for info in layers.values()) else _VERSION_PLAIN
+    meta = {"format": _FORMAT, "version": version, "layers": layers, "keys": list(sd.keys()),
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "sha256": _digest(tensors)}
     with _atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"sparsefast": json.dumps(meta)})
@@ -330,8 +390,8 @@ class Checkpoint:
     """What :func:`load` returns without a model.
 
     ``state_dict``: every entry of the saved model's ``state_dict`` (sparse layers' ``weight`` dense-shaped
-    with zeros at pruned positions, plus their ``mask``), loadable into the same architecture after
-    ``sparsify``. ``layers``: the sparse layers rebuilt (``SparseLinear``/``SparseConv2d`` with weight,
+    with zeros at pruned positions, plus their ``mask``, in the saved model's state-dict layout: ``(in, out)``
+    for a layer made from a ``Conv1D``), loadable into the same architecture after ``sparsify``. ``layers``: the sparse layers rebuilt (``SparseLinear``/``SparseConv2d`` with weight,
     mask, bias, pattern and geometry), keyed by module path, ready to run. ``metadata``: the header."""
 
     state_dict: dict[str, torch.Tensor]
@@ -405,13 +465,34 @@ def _decode(path, meta, tensors) -> dict[str, torch.Tensor]:
     return out
 
 
+def _file_layout(info: dict[str, Any], where: str) -> str:
+    """A layer entry's stored layout: ``"linear"`` (``(out, in)``, also for conv and entries without
+    ``"layout"``) or ``"conv1d"`` (``(in, out)``)."""
+    layout = info.get("layout", "linear")
+    if layout not in ("linear", "conv1d") or (layout == "conv1d" and info.get("type") != "SparseLinear"):
+        raise CheckpointError(f"{where}: unknown layout {layout!r} for a {info.get('type')!r} layer")
+    return layout
+
+
 def _build_layer(info: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str) -> SparseModule:
     cfg, pattern = info["config"], info["pattern"]
     w, mask = sd[prefix + "weight"], sd[prefix + "mask"]
+    conv1d = _file_layout(info, prefix.rstrip(".") or "<root>") == "conv1d"
+    if conv1d:  # stored (in, out): the layer holds (out, in)
+        w, mask = w.t(), mask.t()
     if info["type"] == "SparseLinear":
         layer = SparseLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], pattern=pattern,
-                             device=w.device, dtype=w.dtype, _mask=mask)
+                             device=w.device, dtype=w.dtype, _mask=mask.contiguous())
         layer.set_dense_weight(w)
+        if conv1d:
+            cls = _import_class(str(info.get("conv1d_class", "transformers.pytorch_utils.Conv1D")))
+            if cls is None:
+                warnings.warn(f"layer {prefix.rstrip('.') or '<root>'!r} was made from {info.get('conv1d_class')}, "
+                              "which cannot be imported here: rebuilt as a plain SparseLinear (same function; its "
+                              "state dict is then in (out, in) layout and to_dense() gives an nn.Linear)",
+                              stacklevel=3)
+            else:
+                layer._conv1d = cls
     elif info["type"] == "SparseConv2d":
         pad = cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"])
         layer = SparseConv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
@@ -429,8 +510,10 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None, *, device: "
     """Read a checkpoint written by :func:`save`.
 
     With ``model``: loads every tensor into it (strict: same keys and shapes) and returns ``model``.
-    A plain ``nn.Linear``/``nn.Conv2d`` where the checkpoint has a sparse layer is swapped for the sparse
-    layer first. Everything is validated before the model is touched. Without ``model``: returns a
+    A plain ``nn.Linear``/``nn.Conv2d`` (or ``transformers`` ``Conv1D``, e.g. a fresh ``GPT2LMHeadModel``)
+    where the checkpoint has a sparse layer is swapped for the sparse layer first (a ``Conv1D`` as
+    :func:`sparsefast.sparsify` swaps it: a ``SparseLinear`` keeping Conv1D's state-dict layout). Weights
+    and masks are converted from the file's layout (its metadata) to the target layer's. Everything is validated before the model is touched. Without ``model``: returns a
     :class:`Checkpoint` (full state dict + the sparse layers rebuilt). Raises :class:`CheckpointError`
     (a ``ValueError``) naming the problem for corrupted, truncated or inconsistent files."""
     meta, tensors = _read(path)
@@ -449,26 +532,36 @@ def load(path: "str | os.PathLike", model: nn.Module | None = None, *, device: "
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], layers: dict[str, Any], where: str) -> nn.Module:
-    """Validate, swap plain layers for sparse ones where ``layers`` says so, then load strictly."""
+    """Validate, swap plain layers for sparse ones where ``layers`` says so, then load strictly. ``sd`` is in
+    the file's layouts (``layers[name]["layout"]``); each sparse layer's weight and mask are put in the
+    target layer's state-dict layout first."""
     mods = dict(model.named_modules())
     swaps: list[tuple[str, SparseModule]] = []
+    sd = dict(sd)
     for name, info in layers.items():
         p = f"{name}." if name else ""
         mod = mods.get(name)
         if mod is None:
             raise ValueError(f"load {where}: the model has no module {name!r} (a {info['type']} in the checkpoint)")
-        if isinstance(mod, SparseModule):
-            _masks.validate_mask(sd[p + "mask"].to(mod.mask.device), mod.mask, _masks.parse_pattern(mod.pattern),
-                                 where=f"load {where}: layer {name!r}")
-        elif type(mod) in (nn.Linear, nn.Conv2d):
-            want = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
-            if want.__name__ != info["type"] or tuple(mod.weight.shape) != tuple(info["shape"]):
-                raise ValueError(f"load {where}: layer {name!r} is {type(mod).__name__} {tuple(mod.weight.shape)} but "
-                                 f"the checkpoint has {info['type']} {tuple(info['shape'])}")
-            new = _from_dense(want, mod, pattern=info["pattern"], mask=sd[p + "mask"].to(mod.weight.device))
-            swaps.append((name, new))
-        else:
+        linear_like = _is_linear_like(mod)
+        if not (isinstance(mod, SparseModule) or type(mod) in (nn.Linear, nn.Conv2d) or linear_like):
             raise ValueError(f"load {where}: layer {name!r} is a {type(mod).__name__}, expected {info['type']}")
+        want = SparseLinear if linear_like else SparseConv2d
+        stored = tuple(info["shape"])
+        file_conv1d = _file_layout(info, f"load {where}: layer {name!r}") == "conv1d"
+        kernel_shape = stored[::-1] if file_conv1d else stored          # the file's (out, in) / conv shape
+        if want.__name__ != info["type"] or _weight_shape(mod) != kernel_shape:
+            raise ValueError(f"load {where}: layer {name!r} is {type(mod).__name__} (weight {_weight_shape(mod)} as "
+                             f"(out, in)) but the checkpoint has {info['type']} {kernel_shape}")
+        if file_conv1d != _conv1d_layout(mod):  # e.g. a Conv1D-made layer from an (out, in) file: convert
+            sd[p + "weight"], sd[p + "mask"] = sd[p + "weight"].t().contiguous(), sd[p + "mask"].t().contiguous()
+        mask = sd[p + "mask"].t() if _conv1d_layout(mod) else sd[p + "mask"]   # (out, in) / conv shape
+        if isinstance(mod, SparseModule):
+            _masks.validate_mask(mask.to(mod.mask.device), mod.mask, _masks.parse_pattern(mod.pattern),
+                                 where=f"load {where}: layer {name!r}")
+        else:
+            new = _from_dense(want, mod, pattern=info["pattern"], mask=mask.contiguous().to(mod.weight.device))
+            swaps.append((name, new))
     if swaps and any(n == "" for n, _ in swaps):
         raise ValueError(f"load {where}: cannot swap the root module in place; pass a sparse layer or a container")
     model_sd = model.state_dict()
@@ -523,12 +616,19 @@ class ExportReport(list):
         return [r.name for r in self if r.eligible]
 
 
+def _export_layers(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
+    """Sparse layers, exact ``nn.Linear``/``nn.Conv2d`` and ``transformers`` ``Conv1D`` layers (subclasses such
+    as ``MultiheadAttention.out_proj`` are exported by their owners), those ``filter_fn`` accepts."""
+    return [(n, m) for n, m in model.named_modules()
+            if (isinstance(m, SparseModule) or type(m) in (nn.Linear, nn.Conv2d) or _is_conv1d(m))
+            and (filter_fn is None or filter_fn(n, m))]
+
+
 def eligibility_report(model: nn.Module) -> ExportReport:
-    """Per Linear/Conv2d layer (sparse or plain): is its (masked) weight 2:4 along the reduction dim?"""
+    """Per Linear/Conv2d/``Conv1D`` layer (sparse or plain): is its (masked) weight 2:4 along the reduction
+    dim? Shapes are ``(out, in)`` for every Linear-like layer (a ``Conv1D``'s stored weight transposed)."""
     rep = ExportReport()
-    for name, mod in _candidates(model, (nn.Linear, nn.Conv2d, SparseModule), None):
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and type(mod) not in (nn.Linear, nn.Conv2d):
-            continue  # subclasses (e.g. MultiheadAttention.out_proj) are exported by their owners
+    for name, mod in _export_layers(model, None):
         mask = _layer_mask(mod)
         ok, why = _reduction_24(mask)
         note = ""
@@ -541,7 +641,8 @@ def eligibility_report(model: nn.Module) -> ExportReport:
 
 def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
                prune: bool = True) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Make every Linear/Conv2d (those ``filter_fn`` accepts) a 2:4 sparse layer, in place.
+    """Make every Linear/Conv2d (those ``filter_fn`` accepts; a GPT-2 ``Conv1D`` too, as a ``SparseLinear``
+    keeping Conv1D's state-dict layout) a 2:4 sparse layer, in place.
 
     A layer already 2:4 (by its mask, or a plain layer by its nonzeros) becomes/stays a 2:4
     ``SparseLinear``/``SparseConv2d``. Otherwise, with ``prune=True`` it is magnitude-projected (keep the
@@ -551,9 +652,7 @@ def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] 
     ``name, shape, action ("kept"|"converted"|"projected"|"skipped"), density_before, density_after,
     magnitude_kept`` (fraction of sum |w| that survives)."""
     todo, report = [], []
-    for name, mod in _candidates(model, (nn.Linear, nn.Conv2d, SparseModule), filter_fn):
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and type(mod) not in (nn.Linear, nn.Conv2d):
-            continue
+    for name, mod in _export_layers(model, filter_fn):
         mask = _layer_mask(mod).detach()
         rv = _masks.reduction_view(mask)
         label = name or "<root>"
@@ -580,8 +679,8 @@ def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] 
         if isinstance(mod, SparseModule) and mod.pattern == "2:4" and ok:
             action = "kept"
         else:
-            dense = mod.to_dense() if isinstance(mod, SparseModule) else mod
-            cls = SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d
+            dense = mod.to_dense() if isinstance(mod, SparseModule) else mod  # nn.Linear / Conv1D / nn.Conv2d
+            cls = SparseLinear if _is_linear_like(mod) else SparseConv2d
             backend = mod.requested_backend if isinstance(mod, SparseModule) else "auto"
             new = _from_dense(cls, dense, pattern="2:4", mask=new_mask, backend=backend)
             if name:

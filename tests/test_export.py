@@ -347,3 +347,234 @@ def test_cli_export(tmp_path, capsys, monkeypatch):
     assert cli.main([str(sd), "--format", "safetensors", "--model", "sf_export_arch:Net",
                      "-o", str(tmp_path / "sd.safetensors")]) == 0
     _assert_state_equal(m, ex.load(tmp_path / "sd.safetensors", Net()))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT-2 (transformers Conv1D layers, weight stored (in, out)) — issue 19
+# ------------------------------------------------------------------------------------------------
+def _gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _gpt2_ids(n=2, t=12, seed=5):
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _gpt2_24(method: str):
+    """A tiny GPT-2 pruned 2:4 by ``method`` (the Conv1D layers; lm_head tied to the embedding stays dense)."""
+    import warnings
+    from sparsefast import pruning as P
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsefast.SparsefastWarning)
+        if method == "Magnitude":
+            P.Magnitude(model, pattern="2:4", backend="reference").prune()
+        else:
+            calib = [{"input_ids": _gpt2_ids(4, 16, seed=s)} for s in (1, 2)]
+            P.Wanda(model, pattern="2:4", backend="reference", progress=False).prune(batch=calib)
+    return model
+
+
+def _conv_names(model):
+    return sorted(n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
+                  or (isinstance(m, SparseLinear) and m._conv1d is not None))
+
+
+@pytest.mark.parametrize("method", ["Magnitude", "Wanda"])
+def test_gpt2_24_save_load_into_fresh_and_sparsified_models(tmp_path, method):
+    from transformers.pytorch_utils import Conv1D
+    model = _gpt2_24(method)
+    names = _conv_names(model)
+    assert len(names) == 8 and all(model.get_submodule(n).pattern == "2:4" for n in names)
+    ids = _gpt2_ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    meta = ex.save(model, tmp_path / "g.safetensors")
+    assert meta["version"] == 2
+    for n in names:  # the state-dict layout, and the metadata says so
+        info, layer = meta["layers"][n], model.get_submodule(n)
+        assert info["layout"] == "conv1d" and info["conv1d_class"] == "transformers.pytorch_utils.Conv1D"
+        assert tuple(info["shape"]) == (layer.in_features, layer.out_features)
+
+    # a fresh GPT2LMHeadModel: its Conv1D layers become Conv1D-made SparseLinear layers, logits identical
+    fresh = _gpt2(seed=1)
+    assert isinstance(fresh.transformer.h[0].attn.c_proj, Conv1D)
+    out = ex.load(tmp_path / "g.safetensors", fresh)
+    assert out is fresh
+    sparsefast.nn.set_backend(fresh, "reference")  # the pruned model's backend: bit-identical logits
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+    for n in names:
+        a, b = model.get_submodule(n), fresh.get_submodule(n)
+        assert isinstance(b, SparseLinear) and b._conv1d is Conv1D and b.pattern == "2:4", n
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.dense_weight(), b.dense_weight()), n
+    _assert_state_equal(model, fresh)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # the tie survives
+
+    # an already sparsified model (other 2:4 masks) with square (attn.c_proj 32x32) and non-square layers
+    other = _gpt2(seed=2)
+    sparsefast.sparsify(other, pattern="2:4", backend="reference", filter_fn=lambda n, m: n in names)
+    ex.load(tmp_path / "g.safetensors", other)
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, want)
+    _assert_state_equal(model, other)
+
+    # without a model: the layers rebuilt as Conv1D-made layers, the state dict in the saved layout
+    ck = ex.load(tmp_path / "g.safetensors")
+    for n in names:
+        layer = ck.layers[n]
+        layer.requested_backend = "reference"
+        assert layer._conv1d is Conv1D and torch.equal(layer.mask, model.get_submodule(n).mask)
+        assert torch.equal(ck.state_dict[n + ".mask"], model.state_dict()[n + ".mask"])
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            assert torch.equal(layer(x), model.get_submodule(n)(x))
+    # and the Checkpoint's state dict loads straight into a sparsified copy
+    third = _gpt2(seed=3)
+    sparsefast.sparsify(third, pattern="2:4", backend="reference", filter_fn=lambda n, m: n in names)
+    third.load_state_dict(ck.state_dict)
+    with torch.no_grad():
+        assert torch.equal(third(ids).logits, want)
+
+
+def test_gpt2_file_in_out_in_layout_is_converted_by_its_metadata(tmp_path, monkeypatch):
+    """A file whose Conv1D-made layers were stored (out, in) without a "layout" entry (how save wrote them
+    before issue 19) loads correctly from its metadata, square layers included, never guessed from shapes."""
+    model = _gpt2_24("Magnitude")
+    ids = _gpt2_ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    with monkeypatch.context() as mp:
+        mp.setattr(ex, "_conv1d_layout", lambda m: False)
+        meta = ex.save(model, tmp_path / "old.safetensors")
+    assert meta["version"] == 1 and all("layout" not in i for i in meta["layers"].values())
+    sq = "transformer.h.0.attn.c_proj"
+    assert tuple(meta["layers"][sq]["shape"]) == (32, 32)
+    for target in (_gpt2(seed=1), sparsefast.sparsify(_gpt2(seed=2), pattern="2:4", backend="reference",
+                                                      filter_fn=lambda n, m: n in _conv_names(model))):
+        ex.load(tmp_path / "old.safetensors", target)
+        sparsefast.nn.set_backend(target, "reference")
+        assert torch.equal(target.get_submodule(sq).mask, model.get_submodule(sq).mask)
+        with torch.no_grad():
+            assert torch.equal(target(ids).logits, want)
+    # a mismatching model is refused naming the layer, before anything changes
+    bad = _gpt2(seed=1)
+    bad.transformer.h[0].mlp.c_fc = nn.Linear(32, 128)  # an nn.Linear where the file has a Conv1D layer: fine
+    ex.load(tmp_path / "old.safetensors", bad)
+    sparsefast.nn.set_backend(bad, "reference")
+    assert isinstance(bad.transformer.h[0].mlp.c_fc, SparseLinear) and bad.transformer.h[0].mlp.c_fc._conv1d is None
+    with torch.no_grad():
+        assert torch.equal(bad(ids).logits, want)
+    from transformers.pytorch_utils import Conv1D
+    wrong = _gpt2(seed=1)
+    wrong.transformer.h[0].mlp.c_fc = Conv1D(64, 32)
+    with pytest.raises(ValueError, match="transformer.h.0.mlp.c_fc"):
+        ex.load(tmp_path / "old.safetensors", wrong)
+    assert isinstance(wrong.transformer.h[0].attn.c_attn, Conv1D)  # untouched
+
+
+def test_gpt2_to_onnx_runs(tmp_path):
+    pytest.importorskip("onnx", reason="onnx not installed (pip install onnx onnxruntime)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnxruntime)")
+    model = _gpt2_24("Wanda")
+
+    class Logits(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            # an explicit attention_mask: without one transformers 5 builds the causal mask with aten::diff,
+            # which the TorchScript ONNX exporter (opset 17) cannot export (the dense GPT-2 fails the same way)
+            return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    wrapped = Logits(model).eval()
+    ids = _gpt2_ids(2, 8, seed=3)
+    rep = ex.to_onnx(wrapped, (ids,), tmp_path / "gpt2.onnx", verbose=False, dynamic_batch=False)
+    rows = {r.name: r for r in rep}
+    for n in _conv_names(model):
+        r = rows["lm." + n]
+        assert r.eligible and r.type == "SparseLinear" and r.shape == model.get_submodule(n).weight_shape
+    assert not rows["lm.lm_head"].eligible
+    assert isinstance(model.transformer.h[0].attn.c_attn, SparseLinear)  # the model itself is not changed
+    sess = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"input0": ids.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), wrapped(ids), rtol=1e-3, atol=1e-4)
+
+
+def test_project_24_on_conv1d_layers():
+    from transformers.pytorch_utils import Conv1D
+    not_head = lambda n, m: n != "lm_head"  # noqa: E731 - lm_head is tied to the embedding
+    # Conv1D-made unstructured layers (densify to Conv1D): projected onto 2:4 as SparseLinear, not conv
+    model = _gpt2()
+    ref = copy.deepcopy(model)
+    sparsefast.sparsify(model, sparsity=None, backend="reference", filter_fn=not_head)
+    names = _conv_names(model)
+    model, rep = ex.project_24(model, filter_fn=not_head)
+    assert {r["action"] for r in rep} == {"projected"} and len(rep) == 8
+    for n in names:
+        layer, dense = model.get_submodule(n), ref.get_submodule(n).weight.detach().t()
+        assert isinstance(layer, SparseLinear) and layer._conv1d is Conv1D and layer.pattern == "2:4", n
+        assert torch.equal(layer.mask, masks.nm_mask(dense, 2, 4)), n  # 2:4 along in_features
+        assert model.state_dict()[n + ".weight"].shape == ref.get_submodule(n).weight.shape
+    ids = _gpt2_ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    # plain Conv1D layers give the same layers
+    plain, rep2 = ex.project_24(copy.deepcopy(ref), filter_fn=not_head)
+    sparsefast.nn.set_backend(plain, "reference")
+    for n in names:
+        assert plain.get_submodule(n)._conv1d is Conv1D
+        assert torch.equal(plain.get_submodule(n).mask, model.get_submodule(n).mask)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, want)
+    # already 2:4: kept; the report lists the Conv1D layers as (out, in) and eligible
+    again, rep3 = ex.project_24(model, filter_fn=not_head)
+    assert {r["action"] for r in rep3} == {"kept"}
+    assert set(ex.eligibility_report(model).eligible) == set(names)
+    assert set(ex.eligibility_report(ref).eligible) == set()  # dense Conv1D weights are not 2:4
+
+
+def test_gpt2_to_semi_structured_refuses_on_cpu_and_builds_out_in_linears():
+    model = _gpt2_24("Magnitude")
+    names = _conv_names(model)
+    before = copy.deepcopy(model.state_dict())
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="A100/H100"):
+            ex.to_semi_structured(model)
+        assert all(isinstance(model.get_submodule(n), SparseLinear) for n in names)  # nothing changed
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    # what it would build, with an identity in place of to_sparse_semi_structured: an (out, in) nn.Linear
+    # computing what the Conv1D-made layer computes (the 2:4 groups along in_features)
+    for n in names:
+        layer = model.get_submodule(n)
+        lin = ex._semi_structured_linear(n, layer, lambda w: w)
+        assert type(lin) is nn.Linear and tuple(lin.weight.shape) == (layer.out_features, layer.in_features)
+        assert masks.is_nm(lin.weight != 0, 2, 4) and not lin.weight.requires_grad
+        xi = torch.randn(5, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(xi), layer(xi))
+    # a plain Conv1D is a candidate with a filter_fn, seen as (out, in): a dense one is refused as not 2:4
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' \(Conv1D weight \(96, 32\)\)"):
+        ex.to_semi_structured(_gpt2(), filter_fn=lambda n, m: n == "transformer.h.0.attn.c_attn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs an sm80+ CUDA GPU")
+def test_gpt2_semi_structured_matches_gpu():
+    model = _gpt2_24("Magnitude").to("cuda", torch.float16)
+    ref = sparsefast.densify(copy.deepcopy(model))
+    ids = _gpt2_ids(4, 32).cuda()
+    with torch.no_grad():
+        want = ref(ids).logits
+        ex.to_semi_structured(model)
+        assert isinstance(model.transformer.h[0].attn.c_attn.weight, torch.sparse.SparseSemiStructuredTensor)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
