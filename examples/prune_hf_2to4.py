@@ -19,10 +19,8 @@ prints, against the dense model on held-out sequences:
     python examples/prune_hf_2to4.py --model gpt2  # a GPT2LMHeadModel instead (its layers are Conv1D)
 
 ``--model gpt2``: GPT-2's attention/MLP layers are ``transformers`` ``Conv1D`` (weight stored ``(in, out)``).
-Wanda and SparseGPT prune them (as ``SparseLinear`` layers of the transposed weight, N:M along the input
-dimension, Conv1D's layout kept in the state dict); Magnitude is given them by a ``sparsefast.sparsify``
-with an all-kept mask first (the generic pruners collect ``nn.Linear``/``nn.Conv2d`` and sparse layers).
-The script then checks the Hugging Face round trip: ``densify`` -> ``save_pretrained`` -> ``from_pretrained``
+Every pruner (Magnitude, Wanda, SparseGPT) prunes them directly (as ``SparseLinear`` layers of the transposed
+weight, N:M along the input dimension, Conv1D's layout kept in the state dict). The script then checks the Hugging Face round trip: ``densify`` -> ``save_pretrained`` -> ``from_pretrained``
 gives the same logits.
 
 Needs ``pip install transformers`` (or ``pip install -e .[hf]``).
@@ -145,12 +143,7 @@ def main() -> None:
     rows = []
     pruned = {}
     layer_filter = default_filter(model)
-    def magnitude(m):
-        if a.model == "gpt2":  # Conv1D layers -> all-kept SparseLinear, which the generic pruners collect
-            sparsefast.sparsify(m, sparsity=None, filter_fn=default_filter(m))
-        return P.Magnitude(m, pattern="2:4", filter_fn=default_filter(m))
-
-    for name, make in (("Magnitude", magnitude),
+    for name, make in (("Magnitude", lambda m: P.Magnitude(m, pattern="2:4", filter_fn=default_filter(m))),
                        ("Wanda", lambda m: P.Wanda(m, pattern="2:4")),
                        ("SparseGPT", lambda m: P.SparseGPT(m, pattern="2:4"))):
         m = copy.deepcopy(model)
