@@ -59,6 +59,7 @@ from torch import nn
 from . import masks as _masks
 from .nn import SparseConv2d, SparseLinear
 from .nn.layers import SparseModule, _is_conv1d
+from .nn.swap import _tied_weights
 
 __all__ = ["to_semi_structured", "save", "load", "Checkpoint", "CheckpointError", "to_onnx", "LayerReport",
            "ExportReport", "eligibility_report", "project_24"]
@@ -652,10 +653,21 @@ def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] 
     ``name, shape, action ("kept"|"converted"|"projected"|"skipped"), density_before, density_after,
     magnitude_kept`` (fraction of sum |w| that survives)."""
     todo, report = [], []
-    for name, mod in _export_layers(model, filter_fn):
+    layers = list(_export_layers(model, filter_fn))
+    # a plain layer whose weight Parameter is shared (GPT-2's lm_head and wte) would stop sharing it once
+    # replaced: left as it is, with a warning, as the pruners and sparsify(tied="skip") do
+    tied = _tied_weights(model, [m for _, m in layers if not isinstance(m, SparseModule)])
+    for name, mod in layers:
         mask = _layer_mask(mod).detach()
         rv = _masks.reduction_view(mask)
         label = name or "<root>"
+        if id(mod) in tied:
+            warnings.warn(f"project_24: skipping layer {label!r}: its weight is tied to {', '.join(tied[id(mod)])} "
+                          "(untie it first, e.g. sparsefast.sparsify(model, tied='untie'), to make it 2:4)", stacklevel=2)
+            report.append({"name": label, "shape": tuple(mask.shape), "action": "skipped",
+                           "density_before": _masks.density(mask), "density_after": _masks.density(mask),
+                           "magnitude_kept": 1.0})
+            continue
         if rv.shape[1] % 4 or (mask.dim() == 4 and mask.shape[1] % 4):
             warnings.warn(f"project_24: skipping layer {label!r} (weight {tuple(mask.shape)}): reduction dim "
                           "cannot hold 2:4 groups", stacklevel=2)

@@ -578,3 +578,15 @@ def test_gpt2_semi_structured_matches_gpu():
         assert isinstance(model.transformer.h[0].attn.c_attn.weight, torch.sparse.SparseSemiStructuredTensor)
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_project_24_leaves_tied_layers_with_a_warning():
+    """GPT-2's lm_head shares wte's weight: replacing it would silently untie them; it is skipped."""
+    model = _gpt2()
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="lm_head.*tied"):
+        model, rep = ex.project_24(model)
+    by = {r["name"]: r["action"] for r in rep}
+    assert by["lm_head"] == "skipped" and {a for n, a in by.items() if n != "lm_head"} == {"projected"}
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert isinstance(model.lm_head, torch.nn.Linear) and torch.equal(model.lm_head.weight, ref.lm_head.weight)
