@@ -333,7 +333,7 @@ class CpuBackend(Backend):
                 return None
             blk = m2.reshape(r // b, b, c // b, b).any(dim=3).any(dim=1)
             cnt = blk.sum(1)
-            if int(cnt.sum()) * b * b != int(m2.sum()):  # a partly kept block
+            if int(cnt.sum()) * b * b != int(torch.count_nonzero(m2)):  # a partly kept block (no int64 copy)
                 return None
             i32 = torch.int32
 
