@@ -3,7 +3,12 @@
 # (a stage that runs out is killed and reported; the later stages still run and the results are
 # written):
 #   install       pip install --no-build-isolation --no-deps -e .   (builds sparsefast._C for this GPU only)
-#   backends      import + availability of every backend (runs the CUDA backend's self-check)
+#   self-check    sparsefast.backends.self_check() in a fresh process: every kernel family (CUDA mma.sp
+#                 tiles / wgmma.sp / fp32 split / 2:4 conv / CSR, Triton N:M / unstructured / block) on a
+#                 small problem against the reference, bf16; verdict table per family -> self_check.txt,
+#                 self_check.json. Verdicts go to the on-disk cache, so later stages do not check again.
+#                 Checks still due when its time budget is near are listed "n/a" (run lazily later).
+#   backends      import + availability of every backend (and the wgmma.sp status on sm_90)
 #   gpu-tests     pytest -m gpu tests                     (every GPU test against the reference; junit xml)
 #   triton-tests  pytest -m "triton and not gpu" tests    (the Triton kernels compiled for this GPU; junit xml)
 #   benchmarks    pytest benchmarks                       (if the suite exists; it prints the ratio table)
@@ -19,11 +24,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 # stage budgets in seconds; their sum stays <= 540 (9 minutes) with room for the kill grace below
-STAGES=(install backends gpu-tests triton-tests benchmarks)
-declare -A BUDGET=([install]=180 [backends]=30 [gpu-tests]=140 [triton-tests]=110 [benchmarks]=50)
+STAGES=(install self-check backends gpu-tests triton-tests benchmarks)
+declare -A BUDGET=([install]=180 [self-check]=30 [backends]=30 [gpu-tests]=140 [triton-tests]=110 [benchmarks]=50)
+SELF_CHECK_STOP=20  # seconds after which the self-check starts no new family (its stage budget is larger)
 declare -A WHAT=(
   [install]="pip install -e . (sparsefast._C for this GPU's arch only)"
-  [backends]="import sparsefast.backends; availability + CUDA self-check"
+  [self-check]="sparsefast.backends.self_check() per kernel family, bf16 (self_check.txt/.json)"
+  [backends]="import sparsefast.backends; availability + wgmma.sp status"
   [gpu-tests]="pytest -m gpu tests (junit: gpu_tests.xml)"
   [triton-tests]="pytest -m 'triton and not gpu' tests (junit: triton_tests.xml)"
   [benchmarks]="pytest benchmarks (ratio tables)"
@@ -103,7 +110,9 @@ if [ "${RC[install]}" -ne 0 ]; then
   echo "gpu_check: install failed (tail of $LOGDIR/install.log):" >&2
   tail -n 40 "$LOGDIR/install.log" >&2
 fi
-run_stage backends "$LOGDIR/backends.txt" "$PY" -c "import sparsefast.backends as b; print('backends available:', b.available()); print('cuda:', b.why_unavailable('cuda') or 'ok')"
+run_stage self-check "$LOGDIR/self_check.txt" "$PY" -c "import sys; from sparsefast.backends.selfcheck import main; sys.exit(main())" \
+  --dtype bf16 --time-budget "$SELF_CHECK_STOP" --json "$LOGDIR/self_check.json"
+run_stage backends "$LOGDIR/backends.txt" "$PY" -c "import sparsefast.backends as b; print('backends available:', b.available()); print('cuda:', b.why_unavailable('cuda') or 'ok'); print('wgmma.sp:', getattr(b.get('cuda'), 'wgmma_status', None) if 'cuda' in b.available() else 'n/a')"
 run_stage gpu-tests "$LOGDIR/gpu_tests.log" "$PY" -m pytest -m gpu tests -q -rfE -p no:cacheprovider \
   --junitxml="$LOGDIR/gpu_tests.xml"
 rc_tests=${RC[gpu-tests]}
@@ -122,6 +131,7 @@ fi
   echo
   echo "- versions: $VERS; TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
   echo "- command: \`bash benchmarks/gpu_check.sh\` (stages: $(for s in "${STAGES[@]}"; do printf '%s=%s/%ss ' "$s" "${RC[$s]:-not run}" "${BUDGET[$s]}"; done))"
+  echo "- self-check (bf16): $(grep -E '^self-check:' "$LOGDIR/self_check.txt" 2>/dev/null | tail -n 1) (exit ${RC[self-check]:-not run}); failed families: $(grep -E ' FAIL ' "$LOGDIR/self_check.txt" 2>/dev/null | cut -c1-59 | sed 's/ *$//' | paste -sd ';' -)"
   echo "- backends: $(tr '\n' ' ' < "$LOGDIR/backends.txt")"
   echo "- gpu tests: $(grep -E '(passed|failed|error)' "$LOGDIR/gpu_tests.log" | tail -n 1) (exit $rc_tests)"
   echo "- triton tests: $(grep -E '(passed|failed|error)' "$LOGDIR/triton_tests.log" | tail -n 1) (exit ${RC[triton-tests]})"

@@ -9,6 +9,11 @@ that is available, supports the call and does not prefer dense work wins; the re
 is the last resort. Nothing here knows a backend by name except the reference. Falling back
 because a faster backend is unavailable or unsupported warns once per reason; choosing dense because
 it is faster for the shape is not a fallback and is reported by :func:`explain` only.
+
+Before a kernel backend first runs a kind of call on a device and dtype, the kernel families that call
+selects are self-checked against the reference (:mod:`sparsefast.backends.selfcheck`; eagerly:
+:func:`self_check`): a family that fails is skipped by ``auto`` and refused, with the check's error, when
+asked for by name.
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ import torch
 
 from ..masks import Pattern, parse_pattern
 from .base import Backend, ConvParams, OpQuery, conv_output_hw, matmul_fp32_precision
+from . import selfcheck as _selfcheck
+from .selfcheck import SelfCheckCaptureError, SelfCheckError, self_check
 
 __all__ = ["available", "why_unavailable", "use", "get", "explain", "resolve", "names", "default",
            "Backend", "ConvParams", "OpQuery", "SparsefastWarning", "make_query", "check_requested",
-           "register_backend", "auto_order"]
+           "register_backend", "auto_order", "self_check", "SelfCheckError", "SelfCheckCaptureError"]
 
 
 class SparsefastWarning(UserWarning):
@@ -226,7 +233,9 @@ def _describe(q: OpQuery) -> str:
 
 def _consider(q: OpQuery) -> list[tuple[str, str, str | None]]:
     """For each backend in ``auto`` order: (name, verdict, reason). verdict in
-    {'use', 'unavailable', 'unsupported', 'dense-faster', 'skipped'}."""
+    {'use', 'unavailable', 'unsupported', 'dense-faster', 'self-check failed', 'skipped'}. The kernel
+    families of the backend about to be chosen are self-checked here (:func:`selfcheck.gate`; raises
+    :class:`SelfCheckCaptureError` when a check is due while a CUDA graph is being captured)."""
     out: list[tuple[str, str, str | None]] = []
     chosen = False
     order = auto_order(q)
@@ -246,6 +255,10 @@ def _consider(q: OpQuery) -> list[tuple[str, str, str | None]]:
         if dense:
             out.append((name, "dense-faster", dense))
             continue
+        failed = _selfcheck.gate(b, q) if name != "reference" else []
+        if failed:
+            out.append((name, "self-check failed", "; ".join(failed)))
+            continue
         out.append((name, "use", None))
         chosen = True
     return out
@@ -254,9 +267,10 @@ def _consider(q: OpQuery) -> list[tuple[str, str, str | None]]:
 def resolve(requested: str, q: OpQuery) -> str:
     """The backend that runs call ``q`` when ``requested`` was asked for.
 
-    An explicit name must be available and support the call (``RuntimeError`` otherwise).
+    An explicit name must be available, support the call and have passed the self-checks of the kernel
+    families the call selects (``RuntimeError`` otherwise: :class:`SelfCheckError` with the check's error).
     ``"auto"`` picks by priority and warns once when it falls back past a backend that is
-    unavailable or does not support the call."""
+    unavailable or does not support the call (a failed self-check has warned once by itself)."""
     if requested == "auto":
         requested = _default.get()
     key = (requested, q)  # the query carries what the choice depends on (fp32 precision included)
@@ -276,6 +290,9 @@ def _resolve(requested: str, q: OpQuery) -> str:
         reasons = b.not_supported_reasons(q)
         if reasons:
             raise RuntimeError(f"sparsefast backend {requested!r} cannot run {_describe(q)}: {'; '.join(reasons)}")
+        failed = _selfcheck.gate(b, q)
+        if failed:
+            raise SelfCheckError(f"sparsefast backend {requested!r} cannot run {_describe(q)}: {'; '.join(failed)}")
         return requested
     verdicts = _consider(q)
     name = next(n for n, v, _ in verdicts if v == "use")
@@ -331,7 +348,12 @@ def explain(obj, x: torch.Tensor | None = None) -> str:
         except RuntimeError as e:
             lines.append(f"  -> error: {e}")
         return "\n".join(lines)
-    for name, verdict, reason in _consider(q):
+    try:
+        verdicts = _consider(q)
+    except SelfCheckCaptureError as e:
+        lines.append(f"  -> error: {e}")
+        return "\n".join(lines)
+    for name, verdict, reason in verdicts:
         if verdict == "use":
             desc = getattr(_load(name), "describe", None)
             lines.append(f"  -> {name}: chosen" + (f" [{desc()}]" if callable(desc) else ""))

@@ -213,6 +213,11 @@ class Backend:
         """A backend's own limits beyond its declarations (index widths, tile sizes...)."""
         return []
 
+    def self_check_families(self) -> Sequence[Any]:
+        """The kernel families this backend self-checks before their first use on a device and dtype: a
+        sequence of :class:`sparsefast.backends.selfcheck.Family` (default: none -- nothing is checked)."""
+        return ()
+
     def priority(self, q: OpQuery) -> int | None:
         """Rank of this backend for ``auto`` on call ``q`` (higher first); ``None``: never auto-picked.
         Default: :attr:`auto_priority` of the device. A specialist overrides it to rank high only for

@@ -48,10 +48,15 @@ relative error about 1e-5 (tests use rtol 1e-4); unstructured float32 runs in pl
 Kernels per GPU: sm_80+ run ``mma.sp.m16n8k32`` (cp.async multistage pipeline, three tile shapes chosen by
 M, a k-split shape for M <= 32). sm_90 (H100/H200) additionally has a ``wgmma.mma_async.sp.m64n128k32``
 kernel (sm_90a build; A from registers, B through 128-byte-swizzled shared-memory descriptors) used for
-GEMMs with more than 64 rows once it passed a self-check at backend load (``SPARSEFAST_CUDA_WGMMA=0/1``
-forces it off/on; ``CudaBackend.wgmma_status`` says what happened). The ``mma.sp`` kernels are
-self-checked too at load: if they do not reproduce a dense product the backend is unavailable and says
-why (``SPARSEFAST_CUDA_SELFCHECK=0`` skips the checks).
+GEMMs with more than 64 rows on each dtype whose ``2:4 wgmma.sp`` self-check family passed
+(``SPARSEFAST_CUDA_WGMMA=0/1`` forces it off/on without a check; ``CudaBackend.wgmma_status`` says what
+happened); with the self-checks skipped it stays off unless forced on.
+
+Self-checks (:mod:`sparsefast.backends.selfcheck`, :func:`_families`): before first use per device and
+dtype, each kernel family -- ``mma.sp`` small / mid / big tiles, ``wgmma.sp``, the fp32 hi/lo split, 2:4
+conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a failed one is disabled
+(``auto`` falls back, an explicit request raises). ``SPARSEFAST_SELF_CHECK=0`` skips them all,
+``SPARSEFAST_CUDA_SELFCHECK=0`` (the older name) this backend's.
 
 Limits: every call is CUDA-graph safe (no host syncs, all memory from torch's allocator) once a mask's
 structures are cached. ``prefer_dense_reason`` is conservative until GPU measurements tune it
@@ -62,7 +67,10 @@ calls outside these limits are reported by ``not_supported_reasons`` (``auto`` g
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -225,10 +233,11 @@ class CudaBackend(Backend):
         super().__init__()
         self._C: Any = None
         self._cap: dict[int, tuple[int, int]] = {}
-        #: per device index: True when the sm_90a wgmma.sp kernels are used there
-        self._wgmma: dict[int, bool] = {}
-        #: per device index: why the wgmma.sp path is (not) used (see :meth:`_selfcheck`)
+        #: per (device index, dtype): True when the sm_90a wgmma.sp kernels are used there
+        self._wgmma: dict[tuple[int, torch.dtype], bool] = {}
+        #: per device index: why the wgmma.sp path is (not) used (its self-check family, or the env var)
         self.wgmma_status: dict[int, str] = {}
+        self._forced = threading.local()  # .path: the kernel path a self-check forces (None: by rows)
 
     # ---- availability -------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -247,77 +256,54 @@ class CudaBackend(Backend):
             self._C = _build_cuda.load()
         except Exception as e:  # noqa: BLE001 - report the real build/import error
             return f"the CUDA extension sparsefast._C failed to build or load: {type(e).__name__}: {e}"
-        if os.environ.get("SPARSEFAST_CUDA_SELFCHECK", "1") in ("", "0"):
-            return None
+        mode = _wgmma_mode()
         for i, c in enumerate(caps):
-            if c < (8, 0):
+            if c != (9, 0):
                 continue
-            reason = self._selfcheck(i, c)
-            if reason is not None:
-                return reason
+            if mode == "off":
+                self.wgmma_status[i] = "off (SPARSEFAST_CUDA_WGMMA=0): mma.sp kernels"
+            elif mode == "on":
+                self.wgmma_status[i] = "on (SPARSEFAST_CUDA_WGMMA=1, not self-checked)"
+                self._wgmma.update({(i, dt): True for dt in self.dtypes})
+            else:
+                self.wgmma_status[i] = ("pending: enabled per dtype once its self-check family passes (first call "
+                                        "with more than 64 GEMM rows, or sparsefast.backends.self_check())")
         return None
 
-    def _selfcheck_problem(self, idx: int, path: int) -> float:
-        """Worst relative error of the 2:4 GEMM on ``path`` over bf16/f16 on a random 300x320x200 problem."""
-        dev = torch.device("cuda", idx)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        worst = 0.0
-        for dt in (torch.bfloat16, torch.float16):
-            x = torch.randn(300, 320, generator=g).to(dev, dt)
-            w = torch.randn(200, 320, generator=g).to(dev, dt)
-            b = torch.randn(200, generator=g).to(dev, dt)
-            m = _masks.nm_mask(w.float(), 2, 4)
-            v, meta = self._C.sf24_pack(w, m)
-            y = self._C.sf24_linear(x, v, None, meta, 200, b, path)
-            ref = torch.nn.functional.linear(x.float(), (w * m).float(), b.float())
-            err = float((y.float() - ref).norm() / ref.norm())
-            worst = max(worst, err if err == err else float("inf"))  # NaN -> inf
-        return worst
+    # ---- self-checks (sparsefast.backends.selfcheck) -------------------------------------------
+    def self_check_families(self):
+        """The CUDA kernel families, checked on first use per device and dtype (see :func:`_families`)."""
+        return _families()
 
-    def _selfcheck(self, idx: int, cap: tuple[int, int]) -> str | None:
-        """Once per device at backend load (it synchronizes; never inside a captured graph): the mma.sp
-        kernels must reproduce a dense product (else the backend is unavailable, with the numbers), and on
-        sm_90 the wgmma.sp kernels are enabled only if they do too (``SPARSEFAST_CUDA_WGMMA=0`` never,
-        ``=1`` without checking). ``SPARSEFAST_CUDA_SELFCHECK=0`` skips all of it (mma.sp only)."""
+    @contextlib.contextmanager
+    def _force_path(self, path: int):
+        """Run the 2:4 GEMMs on kernel ``path`` (0: mma.sp, 1: wgmma.sp) in this thread (self-checks)."""
+        old = getattr(self._forced, "path", None)
+        self._forced.path = path
         try:
-            err0 = self._selfcheck_problem(idx, 0)
-        except Exception as e:  # noqa: BLE001
-            return f"the 2:4 kernel self-check on cuda:{idx} raised {type(e).__name__}: {e}"
-        if not err0 < 2e-2:
-            return (f"the 2:4 kernel self-check on cuda:{idx} (sm_{cap[0]}{cap[1]}) failed: relative error "
-                    f"{err0:.3g} against a dense product")
-        if cap != (9, 0):
-            return None
-        mode = os.environ.get("SPARSEFAST_CUDA_WGMMA", "auto").strip().lower()
-        if mode in ("0", "off", "false"):
-            self.wgmma_status[idx] = "off (SPARSEFAST_CUDA_WGMMA=0): mma.sp kernels"
-            return None
-        if mode in ("1", "on", "true"):
-            self.wgmma_status[idx] = "on (SPARSEFAST_CUDA_WGMMA=1, not self-checked)"
-            self._wgmma[idx] = True
-            return None
-        try:
-            err1 = self._selfcheck_problem(idx, 1)
-            ok = err1 < 2e-2 and err1 <= 2 * err0 + 1e-3
-            self.wgmma_status[idx] = (f"on: wgmma.sp passed the self-check (rel. error {err1:.2e})" if ok else
-                                      f"off: wgmma.sp self-check failed (rel. error {err1:.3g} vs mma.sp {err0:.2e})")
-        except Exception as e:  # noqa: BLE001
-            ok = False
-            self.wgmma_status[idx] = f"off: wgmma.sp self-check raised {type(e).__name__}: {e}"
-        if not ok:
-            import warnings
-            warnings.warn(f"sparsefast cuda backend, cuda:{idx}: {self.wgmma_status[idx]}; using the mma.sp kernels",
-                          RuntimeWarning, stacklevel=2)
-        self._wgmma[idx] = ok
-        return None
+            yield
+        finally:
+            self._forced.path = old
+
+    def _wgmma_result(self, device: torch.device, dtype: torch.dtype, ok: bool) -> None:
+        """The wgmma.sp family's verdict on ``device``/``dtype``: turns that path on or off there."""
+        idx = device.index or 0
+        self._wgmma[(idx, dtype)] = ok
+        done = {str(d).replace("torch.", ""): v for (i, d), v in self._wgmma.items() if i == idx}
+        self.wgmma_status[idx] = ("self-checked per dtype, wgmma.sp used for "
+                                  + ", ".join(f"{d}: {'on' if v else 'off (failed, mma.sp used)'}"
+                                              for d, v in sorted(done.items())))
 
     def _path(self, x: torch.Tensor, rows: int) -> int:
         """0: mma.sp kernels; 1: wgmma.sp (sm_90a) where enabled and the GEMM has enough rows to fill it.
         ``rows``: the GEMM's M -- batch rows (Linear) or output pixels B*Ho*Wo (conv)."""
+        forced = getattr(self._forced, "path", None)
+        if forced is not None:
+            return forced
         if rows <= 64 or not self._wgmma:
             return 0
         idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        return 1 if self._wgmma.get(idx, False) else 0
+        return 1 if self._wgmma.get((idx, x.dtype), False) else 0
 
     def _capability(self, device: torch.device) -> tuple[int, int]:
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -643,3 +629,80 @@ class CudaBackend(Backend):
         if not pattern.is_nm:
             return self._conv_dw_csr(dy, x, mask, conv, weight_shape)
         return _DENSE.conv_dw(dy, x, mask, pattern, conv, weight_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# self-check families (sparsefast.backends.selfcheck). A 2:4 GEMM's tile is chosen in csrc/sf24.cu by
+# its M (rows <= 32: small; else big where that gives >= one block per SM, else mid): Linear calls select
+# the classes their M may take (all when unknown), convs all of them (dgrad's M is the input's pixels).
+# f16/bf16 run the tile families, float32 the hi/lo split family (the same tiles, two packed operands).
+# ------------------------------------------------------------------------------------------------
+_FAMILIES: list = []
+
+
+def _wgmma_mode() -> str:
+    mode = os.environ.get("SPARSEFAST_CUDA_WGMMA", "auto").strip().lower()
+    return "off" if mode in ("0", "off", "false") else "on" if mode in ("1", "on", "true") else "auto"
+
+
+def _big_problem(device: torch.device, pattern) -> tuple:
+    """A GEMM the big tile takes on this GPU: >= one 128x128 block per SM."""
+    from .selfcheck import Problem
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    side = 128 * max(1, math.ceil(math.sqrt(sms)))
+    return (Problem("fwd", (side, 64), side),)
+
+
+def _families():
+    if _FAMILIES:
+        return _FAMILIES
+    from .selfcheck import Family, Problem
+
+    half = (torch.float16, torch.bfloat16)
+    fp32 = (torch.float32,)
+
+    def nm(q):
+        return q.pattern.is_nm
+
+    def small(q):
+        return nm(q) and (q.op == "conv" or q.m_rows is None or q.m_rows <= 32)
+
+    def wide(q):
+        return nm(q) and (q.op == "conv" or q.m_rows is None or q.m_rows > 32)
+
+    def sm90_auto(b, device):
+        if torch.cuda.get_device_capability(device) != (9, 0):
+            return "wgmma.sp needs an sm_90 GPU"
+        mode = _wgmma_mode()
+        return None if mode == "auto" else f"SPARSEFAST_CUDA_WGMMA={'0' if mode == 'off' else '1'}"
+
+    mma = lambda b: b._force_path(0)  # noqa: E731 - the tile families check mma.sp, wgmma or not
+    conv = ConvParams(padding=(1, 1))
+    W4 = (16, 16, 3, 3)
+    lin_small = (Problem("fwd", (64, 128), 16, mask="transposable"), Problem("dx", (64, 128), 16, mask="transposable"))
+    lin_mid = (Problem("fwd", (64, 128), 64, mask="transposable"), Problem("dx", (64, 128), 64, mask="transposable"))
+    _FAMILIES.extend([
+        Family("2:4 mma.sp small tile", small, lin_small, dtypes=half, context=mma),
+        Family("2:4 mma.sp mid tile", wide, lin_mid, dtypes=half, context=mma),
+        Family("2:4 mma.sp big tile", wide, _big_problem, dtypes=half, context=mma),
+        Family("2:4 fp32 split (bf16 hi/lo)", nm, lin_small + lin_mid + (Problem("fwd", W4, 2, conv=conv),),
+               dtypes=fp32, context=mma),
+        Family("2:4 wgmma.sp", lambda q: nm(q) and (q.op == "conv" or q.m_rows is None or q.m_rows > 64),
+               (Problem("fwd", (200, 320), 300), Problem("dx", (64, 128), 96, mask="transposable"),
+                Problem("fwd", (96, 32, 3, 3), 4, conv=ConvParams((2, 1), (1, 1)), hw=(17, 15))),
+               required=False, skip=sm90_auto, context=lambda b: b._force_path(1),
+               on_result=lambda b, device, dtype, ok: b._wgmma_result(device, dtype, ok)),
+        Family("2:4 conv", lambda q: nm(q) and q.op == "conv",
+               (Problem("fwd", W4, 2, conv=conv), Problem("dx", W4, 2, conv=conv, mask="transposable"),
+                Problem("dx", W4, 2, conv=conv), Problem("dw", W4, 2, conv=conv)), context=mma),
+        Family("CSR SpMM", lambda q: not nm(q),
+               (Problem("fwd", (32, 64), 5, density=0.3), Problem("dx", (32, 64), 5, density=0.3),
+                Problem("fwd", (8, 16, 3, 3), 2, conv=conv, density=0.3),
+                Problem("fwd", (8, 8, 3, 3), 2, conv=ConvParams(padding=(1, 1), groups=2), density=0.3),
+                Problem("dx", (8, 16, 3, 3), 2, conv=conv, density=0.3)), pattern="unstructured"),
+        Family("CSR SDDMM", lambda q: not nm(q),
+               (Problem("dw", (32, 64), 24, density=0.3), Problem("dw", (8, 16, 3, 3), 2, conv=conv, density=0.3)),
+               pattern="unstructured"),
+    ])
+    return _FAMILIES

@@ -78,6 +78,11 @@ class TritonBackend(Backend):
                 self._impl_errors[kind] = f"triton {kind} kernels failed to load: {type(e).__name__}: {e}"
         return self._impls[kind]
 
+    def self_check_families(self):
+        """The Triton kernel families (:mod:`sparsefast.backends.selfcheck`), checked on first use per
+        device and dtype -- on CPU tensors too when the interpreter runs them; see :func:`_families`."""
+        return _families()
+
     def not_supported_reasons(self, q: OpQuery) -> list[str]:
         impl = self._impl(q.pattern)
         if impl is None:
@@ -138,3 +143,84 @@ class TritonBackend(Backend):
 
     def conv_dw(self, dy, x, mask, pattern, conv, weight_shape):
         return self._get(pattern).conv_dw(dy, x, mask, pattern, conv, weight_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# self-check families (sparsefast.backends.selfcheck): a call selects every family it may run
+# (forward and both gradients); Linear families are split by size class where the kernels' launch
+# configurations are (M <= 64: the memory-bound configs / gather kernels; M > 64: the tiled ones;
+# an unknown M selects both). N:M and block kernels are compiled per pattern: checked per pattern.
+# ------------------------------------------------------------------------------------------------
+_FAMILIES: list = []
+_SMALL_M = 64
+
+
+def _small(q: OpQuery) -> bool:
+    return q.m_rows is None or q.m_rows <= _SMALL_M
+
+
+def _large(q: OpQuery) -> bool:
+    return q.m_rows is None or q.m_rows > _SMALL_M
+
+
+def _families():
+    if _FAMILIES:
+        return _FAMILIES
+    from ...masks import Block
+    from ..base import ConvParams
+    from ..selfcheck import Family, Problem
+
+    def kind(q):
+        return TritonBackend._kind(q.pattern)
+
+    def nm_lin(q):
+        return q.op == "linear" and kind(q) == "nm"
+
+    def blk_lin(q):
+        return q.op == "linear" and isinstance(q.pattern, Block)
+
+    def uns_lin(q):
+        return q.op == "linear" and kind(q) == "unstructured"
+
+    conv = ConvParams(padding=(1, 1))
+    conv_s2 = ConvParams(stride=(2, 1), padding=(1, 0))
+    W, W4 = (32, 64), (8, 16, 3, 3)
+    nm_conv = (Problem("fwd", W4, 2, conv=conv), Problem("dx", W4, 2, conv=conv), Problem("dw", W4, 2, conv=conv),
+               Problem("fwd", W4, 2, conv=conv_s2, hw=(7, 6)))
+    # unstructured: density 0.05 at M <= 64 takes the gather kernels, 0.5 the tile-decode ones
+    unstructured_conv = (Problem("fwd", W4, 2, conv=conv, density=0.5), Problem("dx", W4, 2, conv=conv, density=0.5),
+                         Problem("dw", W4, 2, conv=conv, density=0.5),
+                         Problem("fwd", (8, 8, 3, 3), 2, conv=ConvParams(padding=(1, 1), groups=2), density=0.5))
+    WB = (64, 64)
+    _FAMILIES.extend([
+        Family("N:M fwd (M<=64)", lambda q: nm_lin(q) and _small(q), (Problem("fwd", W, 5),), per_pattern=True),
+        Family("N:M fwd (M>64)", lambda q: nm_lin(q) and _large(q), (Problem("fwd", W, 80),), per_pattern=True),
+        Family("N:M dX (M<=64)", lambda q: nm_lin(q) and _small(q),
+               (Problem("dx", W, 5, mask="transposable"), Problem("dx", W, 5)), per_pattern=True),
+        Family("N:M dX (M>64)", lambda q: nm_lin(q) and _large(q),
+               (Problem("dx", W, 80, mask="transposable"), Problem("dx", W, 80)), per_pattern=True),
+        Family("N:M dW", nm_lin, (Problem("dw", W, 24),), per_pattern=True),
+        Family("N:M conv", lambda q: q.op == "conv" and kind(q) == "nm", nm_conv, per_pattern=True),
+        Family("unstructured fwd (M<=64)", lambda q: uns_lin(q) and _small(q),
+               (Problem("fwd", W, 5, density=0.05), Problem("fwd", W, 5, density=0.5)), pattern="unstructured"),
+        Family("unstructured fwd (M>64)", lambda q: uns_lin(q) and _large(q),
+               (Problem("fwd", W, 80, density=0.5),), pattern="unstructured"),
+        Family("unstructured dX (M<=64)", lambda q: uns_lin(q) and _small(q),
+               (Problem("dx", W, 5, density=0.05), Problem("dx", W, 5, density=0.5)), pattern="unstructured"),
+        Family("unstructured dX (M>64)", lambda q: uns_lin(q) and _large(q),
+               (Problem("dx", W, 80, density=0.5),), pattern="unstructured"),
+        Family("unstructured dW", uns_lin, (Problem("dw", W, 24, density=0.5),), pattern="unstructured"),
+        # block-masked convs run on the unstructured kernels
+        Family("unstructured conv", lambda q: q.op == "conv" and kind(q) != "nm", unstructured_conv,
+               pattern="unstructured"),
+        Family("block fwd (M<=64)", lambda q: blk_lin(q) and _small(q), (Problem("fwd", WB, 5),),
+               pattern="block:16", per_pattern=True),
+        Family("block fwd (M>64)", lambda q: blk_lin(q) and _large(q), (Problem("fwd", WB, 80),),
+               pattern="block:16", per_pattern=True),
+        Family("block dX (M<=64)", lambda q: blk_lin(q) and _small(q), (Problem("dx", WB, 5),),
+               pattern="block:16", per_pattern=True),
+        Family("block dX (M>64)", lambda q: blk_lin(q) and _large(q), (Problem("dx", WB, 80),),
+               pattern="block:16", per_pattern=True),
+        Family("block dW", blk_lin, (Problem("dw", WB, 24),), pattern="block:16", per_pattern=True),
+    ])
+    return _FAMILIES
