@@ -3,8 +3,9 @@
 # nvcc against a CUDA build of torch, check the binary holds both targets and the sparse
 # tensor-core instructions, then run the kernel report on the built .so
 # (`python -m sparsefast kernels --report --only cuda --cuda-objects <.so>`): every kernel's
-# `// kernel-report:` expectations in csrc/ (sparse MMA, 128-bit loads, no local memory / spills in
-# hot kernels) must hold, else this step fails. It cannot run the kernels (no GPU):
+# `// kernel-report:` expectations in csrc/ (sparse MMA, 128-bit loads, packed 16-bit stores, no local
+# memory / spills in hot kernels) must hold, and ptxas must not have serialized any wgmma (its notes in
+# the build log), else this step fails. It cannot run the kernels (no GPU):
 # tests/backends/test_cuda.py does the CPU-side checks and the gpu-marked tests run on a GPU machine
 # (benchmarks/gpu_check.sh).
 #
@@ -56,7 +57,14 @@ OUT=$(mktemp -d /tmp/sparsefast-cuda-build.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 say "building sparsefast._C for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 cd "$ROOT"
-"$VENV/bin/python" - "$ROOT" "$OUT" <<'PY'
+# The build log is kept and searched for ptxas's "wgmma.mma_async instructions are serialized" notes
+# (C7520 & co: a wgmma on a divergent path, ...; the kernel report on the .so cannot see them, it has
+# no compile log). nvcc appends NVCC_APPEND_FLAGS to every compile: -Xptxas -v also logs registers
+# and spills per kernel.
+BUILD_LOG="$OUT/build.log"
+set +e
+NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas=-v" "$VENV/bin/python" - "$ROOT" "$OUT" \
+  >"$BUILD_LOG" 2>&1 <<'PY'
 import importlib.util, sys
 from pathlib import Path
 from setuptools import setup
@@ -71,7 +79,16 @@ setup(name="sparsefast-cuda-check", ext_modules=exts,
       cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
       script_args=["-q", "build_ext", "--build-lib", out + "/lib", "--build-temp", out + "/tmp"])
 PY
+rc=$?
+set -e
+grep -vE "ptxas info +: (Compiling entry|Function properties|Used [0-9]+ registers|Compile time|[0-9]+ bytes gmem)|bytes stack frame" \
+  "$BUILD_LOG" | tail -n 40 || true
+[ "$rc" -eq 0 ] || { echo "compile_cuda: the build failed (log above)" >&2; exit 1; }
 say "build done"
+if grep -E "wgmma[^ ]* instructions are serialized" "$BUILD_LOG" >&2; then
+  echo "compile_cuda: ptxas serialized wgmma instructions (notes above): the Hopper kernel would run with no MMA overlap" >&2
+  exit 1
+fi
 SO=$(find "$OUT/lib" -name '_C*.so' | head -n 1)
 [ -n "$SO" ] || { echo "compile_cuda: no _C*.so produced" >&2; exit 1; }
 say "built $(basename "$SO") ($(du -h "$SO" | cut -f1))"

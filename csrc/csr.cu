@@ -20,8 +20,10 @@ namespace {
 constexpr int kWarps = 4;
 
 // Compile-time evidence (format: sparsefast/kernel_report/__init__.py): both kernels stream 16-byte vectors
-// (uint4 loads along M) and are on the per-step path of unstructured layers (no spills allowed).
-// kernel-report: csr_spmm_kernel< vector_loads hot
+// (uint4 loads along M) and are on the per-step path of unstructured layers (no spills allowed). The SpMM
+// stores 16-byte vectors too; the SDDMM scatters one value per kept entry to its own column (no two
+// adjacent in general), so its 16-bit stores stay scalar.
+// kernel-report: csr_spmm_kernel< vector_loads hot packed_stores
 // kernel-report: csr_sddmm_kernel< vector_loads hot
 
 template <typename T>

@@ -13,7 +13,7 @@ namespace {
 
 // =================================================================================================
 // pack: re-run once per weight version (every training step): no spills allowed
-// kernel-report: sf24_pack_kernel< hot
+// kernel-report: sf24_pack_kernel< hot packed_stores
 // pack: one thread per metadata word = rows (r0, r0 + 8) x 16 dense columns (8 groups)
 // =================================================================================================
 // v_i for i in 0..3, 0 for any other i, as masks: "if (i == q) val = v[q]" loops get turned into a
@@ -64,7 +64,8 @@ __global__ void sf24_pack_kernel(const T* __restrict__ w, const uint8_t* __restr
   meta[word] = out;
 }
 
-// unpack: one thread per (row, group of 4)
+// unpack: one thread per (row, group of 4); 8-byte stores (st.global.v2.b32)
+// kernel-report: sf24_unpack_kernel< packed_stores
 template <typename T>
 __global__ void sf24_unpack_kernel(const T* __restrict__ vals, const uint32_t* __restrict__ meta, int64_t R,
                                    int64_t C, int64_t Cp, T* __restrict__ w) {
@@ -95,8 +96,15 @@ __global__ void sf24_unpack_kernel(const T* __restrict__ vals, const uint32_t* _
 #pragma unroll
   for (int q = 0; q < 4; ++q)
     if (hit[q]) out[q] = from_f32<T>(acc[q]);
+  // the 4 columns of the group as one 8-byte store (C % 4 == 0: aligned whenever w is), else scalars
+  T* dst = w + r * C + c;
+  if ((reinterpret_cast<uintptr_t>(dst) & 7u) == 0) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(bits16(out[0]) | (bits16(out[1]) << 16),
+                                                bits16(out[2]) | (bits16(out[3]) << 16));
+  } else {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) w[r * C + c + q] = out[q];
+    for (int q = 0; q < 4; ++q) dst[q] = out[q];
+  }
 }
 
 // =================================================================================================
@@ -123,8 +131,8 @@ using CfgSmall = Cfg<16, 32, 256, 1, 1, 4, 4>;  // M <= 32 (memory-bound): 16 fe
 
 // Compile-time evidence (python -m sparsefast kernels --only cuda; format: sparsefast/kernel_report/__init__.py).
 // Every config of the GEMM: sparse tensor cores (HMMA.SP on sm_80 and sm_90), 16-byte cp.async tile
-// loads, no spills (per-step path). dyn_smem = Cfg::SMEM (the dynamic shared memory of the launch).
-// kernel-report: sf24_gemm_kernel< tensor_core=sparse vector_loads hot
+// loads, no spills (per-step path), 16-bit outputs stored as packed pairs (32-bit stores). dyn_smem = Cfg::SMEM (the dynamic shared memory of the launch).
+// kernel-report: sf24_gemm_kernel< tensor_core=sparse vector_loads hot packed_stores
 // kernel-report: sf24_gemm_kernel<.*Cfg<128,128,64, dyn_smem=89088
 // kernel-report: sf24_gemm_kernel<.*Cfg<64,64,64, dyn_smem=59392
 // kernel-report: sf24_gemm_kernel<.*Cfg<16,32,256, dyn_smem=87040
@@ -262,26 +270,14 @@ __global__ void __launch_bounds__(C::NT, 1) sf24_gemm_kernel(const Sf24GemmArgs 
 
   OutT* out = static_cast<OutT*>(a.out);
   const OutT* bias = static_cast<const OutT*>(a.bias);
+  const bool pair_ok = epilogue_pairs_aligned(out, a.ldo);  // 16-bit out: packed pairs (sf_ptx.cuh)
 #pragma unroll
-  for (int mi = 0; mi < C::MI; ++mi) {
+  for (int mi = 0; mi < C::MI; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < C::NI; ++ni) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int rr, cc;
-        mma_c_coord(lane, i, &rr, &cc);
-        const int64_t f = f0 + wf * C::WM + mi * 16 + rr;
-        const int64_t p = p0 + wp * C::WN + ni * 8 + cc;
-        if (f < a.R && p < a.M) {
-          float v = acc[mi][ni][i];
-          if (bias != nullptr) v += to_f32<OutT>(bias[f]);
-          OutT* dst = out + p * a.ldo + f;
-          if (a.accumulate) v += to_f32<OutT>(*dst);
-          *dst = from_f32<OutT>(v);
-        }
-      }
-    }
-  }
+    for (int ni = 0; ni < C::NI; ++ni)
+      store_c_frag<OutT>(out, bias, a.ldo, a.R, a.M, a.accumulate, f0 + wf * C::WM + mi * 16,
+                         p0 + wp * C::WN + ni * 8, lane, pair_ok, acc[mi][ni][0], acc[mi][ni][1], acc[mi][ni][2],
+                         acc[mi][ni][3]);
 }
 
 template <typename T, typename OutT, class C, bool CONV>

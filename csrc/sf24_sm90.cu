@@ -6,9 +6,24 @@
 // Only the sm_90a pass compiles the kernel body; other targets get an empty stub that is never
 // launched (the host dispatch requires compute capability 9.0 and the caller's opt-in, which the
 // Python backend gives after a one-time self-check against the mma.sp path).
+//
+// Pipeline (per 64-wide K tile): cp.async brings tile kt+3 into a free smem stage while the two
+// warpgroups issue the wgmma group of tile kt and keep ONE group in flight: `wgmma.wait_group 1`
+// after committing group kt only waits for group kt-1, so the loads, ldmatrix of the next A
+// fragments and the tensor cores overlap. Two consequences the code is built around:
+//   * an in-flight wgmma still reads its A-fragment and metadata registers, so those are double
+//     buffered (af/e[2]: buffer kt%2, reused by tile kt+2 only after wait_group 1 retired group kt);
+//   * it also still reads its smem B stage, so the prefetch distance is H_STAGES-2 (the stage
+//     being refilled at iteration kt held tile kt-2, whose group every warpgroup retired before
+//     the __syncthreads that precedes the refill).
+// Every wgmma is issued under warpgroup-uniform control flow: no branch around it (row blocks that
+// are all padding multiply zero-filled A tiles, and their rows are never stored); ptxas otherwise
+// serializes the whole wgmma pipeline (C7520; the kernel report fails on any such warning).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "sf_kernels.h"
 #include "sf_layout.h"
@@ -23,7 +38,9 @@
 namespace sf {
 namespace {
 
-constexpr int H_BM = 128, H_BN = 128, H_BK = 64, H_STAGES = 4, H_THREADS = 256;  // 2 warpgroups
+// 5 stages: 3 tiles of cp.async in flight + 1 read by the in-flight wgmma group + 1 being issued
+// (139264 B: one 256-thread block per SM, which its ~150 registers per thread impose anyway)
+constexpr int H_BM = 128, H_BN = 128, H_BK = 64, H_STAGES = 5, H_THREADS = 256;  // 2 warpgroups
 constexpr int H_KS = H_BK / 32;
 constexpr int H_A_LD = H_BK / 2 + 8;                      // padded rows for ldmatrix
 constexpr int H_A_BYTES = H_BM * H_A_LD * 2;              // 10240
@@ -32,11 +49,12 @@ constexpr int H_E_BYTES = (H_BM / 16) * H_KS * 16 * 4;    // 1024
 constexpr int H_STAGE_BYTES = H_B_BYTES + H_A_BYTES + H_E_BYTES;  // B first: keeps 1024-B alignment
 constexpr int H_SMEM = H_STAGES * H_STAGE_BYTES + 1024;   // + slack to align the base to 1024
 static_assert(H_STAGE_BYTES % 1024 == 0, "stage size must keep the B tiles 1024-byte aligned");
-static_assert(H_SMEM == 111616, "update the kernel-report dyn_smem line below");
+static_assert(H_SMEM == 139264, "update the kernel-report dyn_smem line below");
 
 // Compile-time evidence (format: sparsefast/kernel_report/__init__.py): checked on sm_90a only (the sm_80 build
-// is the empty stub): sparse warpgroup MMA (HGMMA...SP), 16-byte cp.async loads, no spills.
-// kernel-report: sf24_gemm_sm90_kernel< archs=90 tensor_core=sparse wgmma vector_loads hot dyn_smem=111616
+// is the empty stub): sparse warpgroup MMA (HGMMA...SP), 16-byte cp.async loads, no spills, packed 16-bit
+// output pairs, and no wgmma serialization warning from ptxas (always checked).
+// kernel-report: sf24_gemm_sm90_kernel< archs=90 tensor_core=sparse wgmma vector_loads hot packed_stores dyn_smem=139264
 
 #if SF_SM90A_DEVICE
 // 128-byte swizzle of a K-major tile whose rows are 128 B: 16-byte chunk c of row r
@@ -56,7 +74,10 @@ __device__ __forceinline__ uint64_t b_desc(uint32_t smem_addr) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
@@ -153,64 +174,74 @@ __global__ void __launch_bounds__(H_THREADS, 1) sf24_gemm_sm90_kernel(const Sf24
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.f;
 
-  const int KT = (int)((Cp + H_BK - 1) / H_BK);
+  // Tiles in flight: loads of kt+1 .. kt+3 (cp.async), wgmma group kt-1 (async), group kt (issued).
+  constexpr int PREFETCH = H_STAGES - 2;
+  const int KT = (int)((Cp + H_BK - 1) / H_BK);  // Cp % 64 == 0 (sf24_cols_padded): no partial tile
 #pragma unroll
-  for (int s = 0; s < H_STAGES - 1; ++s) {
+  for (int s = 0; s < PREFETCH; ++s) {
     if (s < KT) load_stage(s, s);
     cp_async_commit();
   }
-  const bool rows_live = f0 + wg * 64 < Rp;  // warpgroup-uniform: skip all-padding row blocks
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<H_STAGES - 2>();
-    fence_proxy_async();  // cp.async (generic proxy) writes -> visible to wgmma (async proxy) reads
-    __syncthreads();
-    const int nk = kt + H_STAGES - 1;
-    if (nk < KT) load_stage(nk % H_STAGES, nk);
+  const int trow = wg * 64 + wq * 16;
+  // This warp's 16 rows hold weights (else all padding: the A tile and metadata are zero-filled;
+  // a zero metadata word is not a legal 2:4 code, so pass (0,1) for every group there -- a data
+  // select, not a branch: the wgmma must stay on uniform control flow).
+  const bool rows_live = f0 + trow < Rp;
+  uint32_t af[2][H_KS][4], e[2][H_KS];
+
+  // One K tile into register buffer BUF (= kt % 2, a compile-time index: no local memory).
+  auto step = [&](int kt, auto buf_tag) {
+    constexpr int BUF = decltype(buf_tag)::value;
+    cp_async_wait<PREFETCH - 1>();  // tile kt landed (this thread's copies)
+    fence_proxy_async();            // cp.async (generic proxy) writes -> visible to wgmma (async proxy) reads
+    __syncthreads();                // everyone's copies landed; every warpgroup retired group kt-2
+    const int nk = kt + PREFETCH;
+    if (nk < KT) load_stage(nk % H_STAGES, nk);  // refills the stage of tile kt-2
     cp_async_commit();
 
     const int stage = kt % H_STAGES;
     const T* tA = stage_a(stage);
     const uint32_t* tE = stage_e(stage);
     const uint32_t bbase = smem_u32(stage_b(stage));
-    uint32_t af[H_KS][4], e[H_KS];
-    const int trow = wg * 64 + wq * 16;
+    // af/e[BUF] were last read by group kt-2, retired by the wait_group 1 of iteration kt-1
 #pragma unroll
     for (int ks = 0; ks < H_KS; ++ks) {
-      ldmatrix_x4(af[ks], tA + (trow + (lane % 16)) * H_A_LD + ks * 16 + (lane / 16) * 8);
-      e[ks] = tE[(trow / 16) * H_KS * 16 + ks * 16 + 2 * (lane / 4) + (lane % 2)];
+      ldmatrix_x4(af[BUF][ks], tA + (trow + (lane % 16)) * H_A_LD + ks * 16 + (lane / 16) * 8);
+      const uint32_t m = tE[(trow / 16) * H_KS * 16 + ks * 16 + 2 * (lane / 4) + (lane % 2)];
+      e[BUF][ks] = rows_live ? m : 0x44444444u;
     }
-    if (rows_live) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) reg_fence(d[i]);
-      wgmma_fence();
+    for (int i = 0; i < 64; ++i) reg_fence(d[i]);
+    wgmma_fence();  // A fragments written by ldmatrix (and d by the zero-init) before the wgmmas read them
 #pragma unroll
-      for (int ks = 0; ks < H_KS; ++ks) {
-        if ((int64_t)kt * H_BK + ks * 32 < Cp)  // partial last tile (uniform)
-          WgmmaSp<T>::run(d, af[ks], b_desc(bbase + ks * 64), e[ks]);
-      }
-      wgmma_commit();
-      wgmma_wait0();
+    for (int ks = 0; ks < H_KS; ++ks) WgmmaSp<T>::run(d, af[BUF][ks], b_desc(bbase + ks * 64), e[BUF][ks]);
+    wgmma_commit();
+    wgmma_wait<1>();  // group kt-1 retired: its stage and register buffer may be reused
 #pragma unroll
-      for (int i = 0; i < 64; ++i) reg_fence(d[i]);
-    }
+    for (int i = 0; i < 64; ++i) reg_fence(d[i]);
+  };
+  using B0 = std::integral_constant<int, 0>;
+  using B1 = std::integral_constant<int, 1>;
+  int kt = 0;
+  for (; kt + 1 < KT; kt += 2) {
+    step(kt, B0{});
+    step(kt + 1, B1{});
   }
+  if (kt < KT) step(kt, B0{});  // odd KT (uniform: kernel arguments only)
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) reg_fence(d[i]);
   cp_async_wait<0>();
 
   OutT* out = static_cast<OutT*>(a.out);
   const OutT* bias = static_cast<const OutT*>(a.bias);
-  // accumulator layout (m64nN): d[i] -> row 16*wq + lane/4 + 8*((i/2)%2), col 8*(i/4) + 2*(lane%4) + i%2
+  const bool pair_ok = epilogue_pairs_aligned(out, a.ldo);
+  // accumulator layout (m64nN): d[4j .. 4j+3] is an m16n8 C fragment (mma_c_coord) at rows
+  // 16*wq .. +15 of this warpgroup's 64, cols 8j .. 8j+7
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    const int64_t f = f0 + wg * 64 + wq * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int64_t p = p0 + 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
-    if (f < a.R && p < a.M) {
-      float v = d[i];
-      if (bias != nullptr) v += to_f32<OutT>(bias[f]);
-      OutT* dst = out + p * a.ldo + f;
-      if (a.accumulate) v += to_f32<OutT>(*dst);
-      *dst = from_f32<OutT>(v);
-    }
-  }
+  for (int j = 0; j < 16; ++j)
+    store_c_frag<OutT>(out, bias, a.ldo, a.R, a.M, a.accumulate, f0 + trow, p0 + 8 * j, lane, pair_ok, d[4 * j],
+                       d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]);
 #endif  // SF_SM90A_DEVICE
 }
 

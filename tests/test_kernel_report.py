@@ -127,6 +127,60 @@ def test_parse_ptxas_verbose():
     assert p[PACK]["regs"] == 40 and p[PACK]["smem"] == 2048 and p[PACK]["spill_stores"] == 0
 
 
+SM90 = "_ZN2sf44_GLOBAL__N__1d520259_11_sf24_sm90_cu_5961b3e421sf24_gemm_sm90_kernelI13__nv_bfloat16S2_Lb0EEEvNS_12Sf24GemmArgsE"
+# nvcc 13.0 -Xptxas -v on the sm_90a wgmma.sp kernel with its wgmma under a branch (before issue 15)
+PTXAS_C7520 = f"""\
+ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized due to program dependence on compiler-inserted WG.AR in divergent path in the function '{SM90}'
+ptxas info    : Compiling entry function '{SM90}' for 'sm_90a'
+ptxas info    : Function properties for {SM90}
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 152 registers, used 1 barriers
+ptxas info    : Compiling entry function '{PACK}' for 'sm_90a'
+ptxas info    : (C7510) Potential Performance Loss: wgmma.mma_async instructions are serialized due to a wgmma pipeline crossing function boundary
+ptxas info    : Used 40 registers
+"""
+
+
+def test_parse_wgmma_serialization():
+    p = kr.parse_ptxas_verbose(PTXAS_C7520)
+    notes = p[SM90]["wgmma_serialized"]
+    assert len(notes) == 1 and notes[0].startswith("(C7520) Potential Performance Loss") and "divergent path" in notes[0]
+    assert p[SM90]["regs"] == 152 and p[SM90]["spill_stores"] == 0
+    # a note that names no function belongs to the entry being compiled
+    assert p[PACK]["wgmma_serialized"][0].startswith("(C7510)") and p[PACK]["regs"] == 40
+    assert "wgmma_serialized" not in kr.parse_ptxas_verbose(PTXAS_V)[GEMM]
+    assert set(kr.parse_wgmma_serialization(PTXAS_C7520)) == {SM90, ""}
+    # any serialization note fails the row, whatever the expect dict
+    r = kr.evaluate(_row(arch=90, tensor_core="wgmma.sp", wgmma_serialized=notes))
+    assert r.verdict == "FAIL" and "serialized the wgmma pipeline: (C7520)" in r.problems[0][1]
+    # rows built from a compile log: the note reaches the kernel's row
+    rows = kr._rows_from_binary("x.cu", "x.cu", 90, {SM90: {"REG": 152}}, {}, {}, {},
+                                           kr.parse_ptxas_verbose(PTXAS_C7520), [])
+    assert [r.verdict for r in rows] == ["FAIL"] and rows[0].wgmma_serialized == notes
+
+
+def test_store_widths_and_packed_stores():
+    f = kr.sass_features(Counter({"STG.E.U16": 4, "STG.E": 2, "STG.E.128": 1, "STG.E.64": 1}))
+    assert (f["STG.NARROW"], f["STG.WIDE"]) == (4, 4) and kr.store_widths(f, None) == (4, 4)
+    ptx = """
+\tst.global.b16 [%rd1], %rs1;
+\t@%p1 st.global.u16 [%rd1+2], %rs2;
+\tst.global.b32 [%rd2], %r1;
+\tst.global.v4.b32 [%rd3], {%r1, %r2, %r3, %r4};
+\tst.global.v2.u32 [%rd3], {%r1, %r2};
+\tst.global.f32 [%rd4], %f1;
+"""
+    d = kr.ptx_features(ptx)
+    assert (d["st.global.narrow"], d["st.global.wide"]) == (2, 4) and kr.store_widths(None, d) == (2, 4)
+    assert kr.store_widths({"LDG": 1}, None) is None  # rows without store counts are not judged
+    narrow = kr.sass_features(Counter({"STG.E.U16": 8}))
+    assert kr.evaluate(_row(sass=narrow, expect={"packed_stores": True})).verdict == "FAIL"
+    assert kr.evaluate(_row(sass=narrow)).verdict == "ok"
+    assert kr.evaluate(_row(sass=f, expect={"packed_stores": True})).verdict == "ok"
+    assert kr.evaluate(_row(ptx=d, expect={"packed_stores": True})).verdict == "ok"
+    assert kr.validate_expect({"packed_stores": 1})[1]  # bool only
+
+
 def test_parse_resource_usage():
     u = kr.parse_resource_usage(RES_USAGE)
     assert set(u) == {GEMM, PACK}

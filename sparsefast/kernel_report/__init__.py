@@ -47,6 +47,9 @@ lines merge in file order, later ones winning. A bare ``key`` means ``True``. Ke
 ``wgmma``        ``True``: on sm_90 the MMA must be the warpgroup ``wgmma`` (SASS ``HGMMA``), not
                  the A100-style ``mma.sync``. Ignored for sm_80. Missing = error.
 ``vector_loads`` ``True``: 128-bit global loads must be there. Missing = warning.
+``packed_stores`` ``True``: the code must hold global stores of 32 bits or wider (16-bit outputs
+                 stored as packed pairs ``st.global.b32`` / vectors, not only ``st.global.b16``:
+                 SASS ``STG.E``/``.64``/``.128`` vs ``STG.E.U16``). Only 8/16-bit stores = error.
 ``hot``          ``True``: the kernel is on the per-step path; register spills / local memory are an
                  error (in any kernel they are a warning).
 ``min_occupancy`` float in (0, 1]: estimated occupancy below it = warning.
@@ -58,6 +61,11 @@ lines merge in file order, later ones winning. A bare ``key`` means ``True``. Ke
                  apply to (an sm_90-only kernel's sm_80 stub is still listed, unchecked).
 
 An unknown key or a value of the wrong type is itself an error, so typos cannot silence a check.
+Whatever the ``expect``: a ptxas note that it serialized a kernel's ``wgmma`` instructions
+("Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...", e.g. C7520 for
+a wgmma on a divergent path) is an error (CUDA, from the ``-Xptxas -v`` log; a built ``.so`` has no
+log: .ci/compile_cuda.sh checks its build log instead).
+
 Without ``expect`` the instructions and resources are still reported, but only compile errors and
 launch-limit problems are flagged.
 
@@ -82,8 +90,8 @@ from .model import (DEFAULT_ARCHS, ERROR, LIMITS, NOT_RUN, OK, SKIPPED, KernelRe
 from .expect import (_ANNOT_RE, EXPECT_KEYS, _parse_value, match_annotations, parse_annotations,
                      validate_expect)
 from .parsers import (_PTX_PATTERNS, _SASS_FN_RE, _SASS_INSN_RE, parse_elf_max_threads, parse_ptxas_verbose,
-                      parse_resource_usage, parse_sass, ptx_features, ptx_functions, sass_features,
-                      tensor_core_kind, vector_load_count)
+                      parse_resource_usage, parse_sass, parse_wgmma_serialization, ptx_features, ptx_functions,
+                      sass_features, store_widths, tensor_core_kind, vector_load_count)
 from .tools import _SHORT, _find_tool, _run, _triton_bin, cuobjdump_reads, demangle, find_tool, short_name
 from .triton_aot import (_WORKER_BOOT, TRITON_PACKAGE, _Capture, _clean_env, _compile_triton_one, _config_label,
                          _error_lines, _kernel_name, _label, _read_jsonl, _spec_fields, _triton_tasks,

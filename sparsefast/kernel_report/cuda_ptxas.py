@@ -62,6 +62,7 @@ def _rows_from_binary(backend_src: str, config: str, arch: int, usage: dict, sas
                       ptx_by_fn: dict[str, dict], ptxas: dict, annotations, note: str = "") -> list[KernelResult]:
     names = sorted(set(usage) | set(sass))
     dem = demangle(names)
+    anon_notes = list((ptxas.get("") or {}).get("wgmma_serialized", []))
     rows = []
     for n in names:
         u = usage.get(n, {})
@@ -83,15 +84,21 @@ def _rows_from_binary(backend_src: str, config: str, arch: int, usage: dict, sas
             kr.spill_stores, kr.spill_loads = pv.get("spill_stores"), pv.get("spill_loads")
             if kr.regs is None:
                 kr.regs = pv.get("regs")
+            kr.wgmma_serialized = list(pv.get("wgmma_serialized", []))
         if n in sass:
             kr.sass = sass_features(sass[n])
         if n in ptx_by_fn:
             kr.ptx = ptx_by_fn[n]
         kr.tensor_core = tensor_core_kind(kr.sass, kr.ptx)
         kr.vector_loads = vector_load_count(kr.sass, kr.ptx)
+        if anon_notes and (kr.tensor_core or "").startswith("wgmma"):
+            kr.wgmma_serialized += anon_notes  # a note naming no function: every wgmma kernel of the file
         kr.expect = exp
         kr.detail = note
         rows.append(evaluate(kr, rx_errs + errs))
+    if anon_notes and not any(r.wgmma_serialized for r in rows):
+        rows.append(evaluate(KernelResult("cuda", arch, "(ptxas)", config=config, source=backend_src,
+                                          wgmma_serialized=anon_notes)))
     return rows
 
 

@@ -13,6 +13,8 @@ EXPECT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "tensor_core": ((bool, str), "True: some tensor-core MMA; 'sparse': mma.sp / wgmma.sp"),
     "wgmma": ((bool,), "True: on sm_90 the MMA is wgmma (HGMMA), not mma.sync"),
     "vector_loads": ((bool,), "True: 128-bit global loads present (warning if not)"),
+    "packed_stores": ((bool,), "True: global stores of 32 bits or wider present (16-bit outputs as packed "
+                                "pairs / vectors; error if only 8/16-bit scalar stores)"),
     "hot": ((bool,), "True: spills / local memory are an error"),
     "min_occupancy": ((float, int), "warn below this estimated occupancy (0..1)"),
     "threads": ((int,), "threads per block (occupancy input)"),

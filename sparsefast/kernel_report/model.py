@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from .parsers import store_widths
+
 # ------------------------------------------------------------------------------------------------
 # GPU limits and the occupancy model
 # ------------------------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class KernelResult:
     occupancy: dict[str, Any] = dataclasses.field(default_factory=dict)
     tensor_core: str | None = None    # wgmma.sp | wgmma | mma.sp | mma | None
     vector_loads: int | None = None   # count of 128-bit global loads
+    wgmma_serialized: list[str] = dataclasses.field(default_factory=list)  # ptxas notes (CUDA, -Xptxas -v log)
     sass: dict[str, int] | None = None
     ptx: dict[str, int] | None = None
     expect: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -185,6 +188,13 @@ def evaluate(r: KernelResult, expect_errors: Sequence[str] = ()) -> KernelResult
             problems.append([ERROR, f"dense {r.tensor_core} only; expected a sparse mma.sp/wgmma.sp"])
     if e.get("wgmma") and r.arch >= 90 and (r.tensor_core or "").split(".")[0] != "wgmma":
         problems.append([ERROR, f"sm_{r.arch}: expected wgmma (HGMMA), found {r.tensor_core or 'no MMA'}"])
+    for note in r.wgmma_serialized:  # always an error: ptxas put a wait after every wgmma (no MMA overlap)
+        problems.append([ERROR, f"ptxas serialized the wgmma pipeline: {note}"])
+    if e.get("packed_stores"):
+        sw = store_widths(r.sass, r.ptx)
+        if sw is not None and sw[1] == 0:
+            problems.append([ERROR, f"no 32-bit-or-wider global stores ({sw[0]} 8/16-bit scalar stores only; "
+                                    "expected packed pairs / vectors)"])
     if e.get("vector_loads") and not r.vector_loads:
         problems.append(["warn", "no 128-bit global loads (ld.global.v4 / 16-byte cp.async / TMA)"])
     mo = e.get("min_occupancy")

@@ -9,12 +9,43 @@ from typing import Any
 # ------------------------------------------------------------------------------------------------
 # parsers: ptxas -v, cuobjdump --dump-resource-usage / -sass / -elf, PTX
 # ------------------------------------------------------------------------------------------------
+#: ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..." notes
+#: (C7508-C7520...: a wgmma in divergent control flow, non-wgmma writes to accumulators inside the
+#: pipeline, a wgmma pipeline crossing a call, too few registers, ...). Each means ptxas inserted a
+#: wait after every wgmma: the kernel runs with no MMA overlap at all.
+_WGMMA_SERIAL_RE = re.compile(r"(?:\((C\d+)\)\s*)?[^\n]*?wgmma\S*\s+instructions are serialized[^\n]*", re.I)
+_IN_FUNCTION_RE = re.compile(r"in the function '([^']+)'")
+
+
+def parse_wgmma_serialization(text: str) -> dict[str, list[str]]:
+    """ptxas log -> {mangled function ('' when the note names none): [note, ...]} for every
+    "wgmma.mma_async instructions are serialized" note (see :data:`_WGMMA_SERIAL_RE`)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        m = _WGMMA_SERIAL_RE.search(line)
+        if not m:
+            continue
+        fn = _IN_FUNCTION_RE.search(line)
+        note = _IN_FUNCTION_RE.sub("", re.sub(r"^.*?(\(C\d+\))", r"\1", line.strip())).rstrip()
+        out.setdefault(fn.group(1) if fn else "", []).append(note[:400])
+    return out
+
+
 def parse_ptxas_verbose(text: str) -> dict[str, dict[str, Any]]:
     """``nvcc -Xptxas -v`` / ``ptxas -v`` log -> {mangled function: {arch, regs, stack,
-    spill_stores, spill_loads, smem (static bytes), barriers}}."""
+    spill_stores, spill_loads, smem (static bytes), barriers[, wgmma_serialized]}};
+    ``wgmma_serialized``: ptxas's wgmma serialization notes for that function
+    (:func:`parse_wgmma_serialization`; a note naming no function goes to the function being compiled)."""
     out: dict[str, dict[str, Any]] = {}
     cur: dict[str, Any] | None = None
     for line in text.splitlines():
+        if _WGMMA_SERIAL_RE.search(line):
+            fn = _IN_FUNCTION_RE.search(line)
+            tgt = out.setdefault(fn.group(1), {}) if fn else cur
+            if tgt is None:
+                tgt = out.setdefault("", {})
+            tgt.setdefault("wgmma_serialized", []).extend(parse_wgmma_serialization(line).popitem()[1])
+            continue
         m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
         if m:
             cur = out.setdefault(m.group(1), {})
@@ -125,6 +156,10 @@ _PTX_PATTERNS = {
     "cp.async.16": re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]*\]\s*,\s*\[[^\]]*\]\s*,\s*(?:16|0x10)\b"),
     "tma": re.compile(r"\bcp\.async\.bulk"),
     "st.local": re.compile(r"\bst\.local\b"),
+    # global stores by width: 8/16-bit scalars vs 32-bit and wider (b32 / v2 / v4, packed bf16x2 included)
+    "st.global.narrow": re.compile(r"\bst\.global(?:\.[\w:]+)*?\.(?:b8|u8|s8|b16|u16|s16|f16|bf16)\s"),
+    "st.global.wide": re.compile(r"\bst\.global(?:\.[\w:]+)*?\.(?:v[248]\.)?(?:b32|u32|s32|f32|b64|u64|s64|f64|"
+                                 r"f16x2|bf16x2|b128)\s"),
 }
 
 
@@ -136,7 +171,7 @@ def ptx_features(body: str) -> dict[str, int]:
 def sass_features(ops: Counter) -> dict[str, int]:
     """Counts of the instruction classes of interest from a SASS opcode Counter."""
     f = dict.fromkeys(("HMMA", "HMMA.SP", "HGMMA", "HGMMA.SP", "IMMA", "LDG.128", "LDGSTS.128", "TMA",
-                       "LDG", "STL", "LDL"), 0)
+                       "LDG", "STL", "LDL", "STG.NARROW", "STG.WIDE"), 0)
     for op, n in ops.items():
         parts = op.split(".")
         head, sp = parts[0], "SP" in parts[1:]
@@ -154,6 +189,8 @@ def sass_features(ops: Counter) -> dict[str, int]:
             f["LDGSTS.128"] += n
         elif head in ("UTMALDG", "UBLKCP"):
             f["TMA"] += n
+        elif head == "STG":  # STG.E.U16 / .S8 ...: narrow; STG.E (32-bit), .64, .128: wide
+            f["STG.NARROW" if {"U8", "S8", "U16", "S16"} & set(parts[1:]) else "STG.WIDE"] += n
         elif head == "STL":
             f["STL"] += n
         elif head == "LDL":
@@ -174,6 +211,16 @@ def tensor_core_kind(sass: dict[str, int] | None, ptx: dict[str, int] | None) ->
         for k in ("wgmma.sp", "wgmma", "mma.sp", "mma"):
             if ptx.get(k):
                 return k
+    return None
+
+
+def store_widths(sass: dict[str, int] | None, ptx: dict[str, int] | None) -> tuple[int, int] | None:
+    """(8/16-bit global stores, 32-bit-or-wider global stores) in the code, SASS preferred; None when
+    neither is known (older report rows lack the counts)."""
+    if sass and "STG.WIDE" in sass:
+        return sass["STG.NARROW"], sass["STG.WIDE"]
+    if ptx and "st.global.wide" in ptx:
+        return ptx["st.global.narrow"], ptx["st.global.wide"]
     return None
 
 

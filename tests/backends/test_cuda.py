@@ -270,7 +270,8 @@ def test_kernel_report_annotations_are_valid():
                                                                            vector_loads=True, dyn_smem=89088),
         "sf24_gemm_kernel<fp16,fp16,Cfg<16,32,256,1,1,4,4>,true>": dict(tensor_core="sparse", dyn_smem=87040),
         "sf24_gemm_kernel<bf16,fp32,Cfg<64,64,64,2,2,1,4>,true>": dict(hot=True, dyn_smem=59392),
-        "sf24_gemm_sm90_kernel<bf16,bf16,false>": dict(archs=[90], tensor_core="sparse", wgmma=True, hot=True),
+        "sf24_gemm_sm90_kernel<bf16,bf16,false>": dict(archs=[90], tensor_core="sparse", wgmma=True, hot=True,
+                                                        dyn_smem=139264),
         "csr_spmm_kernel<bf16,16>": dict(vector_loads=True, hot=True),
         "csr_sddmm_kernel<fp32,1>": dict(vector_loads=True, hot=True),
         "sf24_pack_kernel<bf16>": dict(hot=True),
@@ -278,7 +279,10 @@ def test_kernel_report_annotations_are_valid():
     for name, sub in want.items():
         exp, errs = kr.match_annotations(ann, name)
         assert not errs and {k: exp.get(k) for k in sub} == sub, (name, exp)
-    assert kr.match_annotations(ann, "sf24_unpack_kernel<bf16>")[0] == {}
+    assert kr.match_annotations(ann, "sf24_unpack_kernel<bf16>")[0] == {"packed_stores": True}
+    # 16-bit GEMM epilogues store packed pairs (issue 15), checked on every instantiation
+    for name in ("sf24_gemm_kernel<bf16,bf16,Cfg<128,128,64,2,4,1,3>,false>", "sf24_gemm_sm90_kernel<fp16,fp16,true>"):
+        assert kr.match_annotations(ann, name)[0].get("packed_stores") is True, name
 
 
 def _backend_with_cap(cap=(9, 0)) -> CudaBackend:
@@ -1170,3 +1174,65 @@ def test_csr_spmm_lane_emulation(M):
     bias = torch.randn(R, generator=g, dtype=torch.float64)
     yT = _emulate_csr_spmm(csr.row_ptr, csr.col, w.reshape(-1)[csr.flat], csr.row_order, C, xT, M, bias)
     assert torch.allclose(yT[:, :M].t(), x @ (w * m).t() + bias, atol=1e-10)
+
+
+def _emulate_store_c_frag(c, f_base, p_base, R, M, ldo, bias, pair_ok):
+    """store_c_frag (csrc/include/sf_ptx.cuh) for a 16-bit output, lane by lane: c[lane][i] is the
+    m16n8 accumulator fragment (row g + 8*(i>>1), col 2q + (i&1)); lanes L and L^4 swap one value per
+    row half (__shfl_xor_sync(.., 4)) and store adjacent feature pairs. Returns the stores as
+    [(element offset, values), ...] (two values: one 32-bit packed store)."""
+    stores = []
+    for h in range(2):
+        send = []
+        for lane in range(32):
+            v0, v1 = c[lane][2 * h], c[lane][2 * h + 1]
+            send.append(v0 if (lane // 4) & 1 else v1)
+        for lane in range(32):
+            g, q = lane // 4, lane % 4
+            odd = g & 1
+            v0, v1 = c[lane][2 * h], c[lane][2 * h + 1]
+            recv = send[lane ^ 4]
+            lo, hi = (recv, v1) if odd else (v0, recv)
+            f = f_base + (g & ~1) + 8 * h
+            p = p_base + 2 * q + odd
+            if p < M and f < R:
+                b = (lambda k: float(bias[k])) if bias is not None else (lambda k: 0.0)
+                off = p * ldo + f
+                if pair_ok and f + 1 < R:
+                    assert off % 2 == 0, "a packed pair must start at an even element (4-byte aligned)"
+                    stores.append((off, (lo + b(f), hi + b(f + 1))))
+                else:
+                    stores.append((off, (lo + b(f),)))
+                    if f + 1 < R:
+                        stores.append((off + 1, (hi + b(f + 1),)))
+    return stores
+
+
+@pytest.mark.parametrize("R,M,ldo,pair_ok", [(16, 8, 16, True), (13, 5, 14, True), (16, 8, 17, False),
+                                              (7, 8, 9, False), (64, 8, 64, True)])
+def test_epilogue_packed_pairs_emulation(R, M, ldo, pair_ok):
+    """The packed-pair epilogue of the SF24 GEMMs (sf24.cu mma.sp and sf24_sm90.cu wgmma.sp) writes
+    every in-range output exactly once with its accumulator (+ bias) and nothing else; with
+    pair_ok all stores but the odd-R tail are 32-bit pairs."""
+    g = torch.Generator().manual_seed(R * 100 + M)
+    f_base = 0 if R <= 16 else 48  # the last 16-row fragment of a 64-row tile
+    frag = torch.randn(16, 8, generator=g, dtype=torch.float64)  # [row, col] of the fragment
+    c = [[float(frag[lane // 4 + 8 * (i >> 1), 2 * (lane % 4) + (i & 1)]) for i in range(4)] for lane in range(32)]
+    bias = torch.randn(R, generator=g, dtype=torch.float64)
+    stores = _emulate_store_c_frag(c, f_base, 0, R, M, ldo, bias, pair_ok)
+    written = {}
+    for off, vals in stores:
+        for k, v in enumerate(vals):
+            assert off + k not in written, f"element {off + k} stored twice"
+            written[off + k] = v
+    want = {p * ldo + f: float(frag[f - f_base, p]) + float(bias[f])
+            for p in range(min(M, 8)) for f in range(f_base, min(R, f_base + 16))}
+    assert written == pytest.approx(want) and set(written) == set(want)
+    pairs = sum(len(v) == 2 for _, v in stores)
+    scalars = len(stores) - pairs
+    assert 2 * pairs + scalars == len(want)
+    if pair_ok:  # scalars only for an odd last feature, one per pixel
+        rows = min(R, f_base + 16) - f_base
+        assert scalars == (min(M, 8) if rows % 2 else 0)
+    else:
+        assert pairs == 0
