@@ -188,6 +188,28 @@ def _pkg_version(name: str) -> str | None:
         return None
 
 
+def _driver_version() -> str | None:
+    """The NVIDIA driver release (NVML, e.g. "550.54.15"), else the driver's CUDA version from libcuda
+    (e.g. "cuda-driver 12040"), else ``None``. Never raises."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import ctypes
+
+        v = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) == 0:
+            return f"cuda-driver {v.value}"
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
 def environment(device: torch.device) -> dict:
     """What a cached verdict depends on besides the family: device name, driver / CUDA, versions."""
     key = str(device)
@@ -200,11 +222,7 @@ def environment(device: torch.device) -> dict:
             cap = torch.cuda.get_device_capability(idx)
             env["device"] = f"{torch.cuda.get_device_name(idx)} sm_{cap[0]}{cap[1]}"
             env["cuda"] = torch.version.cuda
-            drv = None
-            for fn in ("_cuda_getDriverVersion",):
-                with contextlib.suppress(Exception):
-                    drv = getattr(torch._C, fn)()
-            env["driver"] = drv
+            env["driver"] = _driver_version()
         else:
             env["device"] = f"{device.type} {platform.machine()} {platform.processor()}".strip()
             env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
