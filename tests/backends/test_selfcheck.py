@@ -264,3 +264,53 @@ def test_cuda_and_triton_family_declarations():
     assert sel(tf, _q("conv", "block:8")) == {"unstructured conv"}
     assert sel(tf, _q("linear", "block:8", m_rows=100)) == {"block fwd (M>64)", "block dX (M>64)", "block dW"}
     assert len(sel(tf, _q("linear", "unstructured"))) == 5                # unknown M: both size classes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_family_problems_run_on_cpu_emulation(dtype):
+    """Every CUDA family's check problems go through CudaBackend's real composition on CPU with the
+    kernels emulated in torch (test_cuda's FakeC / CSR emulations): the problems fit the kernels' limits,
+    pass against the reference, and each family runs the kernel path it names."""
+    import test_cuda as tc
+
+    from sparsefast.backends import cuda
+
+    b = cuda.CudaBackend()
+    b._C = tc.FakeC()
+    b._spmm, b._sddmm = tc._emu_spmm, tc._emu_sddmm
+    paths = []
+    lin, conv = b._C.sf24_linear, b._C.sf24_conv2d
+    b._C.sf24_linear = lambda *a: paths.append(("linear", a[-1])) or lin(*a)
+    b._C.sf24_conv2d = lambda *a: paths.append(("conv", a[-1])) or conv(*a)
+    cpu = torch.device("cpu")
+    for fam in cuda._families():
+        if fam.dtypes is not None and dtype not in fam.dtypes:
+            continue
+        paths.clear()
+        pattern = parse_pattern(fam.pattern)
+        with fam.context(b) if fam.context else __import__("contextlib").nullcontext():
+            for prob in selfcheck._problems(fam, cpu, pattern):
+                why = selfcheck.run_problem(b, prob, pattern, cpu, dtype, b.tolerances[dtype])
+                assert why is None, (fam.name, why)
+        if pattern.is_nm:
+            want = 1 if "wgmma" in fam.name else 0
+            assert paths and all(p == want for _, p in paths), (fam.name, paths)
+        if fam.name == "2:4 conv":                                          # sparse dgrad on the transposable mask
+            assert sum(op == "conv" for op, _ in paths) == 2, paths
+    # the wgmma family's verdict switches that path per device and dtype
+    b._wgmma_result(torch.device("cuda", 0), torch.bfloat16, True)
+    b._wgmma_result(torch.device("cuda", 0), torch.float16, False)
+    assert b._wgmma == {(0, torch.bfloat16): True, (0, torch.float16): False}
+    assert "bfloat16: on" in b.wgmma_status[0] and "float16: off" in b.wgmma_status[0]
+
+
+def test_cuda_selfcheck_env_alias(monkeypatch):
+    from sparsefast.backends.cuda import CudaBackend
+
+    b = CudaBackend()
+    monkeypatch.setenv("SPARSEFAST_CUDA_SELFCHECK", "0")
+    assert selfcheck.skipped_reason(b) == "SPARSEFAST_CUDA_SELFCHECK=0"
+    assert selfcheck.gate(b, _q("linear", "2:4", m_rows=16)) == []
+    monkeypatch.delenv("SPARSEFAST_CUDA_SELFCHECK")
+    monkeypatch.setenv("SPARSEFAST_SELF_CHECK", "0")
+    assert selfcheck.skipped_reason(b) == "SPARSEFAST_SELF_CHECK=0"
