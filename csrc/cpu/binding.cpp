@@ -626,6 +626,37 @@ Tensor gather_perm(const Tensor& vals_in, const Tensor& perm) {
   return out;
 }
 
+// The dense (numel,) tensor holding vals at the int32 flat positions and +0 elsewhere (kept.scatter on a
+// dense-routed call): a zero fill and one parallel pass of plain stores, reading the int32 positions as
+// the kept index caches them (torch: an int32 -> int64 copy of the positions first). ascending: the
+// positions are sorted (a 2-D mask's canonical order), so their range is checked from the ends.
+Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bool ascending) {
+  TORCH_CHECK(flat.scalar_type() == at::kInt && flat.is_contiguous() && flat.dim() == 1 &&
+                  vals_in.numel() == flat.numel(), "scatter_flat: int32 positions, one per value");
+  const Tensor vals = vals_in.contiguous();
+  const int64_t n = flat.numel();
+  TORCH_CHECK(vals.element_size() == 2 || vals.element_size() == 4 || vals.element_size() == 8,
+              "scatter_flat: 2-, 4- or 8-byte values");
+  const int32_t* fp = flat.data_ptr<int32_t>();
+  if (ascending) {
+    TORCH_CHECK(n == 0 || (fp[0] >= 0 && fp[n - 1] < numel), "scatter_flat: position out of range");
+  } else {
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(fp[i] >= 0 && fp[i] < numel, "scatter_flat: position out of range");
+  }
+  Tensor out = at::zeros({numel}, vals.options());
+  auto go = [&](auto* src, auto* dst) {
+    run_range(n, static_cast<double>(n) * 4, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[fp[i]] = src[i];
+    });
+  };
+  switch (vals.element_size()) {
+    case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
+    case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
+    default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // mask-change helpers (kept-values storage, DST updates): O(n) passes instead of torch's
 // searchsorted / multi-pass selections
@@ -1495,6 +1526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gather_csr", &gather_csr, py::arg("w"), py::arg("rowptr"), py::arg("col"), py::arg("row0") = 0,
           py::arg("out") = py::none());
   mod.def("gather_perm", &gather_perm);
+  mod.def("scatter_flat", &scatter_flat, "dense (numel,) with vals at int32 flat positions, +0 elsewhere");
   mod.def("flat_nonzero", &flat_nonzero, "ascending int32 flat positions of a bool tensor's true entries");
   mod.def("merge_keys", &merge_keys, "(src, found): positions of ascending new keys in ascending old keys");
   mod.def("topk_flat", &topk_flat, "bool mask of the k largest float32 entries (ties: lower index); empty on NaN");

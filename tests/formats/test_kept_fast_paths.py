@@ -121,3 +121,24 @@ def test_fill_where_and_remap_tensor(path, n):
         out = kept.remap_tensor(x, src, keep)
         exp = x[src].masked_fill(~keep, 0) if n else torch.zeros(0, dtype=dt)
         assert out.dtype == dt and torch.equal(out, exp)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (64, 48), (6, 4, 3, 3), (1, 1)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float64])
+def test_scatter_gather(path, shape, density, dt):
+    """scatter/gather (the dense-routed kept calls) on both paths: exact, +0 at pruned positions, and still
+    differentiable where autograd records."""
+    g = torch.Generator().manual_seed(len(shape) * 100 + int(density * 10))
+    mask = torch.rand(shape, generator=g) < density
+    w = torch.randn(shape, generator=g).to(dt)
+    v = kept.gather(w, mask)
+    assert v.dtype == dt and torch.equal(v, w[mask] if mask.dim() == 2 else w.permute(0, 2, 3, 1)[mask.permute(0, 2, 3, 1)])
+    d = kept.scatter(v, mask)
+    assert d.shape == mask.shape and torch.equal(d, torch.where(mask, w, torch.zeros((), dtype=dt)))
+    assert not torch.signbit(d[~mask]).any()
+    vg = v.clone().requires_grad_(True)
+    kept.scatter(vg, mask).sum().backward()
+    assert torch.equal(vg.grad, torch.ones_like(v))
+    with pytest.raises(ValueError, match="values for a mask"):
+        kept.scatter(v[:-1] if v.numel() else torch.zeros(1, dtype=dt), mask)
