@@ -58,7 +58,8 @@ conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a faile
 (``auto`` falls back, an explicit request raises). ``SPARSEFAST_SELF_CHECK=0`` skips them all,
 ``SPARSEFAST_CUDA_SELFCHECK=0`` (the older name) this backend's.
 
-Limits: every call is CUDA-graph safe (no host syncs, all memory from torch's allocator) once a mask's
+Limits: every call is CUDA-graph safe (no host syncs, all memory from torch's allocator) once its families are
+self-checked (a check never runs during capture: it refuses, see above) and a mask's
 structures are cached. ``prefer_dense_reason`` is conservative until GPU measurements tune it
 (``SPARSEFAST_CUDA_NEVER_DENSE=1`` disables it for benchmarking). Unstructured: 16-bit column indices
 (linear: both weight dims <= 65536; conv: out_channels and in_channels*kh*kw <= 65536) and the SpMM grid
