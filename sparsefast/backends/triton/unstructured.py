@@ -84,7 +84,12 @@ def _gemm_configs(kind: str) -> list[triton.Config]:
         return [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
                 for bn, w, s in ((64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 3))]
     return [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4))]
+            for bn, w, s in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 4)) + _FP32_ONLY]
+
+
+#: fwd / dx configs only the fp32 FMA dot uses (:func:`_keep_config` drops them for 16-bit types):
+#: 64×32 over 8 warps, the 64-row fp32 tile within :data:`_FP32_WARP_TILE_MAX` from Triton 3.7 on.
+_FP32_ONLY = ((32, 8, 3),)
 
 
 #: rows of x per program of the tile-decode kernels (``BM``). Only these are launched, so the
@@ -129,20 +134,43 @@ def _dw_cap(dtype: torch.dtype) -> int:
 _TILE_4WARPS_MAX = 8192 if triton_version() < (3, 7) else 4096
 
 
+#: fp32 FMA dot (TF32 off, :func:`_fma_dot`): most tile elements per warp, ``BM × BN / num_warps``
+#: (fwd: BM rows of x × BN weight rows; dx: BM rows × BN reduction rows; dW: BN weight rows × BM rows
+#: of M per step), or ``None`` for no such limit. Triton 3.8 (``python -m sparsefast kernels`` full
+#: scope, fp32): every fp32 fwd tile above 256 per warp makes ptxas allocate only 32 registers on
+#: sm_80 and spill 3.4-9.5 KB per thread (a ptxas choice on Triton's PTX, which has no .maxnreg: the
+#: same PTX through nvcc 13.0's ptxas, or for sm_90a, gives the same 32 registers), others hit the
+#: 255-register ceiling and spill 80-1900 B (dx 64×64 / 64×128, conv dW 32×128); dx 16×128 with 4 warps
+#: spills 16 B on sm_90. At most 256 per warp every fp32 config compiles without spills for sm_80 and
+#: sm_90 under 3.8 and 3.9. Triton 3.6 compiles the bigger fp32 tiles without spills (only 64×64 with
+#: 8 warps spills, 8 B in the conv input gradient on sm_90), so they stay there. Set from 3.7 on
+#: like :data:`_TILE_4WARPS_MAX` (3.7 itself not checked).
+_FP32_WARP_TILE_MAX = None if triton_version() < (3, 7) else 256
+
+
 def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "fwd") -> bool:
     """Configs that compile without register spills for sm_80 and sm_90 (``python -m sparsefast
     kernels``; ``fp32`` means the FMA dot, :func:`_fma_dot`). fwd / dx (tile ``BM × BN``): 128×128
-    needs 8 warps, 16-bit tiles over :data:`_TILE_4WARPS_MAX` outputs need 8 warps, fp32 at most 4096
-    outputs per program. dW (tile ``BN × 64``, ``BM`` rows of M per step): fp32 with 32-row steps and
-    64+ weight rows needs 8 warps (4 warps spill 48-56 B in the conv variant). The launchers prune the
+    needs 8 warps, 16-bit tiles over :data:`_TILE_4WARPS_MAX` outputs need 8 warps, and
+    :data:`_FP32_ONLY` configs are fp32's. fp32 from Triton 3.7 on: at most
+    :data:`_FP32_WARP_TILE_MAX` elements per warp (every kind); before 3.7: at most 4096 outputs per
+    program, 4096 only with 4 warps, and for dW (tile ``BN × 64``, ``BM`` rows of M per step) 32-row
+    steps with 64+ weight rows need 8 warps (4 warps spill 48-56 B in the conv variant). The launchers prune the
     autotune candidates with this, and :func:`aot_compile_configs` compiles exactly the kept ones.
     Checked with the kernel report (bf16 scope) under Triton 3.6, 3.7, 3.8 and 3.9; apart from
     :data:`_TILE_4WARPS_MAX` the list is the same for all of them because the kernels lay their
     gathered tiles out alike on every version (``_TIE_LAST`` in :mod:`._unstructured_kernels`)."""
+    bn, w = cfg.kwargs.get("BN", 0), cfg.num_warps
+    if fp32 and _FP32_WARP_TILE_MAX is not None:
+        return BM * bn <= _FP32_WARP_TILE_MAX * w
     if kind == "dw":
-        return not (fp32 and BM >= 32 and cfg.kwargs["BN"] >= 64 and cfg.num_warps < 8)
-    tile = BM * cfg.kwargs.get("BN", 0)
-    return tile <= (4096 if fp32 else _TILE_4WARPS_MAX) or (not fp32 and cfg.num_warps >= 8)
+        return not (fp32 and BM >= 32 and bn >= 64 and w < 8)
+    if not fp32:
+        if (bn, w, cfg.num_stages) in _FP32_ONLY:
+            return False
+        return BM * bn <= _TILE_4WARPS_MAX or w >= 8
+    # Triton < 3.7, fp32: at most 4096 outputs; 64×64 not with 8 warps (8 B spill, dgrad sm_90)
+    return BM * bn <= 4096 and not (BM * bn >= 4096 and w >= 8)
 
 
 def _pruner(kind: str):
