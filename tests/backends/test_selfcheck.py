@@ -308,6 +308,7 @@ def test_cuda_selfcheck_env_alias(monkeypatch):
     from sparsefast.backends.cuda import CudaBackend
 
     b = CudaBackend()
+    monkeypatch.delenv("SPARSEFAST_SELF_CHECK", raising=False)
     monkeypatch.setenv("SPARSEFAST_CUDA_SELFCHECK", "0")
     assert selfcheck.skipped_reason(b) == "SPARSEFAST_CUDA_SELFCHECK=0"
     assert selfcheck.gate(b, _q("linear", "2:4", m_rows=16)) == []
