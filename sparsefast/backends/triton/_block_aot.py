@@ -9,7 +9,7 @@ import torch
 
 from ._block_kernels import _dw_kernel, _dx_kernel, _fwd_kernel
 from ._common import DTYPE_NAMES as _TY, AotSpec, specialize
-from .block import KSTEP, M_BUCKETS, _br, _configs
+from .block import KSTEP, M_BUCKETS, _br, _configs, bm_cap
 
 
 def _example_ints(kind: str, b: int, bm: int) -> dict[str, int]:
@@ -36,8 +36,8 @@ def _expect(dtype: torch.dtype, mma_m: int) -> dict:
 
 def aot_compile_configs(dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
                         blocks: Sequence[int] = (16, 32), m_buckets: Sequence[int] = M_BUCKETS) -> list[AotSpec]:
-    """Specs of the block kernels: forward and dX per row block ``BM`` the launchers use (capped at 64
-    for fp32, :func:`~sparsefast.backends.triton.block._bm`), masked dW, each autotune config, for
+    """Specs of the block kernels: forward and dX per row block ``BM`` the launchers use (capped for
+    fp32 by :func:`~sparsefast.backends.triton.block.bm_cap`), masked dW, each autotune config, for
     each dtype and block size in ``blocks`` (default 16 and 32; B=8 runs the same code as 16 with
     half-masked tiles). Names read ``block-fwd-bf16-B32-BM128-w4s3``. fp32 is compiled with
     ``PREC="ieee"`` (TF32 off, torch's default)."""
@@ -54,7 +54,7 @@ def aot_compile_configs(dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.f
         for b in blocks:
             br, steps = _br(b), KSTEP // b
             for bucket in m_buckets:
-                bm = min(bucket, 64 if fp32 else 128)
+                bm = min(bucket, bm_cap(fp32, b))  # block._bm
                 for cfg in _configs("fwd"):
                     tag = f"B{b}-BM{bm}-w{cfg.num_warps}s{cfg.num_stages}"
                     add(f"block-fwd-{t}-{tag}", _fwd_kernel, "fwd", b, bm,

@@ -70,13 +70,23 @@ def _fma_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _prec(dtype) == "ieee"
 
 
-def _bm(M: int, dtype: torch.dtype) -> int:
+def bm_cap(fp32_fma: bool, b: int, version: tuple[int, int] | None = None) -> int:
+    """Largest row block of the fwd / dx kernels: 128, or for the fp32 FMA dot 64 — and 32 with ``B = 32``
+    from Triton 3.7 on, where ptxas gives a 64x32 fp32 tile 32 registers a thread on sm_80 and it spills
+    (fwd 4 warps: 32 B, dx 8 warps: 16 B under 3.8; the unstructured kernels' fp32 rule, see
+    ``_FP32_WARP_TILE_MAX`` there)."""
+    if not fp32_fma:
+        return 128
+    v = version if version is not None else triton_version()
+    return 32 if (b >= 32 and v >= (3, 7)) else 64
+
+
+def _bm(M: int, dtype: torch.dtype, b: int = 16) -> int:
     """Rows of x per fwd / dx program: the smallest of :data:`M_BUCKETS` holding M (else the largest),
-    at most 64 for the fp32 FMA dot; 16 under the interpreter."""
+    at most :func:`bm_cap`; 16 under the interpreter."""
     if interpreting():
         return 16
-    cap = 64 if _fma_dot(dtype) else 128
-    return min(cap, next((b for b in M_BUCKETS if b >= M), M_BUCKETS[-1]))
+    return min(bm_cap(_fma_dot(dtype), b), next((bk for bk in M_BUCKETS if bk >= M), M_BUCKETS[-1]))
 
 
 def _dw_bm(dtype: torch.dtype) -> int:
@@ -191,7 +201,7 @@ def _run_fwd(x: torch.Tensor, values: torch.Tensor, idx: BlockIndex, bias: torch
         return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
     if bias is not None:
         bias = bias.contiguous()
-    BM = _bm(M, x.dtype)
+    BM = _bm(M, x.dtype, idx.b)
     grid = (triton.cdiv(M, BM) * idx.nbr,)
     with device_guard(x.device):
         _fwd[grid](x, idx.rowptr, idx.col, values, bias if bias is not None else values, out, M, idx.nbr,
@@ -209,7 +219,7 @@ def _run_dx(dy: torch.Tensor, values: torch.Tensor, idx: BlockIndex) -> torch.Te
         return out
     if idx.nblocks == 0:
         return out.zero_()
-    BM = _bm(M, dy.dtype)
+    BM = _bm(M, dy.dtype, idx.b)
     grid = (triton.cdiv(M, BM) * idx.nbc,)
     with device_guard(dy.device):
         _dx[grid](dy, idx.colptr, idx.tblocks, values, out, M, idx.nbc, *dy.stride(), *out.stride(),
