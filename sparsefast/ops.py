@@ -361,7 +361,7 @@ def sparse_linear_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
         raise ValueError(f"sparse_linear: bias shape {tuple(bias.shape)} != ({mask.shape[0]},)")
     pattern = str(parse_pattern(pattern))
     if torch.compiler.is_compiling():  # resolved once at trace time (see backends.resolve_static)
-        name = backend if backend != "auto" else _bk.resolve_static(
+        name = _bk.resolve_static(  # explicit names too: unsupported calls and failed self-checks raise
             backend, "linear", x.device.type, str(x.dtype), tuple(mask.shape), pattern, None)
     else:
         name = _bk.resolve(backend, _bk.make_query("linear", x, mask, pattern, density=density))
@@ -438,7 +438,7 @@ def sparse_conv2d_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
     pattern = str(parse_pattern(pattern))
     cp = _cp(stride, padding, dilation, groups)
     if torch.compiler.is_compiling():  # resolved once at trace time (see backends.resolve_static)
-        name = backend if backend != "auto" else _bk.resolve_static(
+        name = _bk.resolve_static(  # explicit names too: unsupported calls and failed self-checks raise
             backend, "conv", x.device.type, str(x.dtype), tuple(mask.shape), pattern,
             (cp.stride, cp.padding, cp.dilation, cp.groups))
     else:

@@ -4,6 +4,10 @@ import os
 
 if not __import__("shutil").which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# self-check verdicts (sparsefast.backends.selfcheck) go to a per-run directory, not the user's
+# ~/.cache: every run checks the kernel families it uses afresh and leaves nothing behind
+if "SPARSEFAST_CACHE_DIR" not in os.environ:
+    os.environ["SPARSEFAST_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="sparsefast-tests-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -315,3 +315,19 @@ def test_cuda_selfcheck_env_alias(monkeypatch):
     monkeypatch.delenv("SPARSEFAST_CUDA_SELFCHECK")
     monkeypatch.setenv("SPARSEFAST_SELF_CHECK", "0")
     assert selfcheck.skipped_reason(b) == "SPARSEFAST_SELF_CHECK=0"
+
+
+def test_compiled_explicit_backend_with_failed_family_raises(flaky):
+    """Under torch.compile an explicit backend name is resolved too (at trace time): a failed family is
+    refused there, not run."""
+    _Flaky.broken = True
+    layer, x = _layer()
+    f = torch.compile(lambda x, v, m: sparsefast.ops.sparse_linear_kept(x, v, m, backend="flaky",
+                                                                        pattern="unstructured"),
+                      fullgraph=True, backend="eager")
+    runs = _Flaky.runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match="self-check"):
+            f(x, layer.weight.detach(), layer.mask)
+    assert _Flaky.runs == runs + 1  # the check's own run; the kernel never ran for the call
