@@ -312,8 +312,15 @@ def test_aot_specs(monkeypatch):
     for t in ("bf16", "fp16", "fp32"):
         for b in (16, 32):
             for c in BK._configs("fwd"):
-                for bm in ((16, 64) if t == "fp32" else BK.M_BUCKETS):
+                for bm in sorted({min(bk, BK.bm_cap(t == "fp32", b)) for bk in BK.M_BUCKETS}):
                     for k in ("fwd", "dx"):
                         assert f"block-{k}-{t}-B{b}-BM{bm}-w{c.num_warps}s{c.num_stages}" in names
             for c in BK._configs("dw"):
                 assert f"block-dw-{t}-B{b}-BM{32 if t == 'fp32' else 64}-w{c.num_warps}s{c.num_stages}" in names
+
+
+def test_fp32_row_block_cap_per_triton_version():
+    """fp32 FMA-dot row blocks: 64, and 32 with B=32 from Triton 3.7 on (ptxas spills the 64x32 tile there)."""
+    assert BK.bm_cap(False, 32, (3, 8)) == 128
+    assert BK.bm_cap(True, 16, (3, 8)) == 64 and BK.bm_cap(True, 32, (3, 6)) == 64
+    assert BK.bm_cap(True, 32, (3, 7)) == 32 and BK.bm_cap(True, 32, (3, 9)) == 32
