@@ -661,19 +661,17 @@ def project_24(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] 
         mask = _layer_mask(mod).detach()
         rv = _masks.reduction_view(mask)
         label = name or "<root>"
+        skip = None
         if id(mod) in tied:
-            warnings.warn(f"project_24: skipping layer {label!r}: its weight is tied to {', '.join(tied[id(mod)])} "
-                          "(untie it first, e.g. sparsefast.sparsify(model, tied='untie'), to make it 2:4)", stacklevel=2)
+            skip = (f": its weight is tied to {', '.join(tied[id(mod)])} (untie it first, e.g. "
+                    "sparsefast.sparsify(model, tied='untie'), to make it 2:4)")
+        elif rv.shape[1] % 4 or (mask.dim() == 4 and mask.shape[1] % 4):
+            skip = f" (weight {tuple(mask.shape)}): reduction dim cannot hold 2:4 groups"
+        if skip is not None:
+            warnings.warn(f"project_24: skipping layer {label!r}{skip}", stacklevel=2)
+            d = _masks.density(mask)
             report.append({"name": label, "shape": tuple(mask.shape), "action": "skipped",
-                           "density_before": _masks.density(mask), "density_after": _masks.density(mask),
-                           "magnitude_kept": 1.0})
-            continue
-        if rv.shape[1] % 4 or (mask.dim() == 4 and mask.shape[1] % 4):
-            warnings.warn(f"project_24: skipping layer {label!r} (weight {tuple(mask.shape)}): reduction dim "
-                          "cannot hold 2:4 groups", stacklevel=2)
-            report.append({"name": label, "shape": tuple(mask.shape), "action": "skipped",
-                           "density_before": _masks.density(mask), "density_after": _masks.density(mask),
-                           "magnitude_kept": 1.0})
+                           "density_before": d, "density_after": d, "magnitude_kept": 1.0})
             continue
         ok, why = _reduction_24(mask)
         if not ok and not prune:
