@@ -1052,6 +1052,22 @@ void fill_where(Tensor& t, const Tensor& mask, double value) {
 // ---------------------------------------------------------------------------------------------
 // Linear
 // ---------------------------------------------------------------------------------------------
+// y (B x A.rows) = x A^T (+ bias) through PW-lane panels: x in the compute dtype (B >= 1 rows), the
+// result in ot. The panel path of spmm and spmm_bsr.
+Tensor spmm_lanes(const SpMat& A, const Tensor& x, int64_t PW, const std::optional<Tensor>& bias_in,
+                  at::ScalarType ot) {
+  const at::ScalarType ct = x.scalar_type();
+  const int64_t B = x.size(0);
+  const Tensor xp = to_panels(x, PW);
+  Tensor yp = at::empty({xp.size(0), A.rows, PW}, x.options().dtype(at::kFloat));
+  Tensor bf;
+  if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
+  spmm_panels(A, panel_lanes(xp, B), panel_lanes(yp, B), bf.defined() ? bf.data_ptr<float>() : nullptr, ct);
+  Tensor y = empty_big({B, A.rows}, ct);
+  from_panels(yp, y);
+  return ot == ct ? y : y.to(ot);
+}
+
 // y (B x rows) = x (B x cols) A^T (+ bias)
 Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr,
             const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
@@ -1085,15 +1101,35 @@ Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<
     });
     return yf.to(ot);
   }
-  const int64_t PW = panel_width(B);
-  const Tensor xp = to_panels(x, PW);
-  Tensor yp = at::empty({xp.size(0), rows, PW}, x.options().dtype(at::kFloat));
-  Tensor bf;
-  if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
-  spmm_panels(A, panel_lanes(xp, B), panel_lanes(yp, B), bf.defined() ? bf.data_ptr<float>() : nullptr, ct);
-  Tensor y = empty_big({B, rows}, ct);
-  from_panels(yp, y);
-  return ot == ct ? y : y.to(ot);
+  return spmm_lanes(A, x, panel_width(B), bias_in, ot);
+}
+
+// The BSR fields of a block matrix (rows x cols, block bs) from its index tensors (SpMat::bs in kernels.h),
+// checked: contiguous int32, sizes, bptr covering every entry, each block inside the matrix and inside
+// the nv values it addresses (O(blocks)). `who` names the caller in errors.
+SpMat bsr_mat(const char* who, int64_t rows, int64_t cols, const Tensor& bptr, const Tensor& bcol, const Tensor& boff,
+              const Tensor& bld, int64_t bs, int64_t nv) {
+  const int64_t nbr = rows / bs, nb = bcol.numel();
+  for (const Tensor* t : {&bptr, &bcol, &boff, &bld})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), who, ": index tensors must be contiguous int32");
+  TORCH_CHECK(bptr.numel() == nbr + 1 && boff.numel() == nb && bld.numel() == nb,
+              who, ": index sizes do not match ", rows, " rows / ", nb, " blocks");
+  SpMat A;
+  A.rows = rows;
+  A.cols = cols;
+  A.bs = bs;
+  A.bptr = bptr.data_ptr<int32_t>();
+  A.bcol = bcol.data_ptr<int32_t>();
+  A.boff = boff.data_ptr<int32_t>();
+  A.bld = bld.data_ptr<int32_t>();
+  TORCH_CHECK(A.bptr[0] == 0 && A.bptr[nbr] == nb, who, ": bptr does not cover the ", nb, " blocks");
+  for (int64_t e = 0; e < nb; ++e) {
+    const int64_t ld = A.bld[e], off = A.boff[e];
+    TORCH_CHECK(A.bcol[e] >= 0 && (A.bcol[e] + 1) * bs <= cols && ld >= bs && off >= 0 &&
+                    off + (bs - 1) * ld + bs <= nv,
+                who, ": block entry ", e, " is outside the matrix or the values");
+  }
+  return A;
 }
 
 // y (B x rows) = x (B x cols) A^T (+ bias) for a BSR matrix A read from kept values (SpMat::bs in
@@ -1105,47 +1141,21 @@ Tensor spmm_bsr(const Tensor& x_in, int64_t rows, int64_t cols, const Tensor& ro
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == cols, "spmm_bsr: x must be (B, ", cols, ")");
   TORCH_CHECK((bs == 8 || bs == 16 || bs == 32) && rows % bs == 0 && cols % bs == 0, "spmm_bsr: block ", bs,
               " (8, 16 or 32) must divide ", rows, "x", cols);
-  const int64_t nbr = rows / bs, nb = bcol.numel();
-  for (const Tensor* t : {&rowptr, &bptr, &bcol, &boff, &bld})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "spmm_bsr: index tensors must be contiguous int32");
-  TORCH_CHECK(rowptr.numel() == rows + 1 && bptr.numel() == nbr + 1 && boff.numel() == nb && bld.numel() == nb,
-              "spmm_bsr: index sizes do not match ", rows, " rows / ", nb, " blocks");
+  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.numel() == rows + 1,
+              "spmm_bsr: rowptr must be contiguous int32 of ", rows + 1);
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
   TORCH_CHECK(vals.scalar_type() == ct && vals.is_contiguous(), "spmm_bsr: values must be contiguous ", ct);
-  SpMat A;
-  A.rows = rows;
-  A.cols = cols;
+  SpMat A = bsr_mat("spmm_bsr", rows, cols, bptr, bcol, boff, bld, bs, vals.numel());
   A.rowptr = rowptr.data_ptr<int32_t>();
   A.val = vals.data_ptr();
-  A.bs = bs;
-  A.bptr = bptr.data_ptr<int32_t>();
-  A.bcol = bcol.data_ptr<int32_t>();
-  A.boff = boff.data_ptr<int32_t>();
-  A.bld = bld.data_ptr<int32_t>();
   A.btrans = trans;
-  TORCH_CHECK(A.bptr[0] == 0 && A.bptr[nbr] == nb, "spmm_bsr: bptr does not cover the ", nb, " blocks");
-  const int64_t nv = vals.numel();
-  for (int64_t e = 0; e < nb; ++e) {  // every block inside the matrix and the values (O(blocks))
-    const int64_t ld = A.bld[e], off = A.boff[e];
-    TORCH_CHECK(A.bcol[e] >= 0 && (A.bcol[e] + 1) * bs <= cols && ld >= bs && off >= 0 &&
-                    off + (bs - 1) * ld + bs <= nv,
-                "spmm_bsr: block entry ", e, " is outside the matrix or the values");
-  }
   const int64_t B = x_in.size(0);
   if (B == 0 || rows == 0) return at::empty({B, rows}, x_in.options());
   const Tensor x = as_compute(x_in, ct);
   // dX (trans) walks a block column's kept blocks, nb*bs rows of X (dY) per group of output rows: 16-lane
   // panels halve those bytes so they stay in L1 and allow more rows a group (dX 1.4-1.8x faster at
   // 64-256 rows, 4096x1024 block:32 at 90 %, AVX2); the forward reads ~10x fewer X rows a block row
-  const int64_t PW = trans ? std::min<int64_t>(16, panel_width(B)) : panel_width(B);
-  const Tensor xp = to_panels(x, PW);
-  Tensor yp = at::empty({xp.size(0), rows, PW}, x.options().dtype(at::kFloat));
-  Tensor bf;
-  if (bias_in.has_value()) bf = bias_in->to(at::kFloat).contiguous();
-  spmm_panels(A, panel_lanes(xp, B), panel_lanes(yp, B), bf.defined() ? bf.data_ptr<float>() : nullptr, ct);
-  Tensor y = empty_big({B, rows}, ct);
-  from_panels(yp, y);
-  return ot == ct ? y : y.to(ot);
+  return spmm_lanes(A, x, trans ? std::min<int64_t>(16, panel_width(B)) : panel_width(B), bias_in, ot);
 }
 
 // kept-values dW of a block:bs Linear (bs 16 or 32): out[nnz] in the values' (CSR) order at the blocks
@@ -1156,26 +1166,11 @@ Tensor sddmm_bsr(const Tensor& dy_in, const Tensor& x_in, int64_t rows, int64_t 
                   x_in.size(1) == cols,
               "sddmm_bsr: shapes dy ", dy_in.sizes(), " x ", x_in.sizes(), " do not match (", rows, ", ", cols, ")");
   TORCH_CHECK((bs == 16 || bs == 32) && rows % bs == 0 && cols % bs == 0, "sddmm_bsr: block 16 or 32 dividing the shape");
-  const int64_t nbr = rows / bs, nb = bcol.numel();
-  for (const Tensor* t : {&bptr, &bcol, &boff, &bld})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "sddmm_bsr: index tensors must be contiguous int32");
-  TORCH_CHECK(bptr.numel() == nbr + 1 && boff.numel() == nb && bld.numel() == nb && nnz == nb * bs * bs,
-              "sddmm_bsr: index sizes do not match");
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
   TORCH_CHECK(dy_in.scalar_type() == ot, "sddmm_bsr: dy and x dtypes differ");
-  SpMat A;
-  A.rows = rows;
-  A.cols = cols;
-  A.bs = bs;
-  A.bptr = bptr.data_ptr<int32_t>();
-  A.bcol = bcol.data_ptr<int32_t>();
-  A.boff = boff.data_ptr<int32_t>();
-  A.bld = bld.data_ptr<int32_t>();
-  TORCH_CHECK(A.bptr[0] == 0 && A.bptr[nbr] == nb, "sddmm_bsr: bptr does not cover the blocks");
-  for (int64_t e = 0; e < nb; ++e)
-    TORCH_CHECK(A.bcol[e] >= 0 && (A.bcol[e] + 1) * bs <= cols && A.bld[e] >= bs && A.boff[e] >= 0 &&
-                    A.boff[e] + (bs - 1) * (int64_t)A.bld[e] + bs <= nnz,
-                "sddmm_bsr: block entry ", e, " is outside the matrix or the values");
+  TORCH_CHECK(nnz == bcol.numel() * bs * bs, "sddmm_bsr: ", nnz, " values for ", bcol.numel(), " blocks of ", bs, "x", bs);
+  const SpMat A = bsr_mat("sddmm_bsr", rows, cols, bptr, bcol, boff, bld, bs, nnz);
+  const int64_t nbr = rows / bs;
   const int64_t B = x_in.size(0);
   Tensor vals = at::empty({std::max<int64_t>(nnz, 1)}, at::kFloat);
   if (B == 0) {
