@@ -30,27 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import interpreting
-
-_INTERP: tl.constexpr = tl.constexpr(interpreting())
-
-
-@triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr):
-    """``acc + a @ b`` on tensor cores (fp32 accumulation). The interpreter's dot multiplies bfloat16
-    as raw integers, so there the operands go through float32 (exact for 16-bit products)."""
-    if _INTERP:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
-def _end(lo, step, n):
-    """``min(lo + step, n)`` for scalars."""
-    hi = lo + step
-    if hi > n:
-        hi = n
-    return hi
+from ._unstructured_kernels import _end, _mma  # jit helpers shared with the unstructured kernels
 
 
 @triton.jit
