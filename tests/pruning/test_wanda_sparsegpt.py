@@ -3,10 +3,7 @@ same result on every backend, bad calibration input, atomicity, and Hugging Face
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
@@ -18,6 +15,8 @@ from sparsefast import masks
 from sparsefast import pruning as P
 from sparsefast.nn import SparseModule
 from sparsefast.pruning import calibrated as C
+
+from _toy_patterns import TileNM, registered
 
 BACKENDS = [b for b in ("reference", "cpu") if b in sparsefast.backends.available()]
 
@@ -652,57 +651,10 @@ def test_pruner_refuses_a_gpt2_root_conv1d_and_fully_tied_models():
     assert type(model.lm_head) is nn.Linear
 
 
-@dataclass(frozen=True)
-class _Tile(masks.Pattern):
-    """``N@RxC``: at most N kept in every R x C tile of the reduction view (a per-group pattern; R = 1 is
-    N:M written another way)."""
-    n: int = 2
-    r: int = 1
-    c: int = 4
-    kind: ClassVar[str] = "tile19"
-    label: ClassVar[str] = "tile"
-
-    @property
-    def density(self):
-        return self.n / (self.r * self.c)
-
-    @property
-    def group_shape(self):
-        return (self.r, self.c)
-
-    @property
-    def kept_per_group(self):
-        return self.n
-
-    @classmethod
-    def parse(cls, s):
-        if s.startswith("t") and "@" in s:
-            n, rc = s[1:].split("@")
-            r, c = rc.split("x")
-            return cls(int(n), int(r), int(c))
-        return None
-
-    def fits(self, shape, op="linear"):
-        rows, k = shape[0], math.prod(shape[1:])
-        return None if rows % self.r == 0 and k % self.c == 0 else f"{self} needs {self.r}x{self.c} tiles"
-
-    def _tiles(self, rv):
-        R, K = rv.shape
-        return rv.reshape(R // self.r, self.r, K // self.c, self.c).permute(0, 2, 1, 3).reshape(-1, self.r * self.c)
-
-    def mask_error(self, mask_rv):
-        return "too many kept" if bool((self._tiles(mask_rv).sum(1) > self.n).any()) else None
-
-    def __str__(self):
-        return f"t{self.n}@{self.r}x{self.c}"
-
-
 @pytest.fixture
 def tile_pattern():
-    masks.register_pattern(_Tile)
-    yield
-    masks.PATTERN_TYPES.remove(_Tile)
-    masks._PARSED.clear()
+    with registered(TileNM):
+        yield
 
 
 def test_per_group_rule_from_the_pattern_not_its_kind(tile_pattern):
@@ -710,15 +662,15 @@ def test_per_group_rule_from_the_pattern_not_its_kind(tile_pattern):
     gives exactly the 2:4 result; groups spanning two rows are refused before the model is touched.
     Wanda keeps the top ``kept_per_group`` of any group shape."""
     class TileSparseGPT(C.SparseGPT):
-        pattern_support = {**C.SparseGPT.pattern_support, "tile19": True}
+        pattern_support = {**C.SparseGPT.pattern_support, "tilenm": True}
 
     class TileWanda(C.Wanda):
-        pattern_support = {**C.Wanda.pattern_support, "tile19": True}
+        pattern_support = {**C.Wanda.pattern_support, "tilenm": True}
 
     x = correlated(64, seed=3)
     for cls, base in ((TileSparseGPT, C.SparseGPT), (TileWanda, C.Wanda)):
         a, b = mlp(), mlp()
-        build(cls, a, pattern="t2@1x4").prune(batch=x)
+        build(cls, a, pattern="2@1x4").prune(batch=x)
         build(base, b, pattern="2:4").prune(batch=x)
         for la, lb in zip(a, b):
             if isinstance(la, SparseModule):
@@ -726,10 +678,10 @@ def test_per_group_rule_from_the_pattern_not_its_kind(tile_pattern):
     model = mlp()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"groups span 2 rows"):
-        build(TileSparseGPT, model, pattern="t2@2x2")
+        build(TileSparseGPT, model, pattern="2@2x2")
     assert not any(isinstance(m, SparseModule) for m in model) and model.state_dict().keys() == before.keys()
     w = mlp()
-    build(TileWanda, w, pattern="t1@2x2").prune(batch=x)
+    build(TileWanda, w, pattern="1@2x2").prune(batch=x)
     for layer in w:
         if isinstance(layer, SparseModule):
-            assert bool((_Tile(1, 2, 2)._tiles(masks.reduction_view(layer.mask)).sum(1) == 1).all())
+            assert bool((TileNM(1, 2, 2)._tiles(masks.reduction_view(layer.mask)).sum(1) == 1).all())
