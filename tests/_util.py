@@ -60,3 +60,16 @@ def data(n: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` seeded batches of 16 (x: 12 features, y: 4 classes) for :func:`mlp`."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+class LMLogits(nn.Module):
+    """A Hugging Face causal LM as ``ids -> logits`` for ONNX export. The explicit attention mask matters:
+    without one transformers 5 builds the causal mask with ``aten::diff``, which the TorchScript ONNX
+    exporter (opset 17) cannot export (a dense model fails the same way)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits

@@ -13,6 +13,8 @@ from sparsefast import export as ex
 from sparsefast import masks
 from sparsefast.nn import SparseConv2d, SparseLinear
 
+from _util import LMLogits
+
 pytest.importorskip("safetensors", reason="sparsefast.export needs safetensors (pip install safetensors)")
 
 
@@ -482,17 +484,7 @@ def test_gpt2_to_onnx_runs(tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnxruntime)")
     model = _gpt2_24("Wanda")
 
-    class Logits(nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids):
-            # an explicit attention_mask: without one transformers 5 builds the causal mask with aten::diff,
-            # which the TorchScript ONNX exporter (opset 17) cannot export (the dense GPT-2 fails the same way)
-            return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-
-    wrapped = Logits(model).eval()
+    wrapped = LMLogits(model).eval()
     ids = _gpt2_ids(2, 8, seed=3)
     rep = ex.to_onnx(wrapped, (ids,), tmp_path / "gpt2.onnx", verbose=False, dynamic_batch=False)
     rows = {r.name: r for r in rep}

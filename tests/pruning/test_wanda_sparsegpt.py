@@ -17,6 +17,7 @@ from sparsefast.nn import SparseModule
 from sparsefast.pruning import calibrated as C
 
 from _toy_patterns import TileNM, registered
+from _util import LMLogits
 
 BACKENDS = [b for b in ("reference", "cpu") if b in sparsefast.backends.available()]
 
@@ -588,15 +589,7 @@ def test_hf_to_onnx(tmp_path):
     model = _llama()
     build(C.Wanda, model, pattern="2:4").prune(batch=_ids())
 
-    class Logits(nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids):
-            return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-
-    wrapped = Logits(model).eval()
+    wrapped = LMLogits(model).eval()
     ids = _ids(2, 8, seed=3)
     rep = sparsefast.export.to_onnx(wrapped, (ids,), tmp_path / "llama.onnx", verbose=False, dynamic_batch=False)
     eligible = set(rep.eligible)
