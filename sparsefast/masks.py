@@ -438,27 +438,48 @@ def _kth_largest(f: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(f, n - k + 1).values
 
 
-def top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (same shape as 1-D ``flat``) of its ``k`` largest entries, ties going to the lower
+def top_k_flat(flat: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None,
+               absval: bool = False) -> torch.Tensor:
+    """Bool mask (same shape as 1-D ``flat``) of its ``k`` largest scores, ties going to the lower
     index: the same set as the first ``k`` of a stable descending sort, found with one ``kthvalue``
-    (O(n)) instead of a full sort (a 4M-entry sort took ~0.45 s here and dominated DST mask updates)."""
+    (O(n)) instead of a full sort (a 4M-entry sort took ~0.45 s here and dominated DST mask updates).
+
+    The score of an entry is its value (``absval``: its magnitude), ``-inf`` where the bool ``exclude``
+    is set, and excluded entries are never in the result: the same as filling ``-inf`` at ``exclude``,
+    selecting, and clearing ``exclude`` (the DST grow step), without the ``abs``/``-inf`` copies (on CPU
+    the compiled extension does it in two passes over the scores)."""
     flat = flat.reshape(-1)
     n = flat.numel()
     k = max(0, min(int(k), n))
-    out = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if exclude is not None:
+        exclude = exclude.reshape(-1)
+        if exclude.dtype != torch.bool or exclude.numel() != n:
+            raise ValueError(f"top_k_flat: exclude must be a bool tensor of {n} entries, got "
+                             f"{exclude.dtype} with {exclude.numel()}")
+    f = flat.float()
+    if f.device.type == "cpu" and n > (1 << 14) and 0 < k < n:
+        from .formats.kept import _cpu_fast
+
+        ext = _cpu_fast(f)
+        if ext is not None:  # the same selection in two fused passes (4M entries: ~2.3 ms vs ~27 ms)
+            got = ext.topk_flat(f.contiguous(), k, None if exclude is None else exclude.contiguous(), bool(absval))
+            if got.numel() == n:  # (empty: NaN in the scores, the generic path below decides)
+                return got
+    if absval:
+        f = f.abs()
+    if exclude is not None:
+        f = f.masked_fill(exclude, -math.inf)
+    out = _top_k_plain(f, k)
+    return out & ~exclude if exclude is not None else out
+
+
+def _top_k_plain(f: torch.Tensor, k: int) -> torch.Tensor:
+    n = f.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=f.device)
     if k == 0:
         return out
     if k == n:
         return out.fill_(True)
-    f = flat.float()
-    if f.device.type == "cpu" and n > (1 << 14):
-        from .formats.kept import _cpu_fast
-
-        ext = _cpu_fast(f)
-        if ext is not None:  # the same selection in three fused passes (4M entries: ~8 ms vs ~27 ms)
-            got = ext.topk_flat(f.contiguous(), k)
-            if got.numel() == n:  # (empty: NaN in the scores, the generic path below decides)
-                return got
     v = _kth_largest(f, k)
     out = f > v
     need = k - int(torch.count_nonzero(out))

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
+#include <limits>
 #include <atomic>
 #include <mutex>
 #include <cstdlib>
@@ -33,7 +35,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 10;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 11;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -685,14 +687,11 @@ Tensor flat_nonzero(const Tensor& mask_in) {
     const int64_t i0 = n * t / T, i1 = n * (t + 1) / T;
     int32_t* o = op + cnt[t];
     constexpr int64_t kChunk = 4096;
-    int32_t buf[kChunk + 1];
-    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {  // branch-free compaction into a chunk buffer
+    int32_t buf[kChunk + 8];
+    const auto& kt = table(at::kFloat);
+    for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {  // vectorised compaction into a chunk buffer
       const int64_t c1 = std::min(i1, c0 + kChunk);
-      int64_t p = 0;
-      for (int64_t i = c0; i < c1; ++i) {
-        buf[p] = static_cast<int32_t>(i);
-        p += mk[i];
-      }
+      const int64_t p = kt.compact_true(mk + c0, c1 - c0, static_cast<int32_t>(c0), buf);
       std::memcpy(o, buf, p * sizeof(int32_t));
       o += p;
     }
@@ -701,58 +700,221 @@ Tensor flat_nonzero(const Tensor& mask_in) {
 }
 
 // Where each entry of the ascending key list `new_keys` sits in the ascending `old_keys`: a linear
-// merge. Returns (src int64 (position in old_keys; 0 where absent), found bool).
-std::tuple<Tensor, Tensor> merge_keys(const Tensor& old_in, const Tensor& new_in) {
-  const Tensor a = old_in.to(at::kLong).contiguous(), b = new_in.to(at::kLong).contiguous();
-  const int64_t na = a.numel(), nb = b.numel();
-  Tensor src = at::zeros({nb}, at::kLong);
-  Tensor found = at::zeros({nb}, at::kBool);
-  const int64_t* ap = a.data_ptr<int64_t>();
-  const int64_t* bp = b.data_ptr<int64_t>();
-  int64_t* sp = src.data_ptr<int64_t>();
-  bool* fp = found.data_ptr<bool>();
-  // parallel over parts of b: each part starts its walk of a at a binary-searched position
+// merge. Returns (src int64: position in old_keys where found, some position in [0, len(old_keys)) elsewhere;
+// found bool). Keys int32 (a 2-D mask's
+// cached index, read as it is) or int64. The merge is branch-free: every step writes the current j's
+// answer and advances i and/or j by comparisons, so the last write for j is the step that moves past it
+// (a data-dependent while loop mispredicted about once per key: 5 ms -> ~1 ms for 2 x 0.4M keys).
+template <typename K>
+void merge_keys_impl(const K* ap, int64_t na, const K* bp, int64_t nb, int64_t* sp, bool* fp) {
   run_range(nb, static_cast<double>(na + nb), [&](int64_t j0, int64_t j1) {
     int64_t i = std::lower_bound(ap, ap + na, bp[j0]) - ap;
+    int64_t j = j0;
+    while (j < j1 && i < na) {
+      const K x = ap[i], y = bp[j];
+      sp[j] = i;
+      fp[j] = x == y;
+      i += x <= y;
+      j += y <= x;
+    }
+    for (; j < j1; ++j) {  // past the end of old_keys: absent
+      sp[j] = 0;
+      fp[j] = false;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> merge_keys(const Tensor& old_in, const Tensor& new_in) {
+  const bool i32 = old_in.scalar_type() == at::kInt && new_in.scalar_type() == at::kInt;
+  const Tensor a = i32 ? old_in.contiguous() : old_in.to(at::kLong).contiguous();
+  const Tensor b = i32 ? new_in.contiguous() : new_in.to(at::kLong).contiguous();
+  const int64_t na = a.numel(), nb = b.numel();
+  Tensor src = at::empty({nb}, at::kLong);
+  Tensor found = at::empty({nb}, at::kBool);
+  if (nb == 0) return {src, found};
+  if (na == 0) return {src.zero_(), found.zero_()};
+  if (i32)
+    merge_keys_impl(a.data_ptr<int32_t>(), na, b.data_ptr<int32_t>(), nb, src.data_ptr<int64_t>(),
+                    found.data_ptr<bool>());
+  else
+    merge_keys_impl(a.data_ptr<int64_t>(), na, b.data_ptr<int64_t>(), nb, src.data_ptr<int64_t>(),
+                    found.data_ptr<bool>());
+  return {src, found};
+}
+
+// Where each ascending int32 flat key sits among the kept entries of a contiguous bool mask (its rank:
+// the number of kept entries before it) and whether it is kept there: merge_keys of the mask's index and
+// `keys` without that index, and without the merge's serial dependency. One pass of 8-byte counts
+// builds a prefix count per 8 mask bytes; each key then costs one count of a word. Returns (src int64: the rank
+// where found, some position in [0, kept) elsewhere — like merge_keys; found bool).
+std::tuple<Tensor, Tensor> rank_in_mask(const Tensor& mask_in, const Tensor& keys) {
+  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "rank_in_mask: need a bool mask");
+  TORCH_CHECK(keys.scalar_type() == at::kInt && keys.is_contiguous() && keys.dim() == 1,
+              "rank_in_mask: int32 keys");
+  const Tensor mask = mask_in.contiguous();
+  const int64_t n = mask.numel(), nk = keys.numel(), nw = (n + 7) / 8;
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int32_t* kp = keys.data_ptr<int32_t>();
+  Tensor src = at::empty({nk}, at::kLong);
+  Tensor found = at::empty({nk}, at::kBool);
+  if (nk == 0) return {src, found};
+  TORCH_CHECK(kp[0] >= 0 && kp[nk - 1] < n, "rank_in_mask: key out of range");  // keys ascending
+  // the number of 1 bytes of a word of 0/1 bytes: their sum lands in the top byte (a multiply; the
+  // generic x86-64 build has no popcnt instruction)
+  auto bytesum = [](uint64_t x) { return static_cast<int64_t>((x * 0x0101010101010101ull) >> 56); };
+  auto word = [&](int64_t w) {
+    uint64_t x = 0;
+    if (w * 8 + 8 <= n)
+      std::memcpy(&x, mk + w * 8, 8);
+    else
+      std::memcpy(&x, mk + w * 8, static_cast<size_t>(n - w * 8));
+    return x;
+  };
+  std::vector<int32_t> pre(nw);
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pick_threads(static_cast<double>(n) / 4), nw)));
+  std::vector<int64_t> part(T + 1, 0);
+  run_parts(T, [&](int t) {
+    const int64_t w0 = nw * t / T, w1 = nw * (t + 1) / T;
+    int64_t c = 0;
+    for (int64_t w = w0; w < w1; ++w) {
+      pre[w] = static_cast<int32_t>(c);
+      c += bytesum(word(w));
+    }
+    part[t + 1] = c;
+  });
+  for (int t = 0; t < T; ++t) part[t + 1] += part[t];
+  if (T > 1) {  // each part's prefixes started at 0: add the counts of the parts before it
+    run_parts(T, [&](int t) {
+      const int64_t w0 = nw * t / T, w1 = nw * (t + 1) / T;
+      const int32_t off = static_cast<int32_t>(part[t]);
+      for (int64_t w = w0; w < w1; ++w) pre[w] += off;
+    });
+  }
+  const int64_t last = std::max<int64_t>(part[T] - 1, 0);  // an absent key's rank can be one past the end
+  int64_t* sp = src.data_ptr<int64_t>();
+  bool* fp = found.data_ptr<bool>();
+  run_range(nk, static_cast<double>(nk) * 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t key = bp[j];
-      while (i < na && ap[i] < key) ++i;
-      if (i < na && ap[i] == key) {
-        sp[j] = i;
-        fp[j] = true;
-      }
+      const int64_t key = kp[j], w = key >> 3, b = key & 7;
+      const uint64_t x = word(w);
+      const uint64_t below = x & ((uint64_t(1) << (8 * b)) - 1);  // b < 8: the shift is at most 56
+      sp[j] = std::min<int64_t>(pre[w] + bytesum(below), last);
+      fp[j] = (x >> (8 * b)) & 1;
     }
   });
   return {src, found};
 }
 
-// The k largest entries of a 1-D float32 tensor as a bool mask, ties going to the lower index (the
-// first k of a stable descending sort). A fixed-seed random sample brackets the k-th value, one pass
-// counts the entries above the bracket and collects those inside it, nth_element on the candidates
-// gives the value, one pass counts ties per part and the last writes the mask. Returns an empty
-// tensor when the input holds NaN (the caller's generic path decides what that means).
-Tensor topk_flat(const Tensor& f_in, int64_t k) {
+// out[j] = keep[j] ? vals[src[j]] : +0 (kept.remap_tensor: values and optimizer state following a mask
+// change) in one parallel pass; torch's index_select + masked fill ran at ~2 GB/s here.
+Tensor gather_keep(const Tensor& vals_in, const Tensor& src, const Tensor& keep) {
+  TORCH_CHECK(src.scalar_type() == at::kLong && keep.scalar_type() == at::kBool && src.is_contiguous() &&
+                  keep.is_contiguous() && src.numel() == keep.numel() && src.dim() == 1,
+              "gather_keep: int64 positions and a bool keep flag per output entry");
+  const Tensor vals = vals_in.contiguous();
+  const int64_t n = src.numel(), nv = vals.numel();
+  TORCH_CHECK(vals.element_size() == 2 || vals.element_size() == 4 || vals.element_size() == 8,
+              "gather_keep: 2-, 4- or 8-byte values");
+  Tensor out = at::empty({n}, vals.options());
+  const int64_t* sp = src.data_ptr<int64_t>();
+  const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+  TORCH_CHECK(nv > 0 || n == 0, "gather_keep: no values to gather from");
+  // branch-free (keep flags and range checks are data: a branch per entry mispredicted on every
+  // irregular keep pattern, 2.5x slower than torch's index_select): an out-of-range position reads
+  // entry 0 and is reported after the pass
+  std::atomic<int> bad{0};
+  auto go = [&](auto* v, auto* o) {
+    using U = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+    run_range(n, static_cast<double>(n) * 4, [&](int64_t j0, int64_t j1) {
+      uint8_t b = 0;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint64_t s = static_cast<uint64_t>(sp[j]);
+        const uint8_t ok = s < static_cast<uint64_t>(nv);
+        b |= ok ^ 1;
+        const U x = v[ok ? s : 0];
+        o[j] = x & static_cast<U>(U(0) - static_cast<U>(kp[j] & ok));
+      }
+      if (b) bad.store(1, std::memory_order_relaxed);
+    });
+  };
+  switch (vals.element_size()) {
+    case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
+    case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
+    default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
+  }
+  TORCH_CHECK(!bad.load(), "gather_keep: a position is out of range");
+  return out;
+}
+
+// CSR (rowptr int32 [R+1], col int16 [nnz + pad]) of an R x C mask from its ascending int32 flat kept
+// positions (kept.index of a 2-D mask, cached by every mask change): O(nnz + R log nnz) instead of a
+// scan of all R*C mask bytes.
+std::vector<Tensor> csr_from_flat(const Tensor& flat, int64_t R, int64_t C) {
+  TORCH_CHECK(flat.scalar_type() == at::kInt && flat.is_contiguous() && flat.dim() == 1,
+              "csr_from_flat: int32 flat positions");
+  TORCH_CHECK(C <= 65536, "csr_from_flat: ", C, " columns exceed the 16-bit column index");
+  const int64_t n = flat.numel();
+  TORCH_CHECK(n < (int64_t(1) << 31) - kColPad, "csr_from_flat: more than 2^31 kept weights");
+  const int32_t* fp = flat.data_ptr<int32_t>();
+  TORCH_CHECK(n == 0 || (fp[0] >= 0 && fp[n - 1] < R * C), "csr_from_flat: position out of range");
+  Tensor rowptr = at::empty({R + 1}, at::kInt);
+  int32_t* rp = rowptr.data_ptr<int32_t>();
+  for (int64_t r = 0; r <= R; ++r)
+    rp[r] = static_cast<int32_t>(std::lower_bound(fp, fp + n, static_cast<int64_t>(r) * C,
+                                                  [](int32_t a, int64_t b) { return a < b; }) - fp);
+  Tensor col = at::empty({n + kColPad}, at::kShort);
+  uint16_t* cp = reinterpret_cast<uint16_t*>(col.data_ptr<int16_t>());
+  run_range(R, static_cast<double>(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+      for (int32_t j = rp[r]; j < rp[r + 1]; ++j) cp[j] = static_cast<uint16_t>(fp[j] - base);
+    }
+  });
+  std::memset(cp + n, 0, kColPad * sizeof(uint16_t));
+  return {rowptr, col};
+}
+
+// The k largest scores of a 1-D float32 tensor as a bool mask, ties going to the lower index (the
+// first k of a stable descending sort). Score of entry i: its value, or |value| with absval; -inf where
+// the optional bool `exclude` is set, and an excluded entry is never in the mask (the result equals
+// filling -inf at `exclude`, selecting, and clearing `exclude` — the DST grow step — in two passes
+// instead of five). A fixed-seed random sample brackets the k-th score, one pass counts the entries
+// above the bracket and collects those inside it, nth_element on the candidates gives the score v, the
+// candidates give the per-part counts of scores above and equal to v, and one pass writes the mask.
+// Returns an empty tensor when a score is NaN (the caller's generic path decides what that means).
+Tensor topk_flat(const Tensor& f_in, int64_t k, const std::optional<Tensor>& exclude, bool absval) {
   TORCH_CHECK(f_in.scalar_type() == at::kFloat && f_in.dim() == 1, "topk_flat: need a 1-D float32 tensor");
   const Tensor f = f_in.contiguous();
   const int64_t n = f.numel();
   TORCH_CHECK(k >= 0 && k <= n, "topk_flat: k=", k, " outside [0, ", n, "]");
+  Tensor ex_t;
+  const uint8_t* ex = nullptr;
+  if (exclude.has_value()) {
+    TORCH_CHECK(exclude->scalar_type() == at::kBool && exclude->numel() == n && exclude->device().is_cpu(),
+                "topk_flat: exclude must be a CPU bool tensor with one entry per score");
+    ex_t = exclude->contiguous();
+    ex = reinterpret_cast<const uint8_t*>(ex_t.data_ptr<bool>());
+  }
   const float* fp = f.data_ptr<float>();
   Tensor out = at::empty({n}, at::kBool);
   uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   if (k == 0 || n == 0) return out.zero_();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto score = [&](int64_t i) { return (ex && ex[i]) ? ninf : (absval ? std::fabs(fp[i]) : fp[i]); };
   const auto& kt = table(at::kFloat);
   const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pick_threads(static_cast<double>(n) / 2), n)));
   auto part = [&](int t) { return std::make_pair(n * t / T, n * (t + 1) / T); };
   std::atomic<int> has_nan{0};
   float v = 0.f;
   bool have_v = false;
+  std::vector<int64_t> gt(T, 0), eq(T + 1, 0);  // per part: #(score > v), #(score == v) (eq shifted by one)
   if (n > 4096) {
     const int64_t ns = 1 << 15;
     std::vector<float> smp(ns);
     uint64_t st = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);
     for (int64_t s = 0; s < ns; ++s) {
       st ^= st << 13; st ^= st >> 7; st ^= st << 17;  // xorshift64: a fixed-seed sample
-      smp[s] = fp[st % static_cast<uint64_t>(n)];
+      smp[s] = score(static_cast<int64_t>(st % static_cast<uint64_t>(n)));
     }
     const double q = static_cast<double>(k) / n;
     const double spread = 4.0 * std::sqrt(ns * q * (1.0 - q)) + 8;
@@ -771,7 +933,8 @@ Tensor topk_flat(const Tensor& f_in, int64_t k) {
         const int64_t cap = (i1 - i0) / 16 + 1024;  // ~8 x the expected bracket share
         cand[t].resize(cap);
         int nan = 0;
-        nc[t] = kt.bracket_scan(fp + i0, i1 - i0, hi, lo, cand[t].data(), cap, &above[t], &nan);
+        nc[t] = kt.bracket_scan(fp + i0, ex ? ex + i0 : nullptr, absval, i1 - i0, hi, lo, cand[t].data(), cap,
+                                &above[t], &nan);
         if (nan) has_nan.store(1);
         if (nc[t] > cap) nc[t] = -1;  // overflow: the full selection below
       });
@@ -791,22 +954,34 @@ Tensor topk_flat(const Tensor& f_in, int64_t k) {
         std::nth_element(all.begin(), all.begin() + (r - 1), all.end(), std::greater<float>());
         v = all[r - 1];
         have_v = true;
+        // v lies inside the bracket, so every score equal to it, and every one above it but not above
+        // the bracket, is a candidate of its part: the counts need no further pass
+        for (int t = 0; t < T; ++t) {
+          int64_t g = above[t], e = 0;
+          for (int64_t j = 0; j < nc[t]; ++j) {
+            g += cand[t][j] > v;
+            e += cand[t][j] == v;
+          }
+          gt[t] = g;
+          eq[t + 1] = e;
+        }
       }
     }
   }
   if (!have_v) {
-    for (int64_t i = 0; i < n; ++i)
-      if (fp[i] != fp[i]) return at::empty({0}, at::kBool);
-    std::vector<float> all(fp, fp + n);
+    std::vector<float> all(n);
+    for (int64_t i = 0; i < n; ++i) {
+      all[i] = score(i);
+      if (all[i] != all[i]) return at::empty({0}, at::kBool);
+    }
     std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), std::greater<float>());
     v = all[k - 1];
+    run_parts(T, [&](int t) {
+      const auto [i0, i1] = part(t);
+      kt.count_gt_eq(fp + i0, ex ? ex + i0 : nullptr, absval, i1 - i0, v, &gt[t], &eq[t + 1]);
+    });
   }
   // ties: the first (k - #above v) entries equal to v, in index order
-  std::vector<int64_t> gt(T, 0), eq(T + 1, 0);
-  run_parts(T, [&](int t) {
-    const auto [i0, i1] = part(t);
-    kt.count_gt_eq(fp + i0, i1 - i0, v, &gt[t], &eq[t + 1]);
-  });
   int64_t ngt = 0;
   for (int t = 0; t < T; ++t) ngt += gt[t];
   for (int t = 0; t < T; ++t) eq[t + 1] += eq[t];
@@ -814,16 +989,16 @@ Tensor topk_flat(const Tensor& f_in, int64_t k) {
   if (need >= eq[T]) {  // every tie is taken (the usual case: v is unique): one vectorised pass
     run_parts(T, [&](int t) {
       const auto [i0, i1] = part(t);
-      kt.ge_bytes(fp + i0, i1 - i0, v, op + i0);
+      kt.ge_bytes(fp + i0, ex ? ex + i0 : nullptr, absval, i1 - i0, v, op + i0);
     });
   } else {
     run_parts(T, [&](int t) {
       const auto [i0, i1] = part(t);
       int64_t seen = eq[t];
       for (int64_t i = i0; i < i1; ++i) {
-        const float x = fp[i];
+        const float x = score(i);
         const bool tie = (x == v);
-        op[i] = static_cast<uint8_t>((x > v) | (tie & (seen < need)));
+        op[i] = static_cast<uint8_t>(((x > v) | (tie & (seen < need))) & !(ex && ex[i]));
         seen += tie;
       }
     });
@@ -1522,9 +1697,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("out") = py::none());
   mod.def("gather_perm", &gather_perm);
   mod.def("scatter_flat", &scatter_flat, "dense (numel,) with vals at int32 flat positions, +0 elsewhere");
+  mod.def("rank_in_mask", &rank_in_mask, "(rank among the mask's kept entries, kept there) of ascending int32 flat keys");
+  mod.def("gather_keep", &gather_keep, "out[j] = keep[j] ? vals[src[j]] : 0");
+  mod.def("csr_from_flat", &csr_from_flat, "(rowptr, col) of an R x C mask from its ascending int32 flat positions");
   mod.def("flat_nonzero", &flat_nonzero, "ascending int32 flat positions of a bool tensor's true entries");
   mod.def("merge_keys", &merge_keys, "(src, found): positions of ascending new keys in ascending old keys");
-  mod.def("topk_flat", &topk_flat, "bool mask of the k largest float32 entries (ties: lower index); empty on NaN");
+  mod.def("topk_flat", &topk_flat, "bool mask of the k largest float32 scores (ties: lower index; score: the value, "
+          "its magnitude with absval, -inf and never selected where exclude); empty on NaN",
+          py::arg("f"), py::arg("k"), py::arg("exclude") = py::none(), py::arg("absval") = false);
   mod.def("gather_nm", &gather_nm);
   mod.def("build_blocked", &build_blocked);
   mod.def("build_csr_blocks", &build_csr_blocks);

@@ -4,8 +4,10 @@
 // __builtin_cpu_supports). On non-x86 targets only the generic copy is built.
 #include "kernels.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SF_X86 1

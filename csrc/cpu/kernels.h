@@ -148,14 +148,20 @@ struct KernelTable {
                          int64_t PW, int64_t o0, int64_t o1);
   void (*panels_to_rows)(const void* p, void* t, int64_t rows, int64_t HW, int64_t G, int64_t img_stride,
                          int64_t PW, int64_t o0, int64_t o1);
-  // top-k selection passes over fp32 scores (dtype-independent; mask changes): entries > hi and NaNs
-  // counted, entries in [lo, hi] copied to cand (the first cap of them; returns how many there are)
-  int64_t (*bracket_scan)(const float* p, int64_t n, float hi, float lo, float* cand, int64_t cap,
-                          int64_t* above, int* nan);
-  // gt = #(p > v), eq = #(p == v)
-  void (*count_gt_eq)(const float* p, int64_t n, float v, int64_t* gt, int64_t* eq);
-  // out[i] = p[i] >= v (0/1 bytes)
-  void (*ge_bytes)(const float* p, int64_t n, float v, uint8_t* out);
+  // top-k selection passes over fp32 scores (dtype-independent; mask changes). Every pass scores entry i
+  // as s_i = ex && ex[i] ? -inf : (absval ? |p[i]| : p[i]) (ex: optional 0/1 bytes, "excluded").
+  // bracket_scan: entries with s > hi and NaNs counted, entries with s in [lo, hi] copied to cand (the
+  // first cap of them; returns how many there are)
+  int64_t (*bracket_scan)(const float* p, const uint8_t* ex, bool absval, int64_t n, float hi, float lo,
+                          float* cand, int64_t cap, int64_t* above, int* nan);
+  // gt = #(s > v), eq = #(s == v)
+  void (*count_gt_eq)(const float* p, const uint8_t* ex, bool absval, int64_t n, float v, int64_t* gt,
+                      int64_t* eq);
+  // out[i] = s_i >= v && !(ex && ex[i]) (0/1 bytes)
+  void (*ge_bytes)(const float* p, const uint8_t* ex, bool absval, int64_t n, float v, uint8_t* out);
+  // out[0..count) = base + i for every nonzero byte mk[i], i ascending; returns count. out has room for
+  // n + 8 entries (vector stores may write up to 8 past the count)
+  int64_t (*compact_true)(const uint8_t* mk, int64_t n, int32_t base, int32_t* out);
 };
 
 // Tables for (isa, dtype); nullptr when the ISA was not compiled in.

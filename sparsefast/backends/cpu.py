@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 
 from .. import _build_cpu
+from ..formats import kept as _kept
 from ..masks import Block, Pattern, density, reduction_view
 from .base import Backend, ConvParams, OpQuery
 from .reference import ReferenceBackend
@@ -211,7 +212,7 @@ class CpuBackend(Backend):
         return self._hw_info
 
     auto_priority = {"cpu": 10}
-    uses_kept_index = False  # CSR / blocks / N:M slots built from the mask (see the kept-values section)
+    uses_kept_index = False  # own formats (CSR from the kept index, blocks, N:M slots), kept after the index
 
     def extra_reasons(self, q: OpQuery) -> list[str]:
         """16-bit column indices and 32-bit offsets."""
@@ -286,7 +287,13 @@ class CpuBackend(Backend):
 
     def _csr(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rowptr int32, col int16) of the reduction view of the mask."""
-        return self.cached("csr", (mask,), lambda: tuple(self.ext.build_csr(self._m2d(mask))))
+        def build():
+            flat = _kept.index(mask) if mask.dim() == 2 else None
+            if flat is not None and flat.dtype == torch.int32 and hasattr(self.ext, "csr_from_flat"):
+                # from the kept index every mask change already computed: O(nnz), no scan of the mask
+                return tuple(self.ext.csr_from_flat(flat, mask.shape[0], mask.shape[1]))
+            return tuple(self.ext.build_csr(self._m2d(mask)))
+        return self.cached("csr", (mask,), build)
 
     def _csr_t(self, mask: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-group transposes stacked ((groups*K) x rows/groups): (t_rowptr, t_col, t_perm -> CSR position)."""

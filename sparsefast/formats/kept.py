@@ -165,10 +165,11 @@ def scatter(values: torch.Tensor, mask: torch.Tensor, *, dtype: torch.dtype | No
 
 
 def _keys(mask: torch.Tensor) -> torch.Tensor:
-    """Reduction-view row-major positions of the kept entries, canonical order (ascending)."""
-    flat = index(mask).long()
+    """Reduction-view row-major positions of the kept entries, canonical order (ascending); a 2-D mask's
+    cached index as it is (int32 below 2^31 entries)."""
     if mask.dim() == 2:
-        return flat
+        return index(mask)
+    flat = index(mask).long()
     o, c, kh, kw = mask.shape   # natural (o, c, h, w) -> reduction view (o, h, w, c)
     w_ = flat % kw
     h_ = (flat // kw) % kh
@@ -182,17 +183,26 @@ def remap(old_mask: torch.Tensor, new_mask: torch.Tensor,
     """``(src, keep)`` for moving values from ``old_mask``'s canonical order to ``new_mask``'s:
     ``new[keep] = old[src[keep]]``; ``keep`` is False at newly kept positions (they start at zero) and at
     the positions of the bool ``reset`` mask (restarted even though they were kept). Both orders are
-    sorted by reduction-view position, so this is a binary search (no dense-sized lookup table)."""
-    old_k, new_k = _keys(old_mask), _keys(new_mask)
-    if old_k.numel() == 0:
-        src = torch.zeros_like(new_k)
-        return src, torch.zeros(new_k.shape, dtype=torch.bool, device=new_k.device)
-    ext = _cpu_fast(old_k)
-    if ext is not None:  # a linear merge of the two ascending lists (searchsorted: n log n, ~10x slower)
-        pos, keep = ext.merge_keys(old_k, new_k)
+    sorted by reduction-view position: a 2-D mask on CPU ranks each new key among the old mask's kept
+    entries (prefix popcounts over the old mask; its index is not needed), otherwise the two sorted key
+    lists are merged (no dense-sized lookup table)."""
+    new_k = _keys(new_mask)
+    ext = _cpu_fast(new_k)
+    if (ext is not None and hasattr(ext, "rank_in_mask") and old_mask.dim() == 2 and new_k.dtype == torch.int32
+            and old_mask.device == new_k.device and tuple(old_mask.shape) == tuple(new_mask.shape)):
+        # each new key's rank among the old mask's kept entries: no index of the old mask needed
+        pos, keep = ext.rank_in_mask(old_mask, new_k)
     else:
-        pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
-        keep = old_k[pos] == new_k
+        old_k = _keys(old_mask)
+        if old_k.numel() == 0:
+            src = torch.zeros(new_k.shape, dtype=torch.long, device=new_k.device)
+            return src, torch.zeros(new_k.shape, dtype=torch.bool, device=new_k.device)
+        if ext is not None:  # a linear merge of the two ascending lists (searchsorted: n log n, ~10x slower)
+            pos, keep = ext.merge_keys(old_k, new_k)
+        else:
+            old_k, new_k = old_k.long(), new_k.long()
+            pos = torch.searchsorted(old_k, new_k).clamp_(max=old_k.numel() - 1)
+            keep = old_k[pos] == new_k
     if reset is not None:
         keep &= ~reset.reshape(-1)[index(new_mask).long()]
     return pos, keep
@@ -202,6 +212,10 @@ def remap_tensor(t: torch.Tensor, src: torch.Tensor, keep: torch.Tensor) -> torc
     """A new tensor in the new order (see :func:`remap`): old entries where kept before, zero elsewhere."""
     if src.numel() == 0 or t.numel() == 0:
         return torch.zeros(src.shape, dtype=t.dtype, device=t.device)
+    ext = _cpu_fast(t)
+    if (ext is not None and hasattr(ext, "gather_keep") and t.dim() == 1 and src.dtype == torch.int64
+            and src.device == t.device and t.element_size() in (2, 4, 8)):
+        return ext.gather_keep(t, src.contiguous(), keep.contiguous())  # one parallel pass
     # one gather and one masked fill (``src`` is a valid position everywhere, ``keep`` says where it
     # means something); boolean indexing would run a nonzero per tensor moved
     from ..backends.base import masked  # here: backends.base imports this module

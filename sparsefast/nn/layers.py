@@ -375,9 +375,14 @@ class SparseModule(nn.Module):
             return _layer_backend_static(id(self), x.device.type, str(x.dtype))
         name = _bk.resolve(self.requested_backend, self._op_query(x))
         self._used_backend = name
-        if not _bk.get(name).uses_kept_index:
-            _kept.release(self.mask)  # its kernels keep their own formats: no nnz-sized index beside them
         return name
+
+    def _ran(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        """After a forward on ``name``: a backend whose kernels keep their own formats (built during the
+        call, from the kept index where one was cached) lets the nnz-sized index go."""
+        if not torch.compiler.is_compiling() and not _bk.get(name).uses_kept_index:
+            _kept.release(self.mask)
+        return y
 
     def _density_arg(self) -> float | None:
         return None if torch.compiler.is_compiling() else self.density
@@ -459,8 +464,9 @@ class SparseLinear(SparseModule):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=self._resolve(x),
-                                  pattern=self.pattern, density=self._density_arg())
+        name = self._resolve(x)
+        return self._ran(name, sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=name,
+                                                  pattern=self.pattern, density=self._density_arg()))
 
     def to_dense(self) -> nn.Module:
         """A plain ``nn.Linear`` holding the masked weights (a ``Conv1D`` for a layer made from one)."""
@@ -616,9 +622,10 @@ class SparseConv2d(SparseModule):
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
-        return sparse_conv2d_kept(x, self.weight, self.mask, self.bias, self.stride, padding, self.dilation,
-                                  self.groups, backend=self._resolve(x), pattern=self.pattern,
-                                  density=self._density_arg())
+        name = self._resolve(x)
+        return self._ran(name, sparse_conv2d_kept(x, self.weight, self.mask, self.bias, self.stride, padding,
+                                                  self.dilation, self.groups, backend=name, pattern=self.pattern,
+                                                  density=self._density_arg()))
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the masked weights."""

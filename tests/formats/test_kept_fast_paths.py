@@ -142,3 +142,115 @@ def test_scatter_gather(path, shape, density, dt):
     assert torch.equal(vg.grad, torch.ones_like(v))
     with pytest.raises(ValueError, match="values for a mask"):
         kept.scatter(v[:-1] if v.numel() else torch.zeros(1, dtype=dt), mask)
+
+
+def _isas():
+    from sparsefast import backends
+    try:
+        return list(backends.get("cpu").ext.describe()["isas"])
+    except Exception:  # no compiled extension: the torch path only
+        return ["none"]
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("n", [5_000, 20_000, 150_001])
+def test_top_k_flat_exclude_and_absval(path, isa, n):
+    """``exclude``/``absval`` (the fused DST grow selection) equal filling -inf at the excluded entries of
+    |f| (or f), a stable descending sort, and clearing the excluded entries — on every compiled ISA, both
+    thread counts, with ties, infinities and excluded shares from none to almost all."""
+    if isa != "none" and path == "torch":
+        pytest.skip("the ISA applies to the extension path")
+    from sparsefast import backends
+    cb = backends.get("cpu") if isa != "none" else None
+    if cb is not None:
+        cb.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        g = torch.Generator().manual_seed(n + 7)
+        for kind in range(4):
+            f = torch.randn(n, generator=g)
+            if kind == 1:
+                f = torch.randint(-3, 4, (n,), generator=g).float()  # big ties, of both signs
+            if kind == 2:
+                f[torch.rand(n, generator=g) < 0.2] = float("-inf")
+            for share in (0.0, 0.5, 0.97):
+                ex = torch.rand(n, generator=g) < share
+                for absval in (False, True):
+                    s = f.abs() if absval else f.clone()
+                    s[ex] = float("-inf")
+                    for k in (1, n // 50, n // 3, n - 1):
+                        ref = torch.zeros(n, dtype=torch.bool)
+                        ref[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+                        ref &= ~ex
+                        for t in (1, 2):
+                            torch.set_num_threads(t)
+                            got = masks.top_k_flat(f, k, exclude=ex, absval=absval)
+                            assert torch.equal(got, ref), (kind, share, absval, k, t)
+    finally:
+        torch.set_num_threads(threads)
+        if cb is not None:
+            cb.set_isa("auto")
+
+
+def test_top_k_flat_exclude_checks_its_argument():
+    with pytest.raises(ValueError, match="exclude must be a bool tensor of 10 entries"):
+        masks.top_k_flat(torch.randn(10), 3, exclude=torch.zeros(9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_index_csr_and_merge_fast_paths_on_every_isa(isa):
+    """The vectorised nonzero compaction (kept index), the CSR built from the kept index, and the
+    branch-free key merge (int32 and int64 keys) against torch, on every compiled ISA, both thread counts,
+    densities 0..1, shapes with ragged tails and empty rows."""
+    if isa == "none":
+        pytest.skip("the compiled CPU extension is not available")
+    from sparsefast import backends
+    cb = backends.get("cpu")
+    ext = cb.ext
+    cb.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        g = torch.Generator().manual_seed(3)
+        for shape in [(1, 1), (3, 7), (33, 65), (130, 517), (257, 4099)]:
+            for d in (0.0, 0.01, 0.1, 0.5, 0.97, 1.0):
+                m = torch.rand(shape, generator=g) < d
+                m[shape[0] // 2] = False  # an empty row
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    flat = ext.flat_nonzero(m)
+                    assert flat.dtype == torch.int32
+                    assert torch.equal(flat.long(), m.reshape(-1).nonzero().reshape(-1)), (shape, d, t)
+                    rp, col = ext.csr_from_flat(flat, *shape)
+                    rp2, col2 = ext.build_csr(m)
+                    assert torch.equal(rp, rp2) and torch.equal(col, col2), (shape, d, t)
+                    new = m ^ (torch.rand(shape, generator=g) < 0.2)
+                    nf = ext.flat_nonzero(new)
+                    src, found = ext.rank_in_mask(m, nf)  # rank among m's kept entries, no index of m
+                    assert torch.equal(found, torch.isin(nf, flat)), (shape, d, t)
+                    assert torch.equal(src[found], torch.searchsorted(flat.long(), nf[found].long()))
+                    assert bool(((src >= 0) & (src < max(flat.numel(), 1))).all())
+                    for a, b in ((flat, nf), (flat.long(), nf.long())):
+                        if a.numel() == 0:
+                            continue
+                        src, found = ext.merge_keys(a, b)
+                        want = torch.isin(b, a)
+                        assert torch.equal(found, want), (shape, d, t)
+                        assert bool(((src >= 0) & (src < a.numel())).all())
+                        assert torch.equal(a[src[found]], b[found])
+    finally:
+        torch.set_num_threads(threads)
+        cb.set_isa("auto")
+
+
+def test_gather_keep_and_csr_from_flat_check_their_arguments():
+    if kept._cpu_fast(torch.zeros(1)) is None:
+        pytest.skip("the compiled CPU extension is not available")
+    ext = kept._cpu_fast(torch.zeros(1))
+    v = torch.randn(5)
+    out = ext.gather_keep(v, torch.tensor([4, 0, 2]), torch.tensor([True, True, False]))
+    assert torch.equal(out, torch.stack([v[4], v[0], torch.tensor(0.0)]))
+    for bad, keep in ((5, True), (9, False), (-1, True)):  # every position must be valid, kept or not
+        with pytest.raises(RuntimeError, match="position is out of range"):
+            ext.gather_keep(v, torch.tensor([0, bad]), torch.tensor([True, keep]))
+    with pytest.raises(RuntimeError, match="position out of range"):
+        ext.csr_from_flat(torch.tensor([3, 12], dtype=torch.int32), 3, 4)

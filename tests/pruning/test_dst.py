@@ -303,3 +303,47 @@ def test_snfs_momentum_and_redistribution():
         not_grown = free & ~g
         if bool(not_grown.any()):
             assert float(pr._mom[n].abs()[g].min()) >= float(pr._mom[n].abs()[not_grown].max()) - 1e-7
+
+
+# ---- SET's sampled uniform regrowth (layers above SAMPLED_GROWTH_ABOVE weights) -------------------------
+def test_set_sampled_growth_is_a_uniform_seeded_subset_of_the_free_positions(monkeypatch):
+    """Above the size threshold SET samples its regrowth: exactly as many grown as dropped, never at a
+    position kept after the drop, reproducible from the seed, a new draw per step, and uniform over the
+    free positions (per-row counts over many draws against the free share of each row, chi-square)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 256))  # 24576 weights each
+    monkeypatch.setattr(P.SET, "SAMPLED_GROWTH_ABOVE", 10_000)
+    pr = P.SET(model, sparsity=0.9, distribution="uniform", update_every=1, seed=5)
+    pr.prune()
+    n, l = pr.layers[0]
+    # a skewed mask: rows 0..47 almost full, rows 48..95 almost empty, so uniformity is visible per row
+    skew = torch.zeros(96, 256, dtype=torch.bool)
+    skew[:48, :200] = True
+    skew[48:, :12] = True
+    l.set_mask(skew)
+    after = l.mask.clone()
+    after[:48, :60] = False  # a "drop" of 2880
+    k = int((l.mask & ~after).sum())
+    g1 = pr._grow_uniform(n, l, after, k, t=3)
+    assert int(g1.sum()) == k and not bool((g1 & after).any())
+    assert torch.equal(g1, pr._grow_uniform(n, l, after, k, t=3))  # seeded
+    assert not torch.equal(g1, pr._grow_uniform(n, l, after, k, t=4))  # a new draw per step
+    counts = torch.zeros(96)
+    draws = 60
+    for t in range(draws):
+        counts += pr._grow_uniform(n, l, after, k, t=100 + t).sum(1).float()
+    free_rows = (~after).sum(1).float()
+    expected = free_rows / free_rows.sum() * k * draws
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 96 + 6 * math.sqrt(2 * 96), chi2  # 95 degrees of freedom: mean 95, sd ~13.8
+
+    # through a real update: densities kept, grown positions start at zero
+    pr2 = P.SET(nn.Sequential(nn.Linear(256, 96)), sparsity=0.8, distribution="uniform", update_every=1, seed=1)
+    pr2.prune()
+    before = pr2.masks()
+    pr2.step()
+    (n2, l2), = pr2.layers
+    u = pr2.last_update[n2]
+    assert int(u["grown"].sum()) == int(u["dropped"].sum()) > 0
+    assert int(l2.mask.sum()) == int(before[n2].sum())
+    assert bool((l2.dense_weight()[u["grown"] & ~before[n2]] == 0).all())
