@@ -373,7 +373,10 @@ class CpuBackend(Backend):
     # The dense-weight primitives (linear_fwd, ...) come from the base class: they gather the kept
     # values and run the kept primitives below, the only implementation.
     def _density(self, mask: torch.Tensor) -> float:
-        return self.cached("density", (mask,), lambda: density(mask))
+        def build():
+            n = _kept.cached_nnz(mask)  # set after every mask change: no count over the mask
+            return density(mask) if n is None else n / max(mask.numel(), 1)
+        return self.cached("density", (mask,), build)
 
     def _dense_dw(self, op: str, mask: torch.Tensor, m_rows: int, dtype: torch.dtype, kept: bool = False) -> bool:
         """Above :func:`sddmm_crossover` (``kept``: :func:`kept_sddmm_crossover`) the dense GEMM plus the

@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-__all__ = ["index", "nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
+__all__ = ["index", "nnz", "cached_nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
 
 _LOCK = threading.Lock()
 _CACHE: dict[int, tuple] = {}
@@ -127,6 +127,15 @@ def _drop(key: int) -> None:
 
 def nnz(mask: torch.Tensor) -> int:
     return int(index(mask).numel())
+
+
+def cached_nnz(mask: torch.Tensor) -> int | None:
+    """``mask``'s kept count when its index is cached (current version), else ``None`` (no work)."""
+    with _LOCK:
+        hit = _CACHE.get(id(mask))
+    if hit is None or hit[0]() is not mask or hit[1] != _ver(mask):
+        return None
+    return int(hit[2].numel())
 
 
 def gather(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
