@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import backends as _bk
 from .backends.base import ConvParams, conv_output_hw
+from .backends.base import input_grad_hint as _input_grad_hint
 from .formats import kept as _kept
 from .masks import parse_pattern
 
@@ -263,7 +264,11 @@ def _eager_call(name: str, impl: Callable, setup: Callable, bwd: Callable) -> Ca
     op. Eager calls use it: a custom op call costs ~90 us of Python dispatch per call (torch 2.13, CPU;
     the primitive itself can take 10 us), this ~5 us."""
     def forward(ctx, *inputs):
-        out = impl(*inputs)
+        if name in ("linear", "conv"):  # a backend may hand what it built for this forward to its dX
+            with _input_grad_hint(ctx.needs_input_grad[0]):
+                out = impl(*inputs)
+        else:
+            out = impl(*inputs)
         setup(ctx, inputs, out)
         return out
 

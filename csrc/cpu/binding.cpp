@@ -629,9 +629,9 @@ Tensor gather_perm(const Tensor& vals_in, const Tensor& perm) {
 }
 
 // The dense (numel,) tensor holding vals at the int32 flat positions and +0 elsewhere (kept.scatter on a
-// dense-routed call): a zero fill and one parallel pass of plain stores, reading the int32 positions as
-// the kept index caches them (torch: an int32 -> int64 copy of the positions first). ascending: the
-// positions are sorted (a 2-D mask's canonical order), so their range is checked from the ends.
+// dense-routed call), reading the int32 positions as the kept index caches them (torch: an int32 -> int64
+// copy of the positions first). ascending: the positions are sorted (a 2-D mask's canonical order; checked),
+// so their range is checked from the ends and the output is written once (below).
 Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bool ascending) {
   TORCH_CHECK(flat.scalar_type() == at::kInt && flat.is_contiguous() && flat.dim() == 1 &&
                   vals_in.numel() == flat.numel(), "scatter_flat: int32 positions, one per value");
@@ -645,10 +645,45 @@ Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bo
   } else {
     for (int64_t i = 0; i < n; ++i) TORCH_CHECK(fp[i] >= 0 && fp[i] < numel, "scatter_flat: position out of range");
   }
-  Tensor out = at::zeros({numel}, vals.options());
+  if (!ascending || n == 0) {
+    Tensor out = at::zeros({numel}, vals.options());
+    auto go = [&](auto* src, auto* dst) {
+      run_range(n, static_cast<double>(n) * 4, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dst[fp[i]] = src[i];
+      });
+    };
+    switch (vals.element_size()) {
+      case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
+      case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
+      default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
+    }
+    return out;
+  }
+  // ascending positions: each thread owns the dense range between its first and last value (the first
+  // and last thread also the ends), and fills it a chunk of values at a time — zeros, then the values —
+  // while the chunk's dense range is in cache: every output byte is written from cache once, instead
+  // of a zero pass over the whole tensor and a scatter pass after it
+  std::atomic<int> unsorted{0};  // the fill below relies on strictly ascending positions: checked first
+  run_range(n, static_cast<double>(n), [&](int64_t i0, int64_t i1) {
+    int bad = 0;
+    for (int64_t i = std::max<int64_t>(i0, 1); i < i1; ++i) bad |= fp[i - 1] >= fp[i];
+    if (bad) unsorted.store(1, std::memory_order_relaxed);
+  });
+  TORCH_CHECK(!unsorted.load(), "scatter_flat: positions are not strictly ascending");
+  Tensor out = at::empty({numel}, vals.options());
   auto go = [&](auto* src, auto* dst) {
-    run_range(n, static_cast<double>(n) * 4, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) dst[fp[i]] = src[i];
+    using U = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    run_range(n, static_cast<double>(numel), [&](int64_t i0, int64_t i1) {
+      int64_t pos = i0 == 0 ? 0 : static_cast<int64_t>(fp[i0 - 1]) + 1;
+      constexpr int64_t kChunk = 2048;
+      for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+        const int64_t c1 = std::min(i1, c0 + kChunk);
+        const int64_t end = static_cast<int64_t>(fp[c1 - 1]) + 1;
+        std::memset(dst + pos, 0, static_cast<size_t>(end - pos) * sizeof(U));
+        for (int64_t i = c0; i < c1; ++i) dst[fp[i]] = src[i];
+        pos = end;
+      }
+      if (i1 == n && pos < numel) std::memset(dst + pos, 0, static_cast<size_t>(numel - pos) * sizeof(U));
     });
   };
   switch (vals.element_size()) {

@@ -43,7 +43,7 @@ import torch
 from .. import _build_cpu
 from ..formats import kept as _kept
 from ..masks import Block, Pattern, density, reduction_view
-from .base import Backend, ConvParams, OpQuery
+from .base import Backend, ConvParams, OpQuery, conv_dw_dense
 from .reference import ReferenceBackend
 
 __all__ = ["CpuBackend", "crossover_density", "sddmm_crossover", "kept_sddmm_crossover"]
@@ -544,8 +544,7 @@ class CpuBackend(Backend):
 
     def kept_conv_dw(self, dy, x, mask, pattern, conv: ConvParams):
         if self._dense_dw("conv", mask, dy.shape[0] * dy.shape[2] * dy.shape[3], x.dtype, kept=True):
-            gw = torch.nn.grad.conv2d_weight(x, list(mask.shape), dy, conv.stride, conv.padding,
-                                             conv.dilation, conv.groups)
+            gw = conv_dw_dense(dy, x, conv, mask.shape)
             return self._gather_kept(gw, mask)
         o, cg, kh, kw = mask.shape
         rowptr, col, bp, cb = self._kept_dw_fmt(mask, 1 << 30)

@@ -78,7 +78,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import masks as _masks
-from .base import Backend, ConvParams, OpQuery, conv_output_hw, masked
+from .base import Backend, ConvParams, OpQuery, conv_dx_dense, conv_output_hw, masked
 from .reference import ReferenceBackend
 from ..masks import Pattern
 
@@ -623,8 +623,7 @@ class CudaBackend(Backend):
             dx = self._C.sf24_conv2d(dy, p.vals, p.vals_lo, p.meta, c, kh, kw, [1, 1], pad, list(conv.dilation),
                                      None, self._path(dy, dy.shape[0] * int(input_shape[-2]) * int(input_shape[-1])))
             return _like(dx, dy)
-        return torch.nn.grad.conv2d_input(list(input_shape), self._masked(weight, mask), dy, conv.stride,
-                                          conv.padding, conv.dilation, conv.groups)
+        return conv_dx_dense(dy, self._masked(weight, mask), conv, input_shape)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
         if not pattern.is_nm:

@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import kept as _kept
-from .base import Backend, ConvParams, OpQuery, masked
+from .base import (Backend, ConvParams, Handoff, OpQuery, conv_dw_dense, conv_dx_dense, input_grad_follows,
+                   masked)
 
 
 class ReferenceBackend(Backend):
-    """Masks the weight on every call and caches nothing, so it stays exact even when a weight
-    changes without a version bump (``w.data[...] = ...``, as ``gradcheck`` perturbs). Kernel
-    backends call its primitives where dense work is the faster (or the only exact) way."""
+    """Masks the weight on every call and caches nothing across calls, so it stays exact even when a
+    weight changes without a version bump (``w.data[...] = ...``, as ``gradcheck`` perturbs); the one
+    hand-off is the dense weight a training forward built, to the dX of its own backward (the weight
+    as it was at the forward, as autograd's saved tensors are). Kernel backends call its primitives
+    where dense work is the faster (or the only exact) way."""
 
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
@@ -39,33 +42,44 @@ class ReferenceBackend(Backend):
         return F.conv2d(x, masked(weight, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def conv_dx(self, dy, weight, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
-        return torch.nn.grad.conv2d_input(list(input_shape), masked(weight, mask), dy, conv.stride, conv.padding,
-                                          conv.dilation, conv.groups)
+        return conv_dx_dense(dy, masked(weight, mask), conv, input_shape)
 
     def conv_dw(self, dy, x, mask, pattern, conv: ConvParams, weight_shape: Sequence[int]):
-        gw = torch.nn.grad.conv2d_weight(x, list(weight_shape), dy, conv.stride, conv.padding,
-                                         conv.dilation, conv.groups)
-        return masked(gw, mask, inplace=True)
+        return masked(conv_dw_dense(dy, x, conv, weight_shape), mask, inplace=True)
 
-    # kept values: one scatter into a dense weight per call (exact zeros at pruned positions); the
-    # weight gradient is the dense GEMM gathered at the kept positions (never stored dense-shaped)
+    # kept values: one scatter into a dense weight per forward (exact zeros at pruned positions), handed
+    # to the dX call of the same backward when the one autograd path says one follows (a dense layer's
+    # autograd holds its weight for dX just the same); the weight gradient is the dense GEMM gathered at
+    # the kept positions (never stored dense-shaped)
+    def __init__(self) -> None:
+        super().__init__()
+        self._handoff = Handoff()
+
+    def _dense_fwd(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = _kept.scatter(values, mask)
+        if input_grad_follows():
+            self._handoff.put(values, mask, w)
+        return w
+
+    def _dense_dx(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = self._handoff.take(values, mask)
+        return _kept.scatter(values, mask) if w is None else w
+
     def kept_linear_fwd(self, x, values, mask, bias, pattern):
-        return F.linear(x, _kept.scatter(values, mask), bias)
+        return F.linear(x, self._dense_fwd(values, mask), bias)
 
     def kept_linear_dx(self, dy, values, mask, pattern):
-        return dy @ _kept.scatter(values, mask)
+        return dy @ self._dense_dx(values, mask)
 
     def kept_linear_dw(self, dy, x, mask, pattern):
         return _kept.gather(dy.t() @ x, mask)
 
     def kept_conv_fwd(self, x, values, mask, bias, pattern, conv: ConvParams):
-        return F.conv2d(x, _kept.scatter(values, mask), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(x, self._dense_fwd(values, mask), bias, conv.stride, conv.padding, conv.dilation,
+                        conv.groups)
 
     def kept_conv_dx(self, dy, values, mask, pattern, conv: ConvParams, input_shape: Sequence[int]):
-        return torch.nn.grad.conv2d_input(list(input_shape), _kept.scatter(values, mask), dy, conv.stride,
-                                          conv.padding, conv.dilation, conv.groups)
+        return conv_dx_dense(dy, self._dense_dx(values, mask), conv, input_shape)
 
     def kept_conv_dw(self, dy, x, mask, pattern, conv: ConvParams):
-        gw = torch.nn.grad.conv2d_weight(x, list(mask.shape), dy, conv.stride, conv.padding,
-                                         conv.dilation, conv.groups)
-        return _kept.gather(gw, mask)
+        return _kept.gather(conv_dw_dense(dy, x, conv, mask.shape), mask)

@@ -8,7 +8,7 @@ gradient (RigL growth, SNFS momentum, SR-STE, EdgePopup scores) need the *dense*
 * Linear: ``G = dYᵀ X`` with ``X`` the layer input ``(*, in)`` and ``dY`` the output gradient
   ``(*, out)``, both flattened over the leading dims.
 * Conv2d: ``G = conv2d_weight(X, W.shape, dY, stride, padding, dilation, groups)``
-  (:func:`torch.nn.grad.conv2d_weight`), with the layer's padding mode / ``"same"`` padding replayed.
+  (the weight half of the convolution backward), with the layer's padding mode / ``"same"`` padding replayed.
 
 :class:`GradCapture` registers a forward hook on each layer only while *armed* (the pruner arms it just
 before the training step whose gradient it needs, and disarms it afterwards). On an armed forward with
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..backends.base import ConvParams, conv_dw_dense
 
 __all__ = ["dense_weight_grad", "conv_input_and_padding", "dense_forward", "GradCapture"]
 
@@ -54,8 +56,8 @@ def dense_weight_grad(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> to
     if len(shape) == 2:
         return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
     xp, pad = conv_input_and_padding(layer, x)
-    return torch.nn.grad.conv2d_weight(xp, shape, dy, stride=layer.stride, padding=pad,
-                                       dilation=layer.dilation, groups=layer.groups)
+    return conv_dw_dense(dy, xp, ConvParams(tuple(layer.stride), tuple(pad), tuple(layer.dilation), int(layer.groups)),
+                         shape)
 
 
 def dense_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

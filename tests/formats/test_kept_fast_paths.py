@@ -254,3 +254,33 @@ def test_gather_keep_and_csr_from_flat_check_their_arguments():
             ext.gather_keep(v, torch.tensor([0, bad]), torch.tensor([True, keep]))
     with pytest.raises(RuntimeError, match="position out of range"):
         ext.csr_from_flat(torch.tensor([3, 12], dtype=torch.int32), 3, 4)
+
+
+def test_scatter_flat_single_pass_matches_torch_and_checks_order():
+    """The ascending scatter (zero fill and values in one pass per thread chunk) equals torch's scatter for
+    every element size, density and thread count, and refuses positions that are not strictly ascending."""
+    ext = kept._cpu_fast(torch.zeros(1))
+    if ext is None or not hasattr(ext, "scatter_flat"):
+        pytest.skip("the compiled CPU extension is not available")
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(11)
+    try:
+        for numel in (1, 7, 5000, 300_001):
+            for d in (0.0, 0.001, 0.5, 1.0):
+                m = torch.rand(numel, generator=g) < d
+                flat = m.nonzero().reshape(-1).to(torch.int32)
+                for dt in (torch.float16, torch.float32, torch.float64):
+                    v = torch.randn(flat.numel(), generator=g).to(dt)
+                    want = torch.zeros(numel, dtype=dt)
+                    want[flat.long()] = v
+                    for t in (1, 2):
+                        torch.set_num_threads(t)
+                        got = ext.scatter_flat(v, flat, numel, True)
+                        assert torch.equal(got, want), (numel, d, dt, t)
+                        assert torch.equal(ext.scatter_flat(v, flat, numel, False), want)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="not strictly ascending"):
+        ext.scatter_flat(torch.ones(3), torch.tensor([0, 5, 5], dtype=torch.int32), 8, True)
+    with pytest.raises(RuntimeError, match="not strictly ascending"):
+        ext.scatter_flat(torch.ones(3), torch.tensor([0, 5, 2], dtype=torch.int32), 8, True)

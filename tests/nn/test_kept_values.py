@@ -280,3 +280,40 @@ def test_set_mask_reset_restarts_kept_positions():
     assert torch.equal(w1[m0 & ~reset], w0[m0 & ~reset]) and torch.equal(buf1[m0 & ~reset], buf0[m0 & ~reset])
     with pytest.raises(ValueError, match="reset"):
         conv.set_mask(m0, reset=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
+    """On the reference backend a training step scatters the kept values once per layer (the forward's
+    dense weight goes to the dX of its backward), not twice; a layer whose input needs no gradient holds
+    nothing after its forward; results equal the masked-dense twin; the hand-off is dropped with the values."""
+    import gc
+    from sparsefast import backends
+    from sparsefast.formats import kept as K
+    torch.manual_seed(0)
+    ref = backends.get("reference")
+    calls = []
+    real = K.scatter
+    monkeypatch.setattr(K, "scatter", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = sparsefast.nn.SparseLinear(16, 24, sparsity=0.5, backend="reference")
+    b = sparsefast.nn.SparseConv2d(6, 4, 3, padding=1, sparsity=0.5, backend="reference")
+    x = torch.randn(5, 16)
+    y = a(x)
+    assert len(ref._handoff) == 0  # x needs no gradient: no dX will come
+    xr = torch.randn(2, 6, 5, 5, requires_grad=True)
+    calls.clear()
+    out = b(xr)
+    assert len(calls) == 1 and len(ref._handoff) == 1
+    out.square().sum().backward()
+    assert len(calls) == 1 and len(ref._handoff) == 0  # dX took the forward's weight
+    xd = xr.detach().clone().requires_grad_(True)
+    w = b.dense_weight().clone().requires_grad_(True)
+    torch.nn.functional.conv2d(xd, w, b.bias, padding=1).square().sum().backward()
+    torch.testing.assert_close(xr.grad, xd.grad)
+    torch.testing.assert_close(b.dense_grad(), w.grad * b.mask)
+    # an entry whose backward never comes is dropped with its values
+    x2 = torch.randn(5, 16, requires_grad=True)
+    a(x2)
+    assert len(ref._handoff) == 1
+    del a, y  # (y's graph holds the values too)
+    gc.collect()
+    assert len(ref._handoff) == 0
