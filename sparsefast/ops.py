@@ -273,7 +273,9 @@ def _eager_call(name: str, impl: Callable, setup: Callable, bwd: Callable) -> Ca
         return out
 
     def backward(ctx, *grads):
-        return bwd(_EAGER, ctx, *grads)
+        # a backward that records no graph (no create_graph) calls the primitives plainly: the Function
+        # twins cost ~10-20 us each of autograd machinery for nothing to differentiate later
+        return bwd(_EAGER if torch.is_grad_enabled() else _PLAIN, ctx, *grads)
 
     fn = type(f"sparsefast_{name}", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
