@@ -341,7 +341,7 @@ def test_aot_specs_cover_what_the_launchers_run(monkeypatch):
         for M in (1, 16, 17, 40, 64, 65, 300, 8192):
             bm = U._bm(M, U._mm_cap(dt))
             for kind, names in (("fwd", ("fwd-linear", "fwd-conv", "fwd-dgrad")), ("dx", ("dx",))):
-                kept = [c for c in U._gemm_configs(kind) if U._keep_config(bm, c, fp32)]
+                kept = [c for c in U._gemm_configs(kind) if U._keep_config(bm, c, fp32, kind)]
                 assert kept
                 for c in kept:
                     for n in names:
@@ -434,3 +434,20 @@ def test_gpu_cuda_graph_replay(impl):
     x.copy_(_rand(16, 512, dtype=torch.float16, seed=9))
     g.replay()
     _close(y, x.double() @ (w * mask).double().t(), torch.float16, "graph replay")
+
+
+def test_fp32_configs_that_spill_on_the_running_triton_are_never_candidates(monkeypatch):
+    """Triton 3.9 spills 8 B/thread in four small fp32 configs (``U._FP32_SPILLS``): no launcher pruning and no
+    AOT spec keeps them there, and every kind keeps other candidates at that row block; older versions
+    keep them (they compile cleanly there)."""
+    from sparsefast.backends.triton import triton_version
+    monkeypatch.setattr(U, "interpreting", lambda: False)  # GPU-side config lists
+    assert (len(U._FP32_SPILLS) == 4) == (triton_version() >= (3, 9))
+    names = {s.name for s in U.aot_compile_configs()}
+    for kind, bm, bn, w, st in U._FP32_SPILLS:
+        cfgs = [c for c in U._gemm_configs(kind) if c.kwargs.get("BN") == bn and c.num_warps == w and c.num_stages == st]
+        assert cfgs, (kind, bn, w, st)
+        assert not any(U._keep_config(bm, c, True, kind) for c in cfgs)
+        assert any(U._keep_config(bm, c, True, kind) for c in U._gemm_configs(kind))
+        assert not any(f"-fp32-BM{bm}-BN{bn}-w{w}s{st}" in n and n.startswith(kind) for n in names)
+

@@ -116,7 +116,7 @@ def aot_compile_configs(dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.f
                     c = dict(M_BUCKET=bm, BM=bm, IS_CONV=is_conv, TRANSPOSED=tr, CA_GE64=is_conv, HAS_BIAS=not tr,
                              PREC=prec, **cfg.kwargs)
                     add(f"{kind}-{t}-BM{bm}-{tag(cfg)}", _fwd_kernel, kind, bm, ptrs, c, cfg, _expect_mma(dt, bm))
-            for cfg in [c for c in _gemm_configs("dx") if _keep_config(bm, c, fp32)]:
+            for cfg in [c for c in _gemm_configs("dx") if _keep_config(bm, c, fp32, "dx")]:
                 ptrs = {"dy_ptr": f"*{t}", "bm_ptr": "*i32", "cp_ptr": "*i32", "v_ptr": f"*{t}", "out_ptr": f"*{t}"}
                 add(f"dx-{t}-BM{bm}-{tag(cfg)}", _dx_kernel, "dx", bm, ptrs,
                     dict(M_BUCKET=bm, BM=bm, PREC=prec, **cfg.kwargs), cfg, _expect_mma(dt, bm))

@@ -147,13 +147,23 @@ _TILE_4WARPS_MAX = 8192 if triton_version() < (3, 7) else 4096
 #: like :data:`_TILE_4WARPS_MAX` (3.7 itself not checked).
 _FP32_WARP_TILE_MAX = None if triton_version() < (3, 7) else 256
 
+#: fp32 configs (kind, BM, BN, num_warps, num_stages) that Triton 3.9 compiles with an 8 B/thread
+#: register spill although they sit far below the register ceiling (64-128 registers: ptxas under 3.9's
+#: register-allocation options chooses a spill; ``python -m sparsefast kernels --report``, full scope,
+#: 770 configs): dW 16×128 w8s3 (Linear, sm_80), dW 16×64 w8s4 (conv, sm_90), dx 16×128 w8s4 and
+#: 16×64 w4s3 (sm_90). 3.6 and 3.8 compile them without spills; every kind keeps other 16-row
+#: candidates on 3.9 (dx 16×32 w4/w8, 16×64 w8; dW 16×32 w4, 16×64 w4).
+_FP32_SPILLS = frozenset() if triton_version() < (3, 9) else frozenset({
+    ("dw", 16, 128, 8, 3), ("dw", 16, 64, 8, 4), ("dx", 16, 128, 8, 4), ("dx", 16, 64, 4, 3)})
+
 
 def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "fwd") -> bool:
     """Configs that compile without register spills for sm_80 and sm_90 (``python -m sparsefast
     kernels``; ``fp32`` means the FMA dot, :func:`_fma_dot`). fwd / dx (tile ``BM × BN``): 128×128
     needs 8 warps, 16-bit tiles over :data:`_TILE_4WARPS_MAX` outputs need 8 warps, and
     :data:`_FP32_ONLY` configs are fp32's. fp32 from Triton 3.7 on: at most
-    :data:`_FP32_WARP_TILE_MAX` elements per warp (every kind); before 3.7: at most 4096 outputs per
+    :data:`_FP32_WARP_TILE_MAX` elements per warp (every kind), and from 3.9 on not the
+    :data:`_FP32_SPILLS` configs; before 3.7: at most 4096 outputs per
     program, 4096 only with 4 warps, and for dW (tile ``BN × 64``, ``BM`` rows of M per step) 32-row
     steps with 64+ weight rows need 8 warps (4 warps spill 48-56 B in the conv variant). The launchers prune the
     autotune candidates with this, and :func:`aot_compile_configs` compiles exactly the kept ones.
@@ -161,6 +171,8 @@ def _keep_config(BM: int, cfg: triton.Config, fp32: bool = False, kind: str = "f
     :data:`_TILE_4WARPS_MAX` the list is the same for all of them because the kernels lay their
     gathered tiles out alike on every version (``_TIE_LAST`` in :mod:`._unstructured_kernels`)."""
     bn, w = cfg.kwargs.get("BN", 0), cfg.num_warps
+    if fp32 and (kind, BM, bn, w, cfg.num_stages) in _FP32_SPILLS:
+        return False
     if fp32 and _FP32_WARP_TILE_MAX is not None:
         return BM * bn <= _FP32_WARP_TILE_MAX * w
     if kind == "dw":
@@ -189,7 +201,7 @@ _fwd = triton.autotune(_gemm_configs("fwd"), key=["M_BUCKET", "NG", "K", "CPS", 
                                                             "PREC"],
                        prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 _dx = triton.autotune(_gemm_configs("dx"), key=["M_BUCKET", "N", "K", "RPS", "PREC"],
-                      prune_configs_by={"early_config_prune": _prune})(_dx_kernel)
+                      prune_configs_by={"early_config_prune": _pruner("dx")})(_dx_kernel)
 _dw = triton.autotune(_gemm_configs("dw"), key=["M_BUCKET", "NG", "K", "MPS", "IS_CONV", "CA_GE64", "PREC"],
                       prune_configs_by={"early_config_prune": _pruner("dw")})(_dw_kernel)
 _gather = triton.autotune(_gemm_configs("gather"), key=["BMX", "R"])(_gather_kernel)
