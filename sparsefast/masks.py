@@ -466,9 +466,9 @@ def top_k_flat(flat: torch.Tensor, k: int, *, exclude: torch.Tensor | None = Non
             if got.numel() == n:  # (empty: NaN in the scores, the generic path below decides)
                 return got
     if absval:
-        f = f.abs()
+        f = f.abs()  # a copy we own: the fill below can go in place
     if exclude is not None:
-        f = f.masked_fill(exclude, -math.inf)
+        f = f.masked_fill_(exclude, -math.inf) if absval else f.masked_fill(exclude, -math.inf)
     out = _top_k_plain(f, k)
     return out & ~exclude if exclude is not None else out
 

@@ -793,7 +793,7 @@ std::tuple<Tensor, Tensor> rank_in_mask(const Tensor& mask_in, const Tensor& key
   Tensor src = at::empty({nk}, at::kLong);
   Tensor found = at::empty({nk}, at::kBool);
   if (nk == 0) return {src, found};
-  TORCH_CHECK(kp[0] >= 0 && kp[nk - 1] < n, "rank_in_mask: key out of range");  // keys ascending
+
   // the number of 1 bytes of a word of 0/1 bytes: their sum lands in the top byte (a multiply; the
   // generic x86-64 build has no popcnt instruction)
   auto bytesum = [](uint64_t x) { return static_cast<int64_t>((x * 0x0101010101010101ull) >> 56); };
@@ -828,8 +828,13 @@ std::tuple<Tensor, Tensor> rank_in_mask(const Tensor& mask_in, const Tensor& key
   const int64_t last = std::max<int64_t>(part[T] - 1, 0);  // an absent key's rank can be one past the end
   int64_t* sp = src.data_ptr<int64_t>();
   bool* fp = found.data_ptr<bool>();
+  std::atomic<int> bad{0};
   run_range(nk, static_cast<double>(nk) * 4, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
+      if (kp[j] < 0 || kp[j] >= n) {  // (any order of keys works; a key outside the mask does not)
+        bad.store(1, std::memory_order_relaxed);
+        break;
+      }
       const int64_t key = kp[j], w = key >> 3, b = key & 7;
       const uint64_t x = word(w);
       const uint64_t below = x & ((uint64_t(1) << (8 * b)) - 1);  // b < 8: the shift is at most 56
@@ -837,6 +842,7 @@ std::tuple<Tensor, Tensor> rank_in_mask(const Tensor& mask_in, const Tensor& key
       fp[j] = (x >> (8 * b)) & 1;
     }
   });
+  TORCH_CHECK(!bad.load(), "rank_in_mask: key out of range");
   return {src, found};
 }
 

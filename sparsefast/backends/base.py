@@ -94,14 +94,19 @@ class Handoff:
 
     def __init__(self) -> None:
         self._d: dict[int, tuple] = {}
+        self._watched: dict[int, weakref.ref] = {}  # values with a finalizer registered (one per tensor)
         self._lock = threading.Lock()
 
     def put(self, values: torch.Tensor, mask: torch.Tensor, operand: Any) -> None:
         key = id(values)
-        entry = (weakref.ref(values), values._version, weakref.ref(mask), mask._version, operand)
+        ref = weakref.ref(values)
+        entry = (ref, values._version, weakref.ref(mask), mask._version, operand)
         with self._lock:
-            fresh = key not in self._d or self._d[key][0]() is not values
             self._d[key] = entry
+            w = self._watched.get(key)
+            fresh = w is None or w() is not values  # (a take removes the entry, not the finalizer)
+            if fresh:
+                self._watched[key] = ref
         if fresh:
             weakref.finalize(values, self._forget, key)
 
@@ -116,11 +121,14 @@ class Handoff:
         return e[4]
 
     def _forget(self, key: int) -> None:
-        if self._lock.acquire(blocking=False):  # (a finalizer can run inside put/take: then leave it)
-            try:
+        if self._lock.acquire(blocking=False):  # (a finalizer can run inside put/take: then leave it; a
+            try:                                # dead entry is never returned and the next put replaces it)
                 e = self._d.get(key)
                 if e is not None and e[0]() is None:
                     del self._d[key]
+                w = self._watched.get(key)
+                if w is not None and w() is None:
+                    del self._watched[key]
             finally:
                 self._lock.release()
 

@@ -254,6 +254,12 @@ def test_gather_keep_and_csr_from_flat_check_their_arguments():
             ext.gather_keep(v, torch.tensor([0, bad]), torch.tensor([True, keep]))
     with pytest.raises(RuntimeError, match="position out of range"):
         ext.csr_from_flat(torch.tensor([3, 12], dtype=torch.int32), 3, 4)
+    m = torch.tensor([[True, False, True], [False, True, True]])
+    src, found = ext.rank_in_mask(m, torch.tensor([4, 0, 1], dtype=torch.int32))  # any key order
+    assert src.tolist()[:2] == [2, 0] and found.tolist() == [True, True, False]
+    for bad in (6, -1):
+        with pytest.raises(RuntimeError, match="key out of range"):
+            ext.rank_in_mask(m, torch.tensor([0, bad], dtype=torch.int32))
 
 
 def test_scatter_flat_single_pass_matches_torch_and_checks_order():

@@ -310,10 +310,13 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     torch.nn.functional.conv2d(xd, w, b.bias, padding=1).square().sum().backward()
     torch.testing.assert_close(xr.grad, xd.grad)
     torch.testing.assert_close(b.dense_grad(), w.grad * b.mask)
+    for _ in range(20):  # every step hands off again: still one entry and one finalizer per values tensor
+        b(xr).sum().backward()
+    assert len(ref._handoff) == 0 and sum(w() is b.weight for w in ref._handoff._watched.values()) == 1
     # an entry whose backward never comes is dropped with its values
     x2 = torch.randn(5, 16, requires_grad=True)
     a(x2)
     assert len(ref._handoff) == 1
     del a, y  # (y's graph holds the values too)
     gc.collect()
-    assert len(ref._handoff) == 0
+    assert len(ref._handoff) == 0 and all(w() is not None for w in ref._handoff._watched.values())
