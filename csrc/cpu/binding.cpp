@@ -611,6 +611,17 @@ Tensor gather_csr(const Tensor& w_in, const Tensor& rowptr, const Tensor& col, i
   return out;
 }
 
+// f(src, dst) on the raw words of `src` and of `dst` (same element size: 2, 4 or 8 bytes; the callers
+// check): the dtype-free data movers below (scatter_flat, gather_keep) copy bits, never convert
+template <typename F>
+void by_word(const Tensor& src, const Tensor& dst, F&& f) {
+  switch (src.element_size()) {
+    case 2: f(reinterpret_cast<const uint16_t*>(src.data_ptr()), reinterpret_cast<uint16_t*>(dst.data_ptr())); break;
+    case 4: f(reinterpret_cast<const uint32_t*>(src.data_ptr()), reinterpret_cast<uint32_t*>(dst.data_ptr())); break;
+    default: f(reinterpret_cast<const uint64_t*>(src.data_ptr()), reinterpret_cast<uint64_t*>(dst.data_ptr())); break;
+  }
+}
+
 Tensor gather_perm(const Tensor& vals_in, const Tensor& perm) {
   const Tensor vals = vals_in.contiguous();
   const int64_t n = perm.numel();
@@ -652,11 +663,7 @@ Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bo
         for (int64_t i = i0; i < i1; ++i) dst[fp[i]] = src[i];
       });
     };
-    switch (vals.element_size()) {
-      case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
-      case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
-      default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
-    }
+    by_word(vals, out, go);
     return out;
   }
   // ascending positions: each thread owns the dense range between its first and last value (the first
@@ -686,11 +693,7 @@ Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bo
       if (i1 == n && pos < numel) std::memset(dst + pos, 0, static_cast<size_t>(numel - pos) * sizeof(U));
     });
   };
-  switch (vals.element_size()) {
-    case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
-    case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
-    default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
-  }
+  by_word(vals, out, go);
   return out;
 }
 
@@ -878,11 +881,7 @@ Tensor gather_keep(const Tensor& vals_in, const Tensor& src, const Tensor& keep)
       if (b) bad.store(1, std::memory_order_relaxed);
     });
   };
-  switch (vals.element_size()) {
-    case 2: go(reinterpret_cast<const uint16_t*>(vals.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr())); break;
-    case 4: go(reinterpret_cast<const uint32_t*>(vals.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr())); break;
-    default: go(reinterpret_cast<const uint64_t*>(vals.data_ptr()), reinterpret_cast<uint64_t*>(out.data_ptr())); break;
-  }
+  by_word(vals, out, go);
   TORCH_CHECK(!bad.load(), "gather_keep: a position is out of range");
   return out;
 }

@@ -305,13 +305,14 @@ class SET(_DST):
         if k <= 0:
             return torch.zeros_like(after)
         gen = self._gen("grow-sampled", t, n)
+        free_pos = ~flat_after.cpu()
         cand = torch.zeros(numel, dtype=torch.bool)
         have = 0
         while have < k:
             want = int((k - have) * numel / max(free - have, 1) * 1.05) + 64
             d = torch.randint(0, numel, (want,), generator=gen)
             cand[d] = True
-            cand &= ~flat_after.cpu()
+            cand &= free_pos
             have = int(cand.count_nonzero())
         pos = cand.nonzero().reshape(-1)
         pick = top_k_flat(torch.rand(pos.numel(), generator=gen), k)
