@@ -319,7 +319,9 @@ class CpuBackend(Backend):
                 return None
         return self.cached("nm", (mask,), build, str(pattern))
 
-    #: batches up to this many rows use the compact N:M gather kernel (memory-bound regime)
+    #: convolutions up to this many GEMM rows use the compact N:M kernels (Linear: at every row count;
+    #: the N:M panel kernel walks several weight rows together and beat the CSR-block walk 1.1-1.8x at
+    #: 64-256 rows on the AVX2 VM, docs/measurements.md)
     NM_SMALL_MAX = 4
 
     def _bsr(self, mask: torch.Tensor, pattern: Pattern):
@@ -426,9 +428,9 @@ class CpuBackend(Backend):
         out[pos] = values
         return meta, out
 
-    def _kept_fwd_fmt(self, values, mask, pattern, rows: int) -> tuple:
+    def _kept_fwd_fmt(self, values, mask, pattern, rows: int, conv: bool = False) -> tuple:
         """(rowptr, col, meta, vals, n, m, bp, csr_blocks) for a forward with ``rows`` GEMM rows."""
-        if pattern.is_nm and rows <= self.NM_SMALL_MAX:
+        if pattern.is_nm and (not conv or rows <= self.NM_SMALL_MAX):
             nm = self._nm_slots(values, mask, pattern)
             if nm is not None:
                 return None, None, nm[0], nm[1], pattern.n, pattern.m, None, False
@@ -530,7 +532,7 @@ class CpuBackend(Backend):
         if not self.ext.all_finite(x):
             return _DENSE.kept_conv_fwd(x, values, mask, bias, pattern, conv)
         o, cg, kh, kw = mask.shape
-        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, 1 << 30)
+        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, 1 << 30, conv=True)
         return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn_, mm, bias,
                                  *self._conv_args(mask.shape, conv), bp, cb)
 

@@ -431,7 +431,7 @@ def test_nm_blocked_panel_path(cb):
     ref = x.double() @ (w * mask).double().t()
     old = cb.ext.describe()["block_bytes"]
     try:
-        for bb in (0, 4096, 16384):
+        for bb in (-1, 0, 4096, 16384):
             cb.ext.set_tunable("block_bytes", bb)
             _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None, False), ref, torch.float32, f"bb={bb}")
     finally:
