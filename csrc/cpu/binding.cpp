@@ -310,17 +310,19 @@ int64_t nnz_of(const SpMat& A) { return A.rowptr ? A.rowptr[A.rows] - A.rowptr[0
 SpMat make_mat(int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr, const std::optional<Tensor>& col,
                const std::optional<Tensor>& meta, const Tensor& vals, int64_t n, int64_t m,
                const std::optional<Tensor>& bp, at::ScalarType ct, bool index_only = false,
-               bool csr_blocks = false) {
+               bool csr_blocks = false, const std::optional<Tensor>& vperm = std::nullopt) {
   SpMat A;
   A.rows = rows;
   A.cols = cols;
   TORCH_CHECK(vals.is_contiguous(), "sparsefast cpu: packed values must be contiguous");
   A.val = vals.data_ptr();
   if (!index_only) {
-    const at::ScalarType want = (bp.has_value() && !meta.has_value() && !csr_blocks) ? at::kFloat : ct;
+    const bool fp32_blocked = bp.has_value() && !meta.has_value() && !csr_blocks && !vperm.has_value();
+    const at::ScalarType want = fp32_blocked ? at::kFloat : ct;
     TORCH_CHECK(vals.scalar_type() == want, "sparsefast cpu: packed values are ", vals.scalar_type(), ", expected ", want);
   }
   if (meta.has_value()) {
+    TORCH_CHECK(!vperm.has_value(), "sparsefast cpu: a value permutation needs the CSR format");
     TORCH_CHECK(n == 1 || n == 2 || n == 4 || n == 8, "sparsefast cpu: compact N:M needs n in {1,2,4,8}, got ", n);
     TORCH_CHECK(m > n && m <= 16 && cols % m == 0, "sparsefast cpu: compact N:M needs n < m <= 16 and m | cols");
     A.meta = meta->data_ptr<uint8_t>();
@@ -347,6 +349,13 @@ SpMat make_mat(int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr, 
         A.nblk -= 1;
         A.csr_blocks = true;
       }
+    }
+    if (vperm.has_value()) {  // entries are read as vals[vperm[j]]: a permutation of the nnz values
+      TORCH_CHECK(bp.has_value() && !csr_blocks, "sparsefast cpu: a value permutation needs block-major blocks");
+      TORCH_CHECK(vperm->scalar_type() == at::kInt && vperm->is_contiguous() && vperm->numel() == A.rowptr[rows] &&
+                      vals.numel() == A.rowptr[rows],
+                  "sparsefast cpu: the value permutation must be contiguous int32 with one entry per value");
+      A.vperm = vperm->data_ptr<int32_t>();
     }
   }
   return A;
@@ -1299,16 +1308,18 @@ Tensor spmm_lanes(const SpMat& A, const Tensor& x, int64_t PW, const std::option
 // y (B x rows) = x (B x cols) A^T (+ bias)
 Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<Tensor>& rowptr,
             const std::optional<Tensor>& col, const std::optional<Tensor>& meta, const Tensor& vals, int64_t n,
-            int64_t m, const std::optional<Tensor>& bias_in, const std::optional<Tensor>& bp, bool csr_blocks) {
+            int64_t m, const std::optional<Tensor>& bias_in, const std::optional<Tensor>& bp, bool csr_blocks,
+            const std::optional<Tensor>& vperm) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == cols, "spmm: x must be (B, ", cols, ")");
   const at::ScalarType ot = x_in.scalar_type(), ct = compute_type(ot);
-  const SpMat A = make_mat(rows, cols, rowptr, col, meta, vals, n, m, bp, ct, false, csr_blocks);
+  const SpMat A = make_mat(rows, cols, rowptr, col, meta, vals, n, m, bp, ct, false, csr_blocks, vperm);
   const int64_t B = x_in.size(0);
   if (B == 0 || rows == 0) return at::empty({B, rows}, x_in.options());
   const Tensor x = as_compute(x_in, ct);
   const auto& kt = table(ct);
   // gather kernels for few rows; compact N:M always runs them up to 16 rows (Python sends N:M only there)
-  if (B <= g_small_max.load() || (A.meta && B <= 16)) {
+  // (a value permutation is read by the panel kernels only: any row count runs them then)
+  if ((B <= g_small_max.load() || (A.meta && B <= 16)) && !A.vperm) {
     const Tensor xf = x.to(at::kFloat).contiguous();
     Tensor yf = at::empty({B, rows}, x.options().dtype(at::kFloat));
     Tensor bf;

@@ -45,6 +45,10 @@ struct SpMat {
   // bp[b+1][r] where they end (bp has nblk+1 rows); col, values (T) and SDDMM outputs stay in CSR
   // order, so kernels read kept values as the layer stores them (no blocked copy)
   bool csr_blocks = false;
+  // blocked CSR (bp set, csr_blocks false) only: entry j's value is val[vperm[j]] (T, not fp32) -- a
+  // kept-values layer's dX reads the layer's values through the transpose's permutation in the kernel
+  // instead of a permuted copy per call (nullptr: val[j], fp32)
+  const int32_t* vperm = nullptr;
   const uint8_t* meta = nullptr;    // NM
   int n = 0, m = 0;                 // NM
   int64_t S = 0, meta_ld = 0;       // NM: slots per row, meta bytes per row

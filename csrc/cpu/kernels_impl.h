@@ -297,24 +297,25 @@ struct PanelR {  // accumulator registers R*U*(v16f parts) <= ~12 of the 16 (AVX
 
 // acc += sum over entries [j, e) of val_j * X[col_j]; entry t of an unrolled group of A goes to
 // accumulator set t (independent FMA chains)
-template <typename T, int U, int A>
+// (P: entry j's value is val[vp[j]])
+template <typename T, int U, int A, bool P = false>
 SF_INLINE void csr_segment(v16f (&acc)[A][U], const T* __restrict val, const uint16_t* __restrict ci, int64_t j,
-                           int64_t e, const float* __restrict X, int64_t ldx) {
+                           int64_t e, const float* __restrict X, int64_t ldx, const int32_t* __restrict vp = nullptr) {
   for (; j + A <= e; j += A) {
     SF_UNROLL for (int s = 0; s < A; ++s) {
-      const v16f w = splat(ld1(val + j + s));
+      const v16f w = splat(ld1(val + (P ? (int64_t)vp[j + s] : j + s)));
       const float* xp = X + (int64_t)ci[j + s] * ldx;
       SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] += w * vload(xp + 16 * u);
     }
   }
   for (; j < e; ++j) {
-    const v16f w = splat(ld1(val + j));
+    const v16f w = splat(ld1(val + (P ? (int64_t)vp[j] : j)));
     const float* xp = X + (int64_t)ci[j] * ldx;
     SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += w * vload(xp + 16 * u);
   }
 }
 
-template <typename V, int U, bool CB>
+template <typename V, int U, bool CB, bool P = false>
 static void spmm_blocked_panel_u(const PanelArgs& a);
 
 template <typename T, int U>
@@ -342,6 +343,8 @@ static void spmm_csr_panel_u(const PanelArgs& a) {
   // BCSR (fp32 values) or CSR blocks (T values): block-major walk, Y rows accumulate across blocks
   if (a.a.csr_blocks) {
     spmm_blocked_panel_u<T, U, true>(a);
+  } else if (a.a.vperm) {
+    spmm_blocked_panel_u<T, U, false, true>(a);
   } else {
     spmm_blocked_panel_u<float, U, false>(a);
   }
@@ -351,8 +354,9 @@ static void spmm_csr_panel_u(const PanelArgs& a) {
 // shortest row's count (R*U independent FMA chains; the per-entry index load and address arithmetic
 // of one row overlap the others'), the rest of each row after it. Rows of a block hold similar counts
 // (unstructured masks, the transpose of an N:M mask), so most entries run in lockstep.
-template <typename V, int U, int R, bool CB>
+template <typename V, int U, int R, bool CB, bool P>
 SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int64_t r, bool first) {
+  const int32_t* __restrict vp = a.a.vperm;
   const uint16_t* __restrict ci = a.a.col;
   const float* __restrict X = (const float*)a.x;
   float* __restrict Y = (float*)a.y;
@@ -376,14 +380,14 @@ SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int
   }
   for (int64_t t = 0; t < n; ++t) {
     SF_UNROLL for (int q = 0; q < R; ++q) {
-      const v16f w = splat(ld1(val + j[q] + t));
+      const v16f w = splat(ld1(val + (P ? (int64_t)vp[j[q] + t] : j[q] + t)));
       const float* xp = X + (int64_t)ci[j[q] + t] * ldx;
       SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] += w * vload(xp + 16 * u);
     }
   }
   SF_UNROLL for (int q = 0; q < R; ++q) {
     for (int64_t jj = j[q] + n; jj < e[q]; ++jj) {
-      const v16f w = splat(ld1(val + jj));
+      const v16f w = splat(ld1(val + (P ? (int64_t)vp[jj] : jj)));
       const float* xp = X + (int64_t)ci[jj] * ldx;
       SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] += w * vload(xp + 16 * u);
     }
@@ -391,7 +395,7 @@ SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int
   }
 }
 
-template <typename V, int U, bool CB>
+template <typename V, int U, bool CB, bool P>
 static void spmm_blocked_panel_u(const PanelArgs& a) {
   constexpr int A = Acc<U>::A;
   constexpr int R = PanelR<U>::R;
@@ -405,7 +409,7 @@ static void spmm_blocked_panel_u(const PanelArgs& a) {
     const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
     const bool first = blk == 0;
     int64_t r = a.r0;
-    if (R > 1) for (; r + R <= a.r1; r += R) blocked_rows<V, U, R, CB>(a, p, r, first);
+    if (R > 1) for (; r + R <= a.r1; r += R) blocked_rows<V, U, R, CB, P>(a, p, r, first);
     for (; r < a.r1; ++r) {
       const int64_t j = p[r], e = CB ? p[r + a.a.bp_ld] : p[r + 1];
       if (!first && j == e) continue;
@@ -418,7 +422,7 @@ static void spmm_blocked_panel_u(const PanelArgs& a) {
         SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = vload(yp + 16 * u);
       }
       SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(0.f);
-      csr_segment<V, U, A>(acc, val, ci, j, e, X, ldx);
+      csr_segment<V, U, A, P>(acc, val, ci, j, e, X, ldx, a.a.vperm);
       SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
       SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
     }

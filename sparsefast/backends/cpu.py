@@ -450,16 +450,21 @@ class CpuBackend(Backend):
             return t_rowptr, t_bp, t_bcol, t_perm.long()[perm_tb.long()].to(torch.int32)
         return self.cached("blkT-kept", (mask,), build, groups)
 
-    def _kept_dx_fmt(self, values, mask, groups: int, rows: int) -> tuple:
-        """The transpose's values, gathered once per call. In block-major order each block of the
-        transpose reads the values of BLOCK consecutive weight rows: a cache-sized window, where the
-        transposed-CSR order would read across all values (2:4 1024x4096: 5 ms -> ~1 ms here)."""
+    def _kept_dx_fmt(self, values, mask, groups: int, rows: int, in_kernel: bool = False) -> tuple:
+        """(t_rowptr, t_col, t_vals, t_bp, csr_blocks, vperm) of the transpose. Its values in block-major
+        order: each block of the transpose reads the values of BLOCK consecutive weight rows, a cache-sized
+        window (the transposed-CSR order would read across all values; 2:4 1024x4096: 5 ms -> ~1 ms here).
+        ``in_kernel`` (Linear): the panel kernel reads ``values[vperm[j]]`` itself -- no permuted copy
+        written and read back per call (2:4 4096x1024: the copy was 2.5-4 ms of an 8 ms dX at 64 rows);
+        convolutions gather the copy once per call (amortised over their many output pixels)."""
         if rows <= self.ext.small_max():
             t_rowptr, t_col, t_perm = self._csr_t(mask, groups)
-            return t_rowptr, t_col, self.ext.gather_perm(values, t_perm), None, False
+            return t_rowptr, t_col, self.ext.gather_perm(values, t_perm), None, False, None
         t_rowptr, t_bp, t_bcol, perm = self._blk_t_kept(mask, groups)
+        if in_kernel:
+            return t_rowptr, t_bcol, values, t_bp, False, perm
         t_vals = self.ext.gather_perm(values, perm)
-        return t_rowptr, t_bcol, (t_vals if t_vals.dtype == torch.float32 else t_vals.float()), t_bp, False
+        return t_rowptr, t_bcol, (t_vals if t_vals.dtype == torch.float32 else t_vals.float()), t_bp, False, None
 
     def _kept_dw_fmt(self, mask, rows: int) -> tuple:
         rowptr, col = self._csr(mask)
@@ -475,13 +480,19 @@ class CpuBackend(Backend):
         if bsr is not None:
             return self.ext.spmm_bsr(x, n, k, *bsr[0], pattern.b, False, self._vc(values), bias)
         rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, x.shape[0])
-        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn_, mm, bias, bp, cb)
+        return self.ext.spmm(x, n, k, rowptr, col, meta, vals, nn_, mm, bias, bp, cb, None)
 
     #: up to this many rows, dX runs the scatter-style transposed kernel on the forward format (no
     #: permuted copy of the values); above, the gather of the transpose's values pays off. Measured on
     #: the AVX2 VM (1024x4096 / 4096x1024, 2:4 and 90 %): 1.7-2.5x faster at 16 rows, mixed at 64,
     #: 1.4-1.6x slower at 256 (its read-modify-writes outgrow the gather)
     SPMM_T_MAX = 32
+
+    #: up to this many rows (two 32-lane panels) the Linear dX kernel reads the values through the
+    #: transpose's permutation itself; above, each further panel would repeat those scattered reads, and
+    #: one permuted copy per call is cheaper. AVX2 VM, 2:4, 2 threads: 4096x1024 / 1024x4096 at 64 rows
+    #: 7.2 / 8.1 ms in-kernel vs 7.9 / 8.7 ms with the copy; at 256 rows 22 / 31 ms vs 18 / 18 ms
+    DX_PERM_MAX = 64
 
     def kept_linear_dx(self, dy, values, mask, pattern):
         if not self.ext.all_finite(dy):
@@ -493,8 +504,9 @@ class CpuBackend(Backend):
         if self.ext.small_max() < dy.shape[0] <= self.SPMM_T_MAX:
             rowptr, col = self._csr(mask)
             return self.ext.spmm_t(dy, n, k, rowptr, col, self._vc(values), self._cblk(mask))
-        t_rowptr, t_col, t_vals, t_bp, cb = self._kept_dx_fmt(self._vc(values), mask, 1, dy.shape[0])
-        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, cb)
+        t_rowptr, t_col, t_vals, t_bp, cb, vperm = self._kept_dx_fmt(self._vc(values), mask, 1, dy.shape[0],
+                                                                    in_kernel=dy.shape[0] <= self.DX_PERM_MAX)
+        return self.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, cb, vperm)
 
     def _gather_kept(self, dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Kept values of a dense weight-shaped tensor in canonical (CSR) order: the parallel C++ gather
@@ -540,7 +552,7 @@ class CpuBackend(Backend):
         if not self.ext.all_finite(dy):
             return _DENSE.kept_conv_dx(dy, values, mask, pattern, conv, input_shape)
         o, cg, kh, kw = mask.shape
-        t_rowptr, t_col, t_vals, t_bp, cb = self._kept_dx_fmt(self._vc(values), mask, conv.groups, 1 << 30)
+        t_rowptr, t_col, t_vals, t_bp, cb, _ = self._kept_dx_fmt(self._vc(values), mask, conv.groups, 1 << 30)
         return self.ext.conv_dx(dy.contiguous(), o, cg * kh * kw, t_rowptr, t_col, t_vals,
                                 [int(s) for s in input_shape], *self._conv_args(mask.shape, conv), t_bp, cb)
 

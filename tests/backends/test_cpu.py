@@ -414,7 +414,7 @@ def test_nm_compact_kernels_direct(cb, isa, pattern):
     for M in (1, 3, 16, 37):
         x = torch.randn(M, K, generator=g)
         b = torch.randn(N, generator=g)
-        y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None, False)
+        y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None, False, None)
         _close(y, x.double() @ (w * mask).double().t() + b.double(), torch.float32, f"{pattern} M={M}")
 
 
@@ -433,7 +433,7 @@ def test_nm_blocked_panel_path(cb):
     try:
         for bb in (-1, 0, 4096, 16384):
             cb.ext.set_tunable("block_bytes", bb)
-            _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None, False), ref, torch.float32, f"bb={bb}")
+            _close(cb.ext.spmm(x, N, K, None, None, meta, vals, 2, 4, None, None, False, None), ref, torch.float32, f"bb={bb}")
     finally:
         cb.ext.set_tunable("block_bytes", old)
 
@@ -489,8 +489,10 @@ def test_small_cache_resident_linear_goes_dense_at_many_rows(cb):
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
 def test_kept_dx_scatter_kernel_and_dw_routes(cb, dtype, shape, density):
     """Kept-values dX through the scatter-style transposed kernel (rows <= SPMM_T_MAX: several column
-    blocks, empty rows/columns, bf16) and through the gathered transpose above it; kept dW through the
-    SDDMM and through the dense GEMM + gather — all equal to masked dense."""
+    blocks, empty rows/columns, bf16), through the transpose read via its value permutation in the
+    kernel (<= DX_PERM_MAX rows; also called directly with 1 and 5 rows, below the gather kernels'
+    limit) and through the permuted copy above; kept dW through the SDDMM and through the dense GEMM +
+    gather — all equal to masked dense."""
     from sparsefast.formats import kept
     from sparsefast.masks import parse_pattern
     g = torch.Generator().manual_seed(int(density * 100) + shape[0])
@@ -501,13 +503,22 @@ def test_kept_dx_scatter_kernel_and_dw_routes(cb, dtype, shape, density):
     w = torch.randn(n, k, generator=g) * m
     v = kept.gather(w, m).to(dtype)
     p = parse_pattern("unstructured")
-    for rows in (2, 17, cb.SPMM_T_MAX, cb.SPMM_T_MAX + 1, 70):
+    for rows in (2, 17, cb.SPMM_T_MAX, cb.SPMM_T_MAX + 1, cb.DX_PERM_MAX, cb.DX_PERM_MAX + 1):
         dy = torch.randn(rows, n, generator=g).to(dtype)
         x = torch.randn(rows, k, generator=g).to(dtype)
         ref = dy.double() @ w.to(dtype).double()
         _close(cb.kept_linear_dx(dy, v, m, p), ref, dtype, f"dx rows={rows}")
         rdw = kept.gather(dy.double().t() @ x.double(), m)
         _close(cb.kept_linear_dw(dy, x, m, p), rdw, dtype, f"dW rows={rows}")
+    t_rowptr, t_col, t_vals, t_bp, csr_b, vperm = cb._kept_dx_fmt(cb._vc(v), m, 1, 100, in_kernel=True)
+    assert vperm is not None and t_vals.dtype == dtype
+    for rows in (1, 5):
+        dy = torch.randn(rows, n, generator=g).to(dtype)
+        got = cb.ext.spmm(dy, k, n, t_rowptr, t_col, None, t_vals, 0, 0, None, t_bp, csr_b, vperm)
+        _close(got, dy.double() @ w.to(dtype).double(), dtype, f"dx via the permutation, rows={rows}")
+    with pytest.raises(RuntimeError, match="one entry per value"):
+        cb.ext.spmm(dy, k, n, t_rowptr, t_col, None, torch.cat([t_vals, t_vals.new_zeros(1)]),
+                    0, 0, None, t_bp, csr_b, vperm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
