@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-__all__ = ["index", "nnz", "cached_nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
+__all__ = ["index", "nnz", "cached_index", "cached_nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
 
 _LOCK = threading.Lock()
 _CACHE: dict[int, tuple] = {}
@@ -129,13 +129,19 @@ def nnz(mask: torch.Tensor) -> int:
     return int(index(mask).numel())
 
 
-def cached_nnz(mask: torch.Tensor) -> int | None:
-    """``mask``'s kept count when its index is cached (current version), else ``None`` (no work)."""
+def cached_index(mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask``'s :func:`index` when it is cached (current version), else ``None`` (no work)."""
     with _LOCK:
         hit = _CACHE.get(id(mask))
     if hit is None or hit[0]() is not mask or hit[1] != _ver(mask):
         return None
-    return int(hit[2].numel())
+    return hit[2]
+
+
+def cached_nnz(mask: torch.Tensor) -> int | None:
+    """``mask``'s kept count when its index is cached (current version), else ``None`` (no work)."""
+    flat = cached_index(mask)
+    return None if flat is None else int(flat.numel())
 
 
 def gather(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
