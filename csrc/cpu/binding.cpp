@@ -1317,9 +1317,9 @@ Tensor spmm(const Tensor& x_in, int64_t rows, int64_t cols, const std::optional<
   if (B == 0 || rows == 0) return at::empty({B, rows}, x_in.options());
   const Tensor x = as_compute(x_in, ct);
   const auto& kt = table(ct);
-  // gather kernels for few rows; compact N:M always runs them up to 16 rows (Python sends N:M only there)
+  // gather kernels for few rows; compact N:M runs them up to 4 rows (the panel kernel beyond: 2x faster at 16)
   // (a value permutation is read by the panel kernels only: any row count runs them then)
-  if ((B <= g_small_max.load() || (A.meta && B <= 16)) && !A.vperm) {
+  if ((B <= g_small_max.load() || (A.meta && B <= 4)) && !A.vperm) {
     const Tensor xf = x.to(at::kFloat).contiguous();
     Tensor yf = at::empty({B, rows}, x.options().dtype(at::kFloat));
     Tensor bf;

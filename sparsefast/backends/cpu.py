@@ -9,13 +9,15 @@ structures (see ``csrc/cpu/kernels.h``) depend on the mask only and are cached p
   the CSR-ordered values block by block, so a block's X rows stay in L1; the same structure drives
   the scatter-style transposed kernel (``spmm_t``) that gives ``dX`` for up to 32 rows;
 * the blocked per-group transpose and the permutation of its entries to value positions — ``dX``
-  for more rows gathers the transpose's values once per call (block-major: cache-sized windows);
+  for more rows reads the values through that permutation in the kernel (Linear, <= 64 rows) or
+  gathers the transpose's values once per call (block-major: cache-sized windows);
 * BSR for ``block:B`` Linear masks (:meth:`CpuBackend._bsr`): block rows, block columns and where each
   block starts in the kept values — forward, dX and (B = 16 / 32) dW run GEMM micro-kernels over the
   kept blocks, reading the values in place (conv block masks run the CSR kernels);
 * compact N:M (n in {1, 2, 4, 8}, m <= 16): 4-bit in-group offsets; the slot values are the kept
-  values when every group is full — for N:M calls with <= 4 rows, where the product is memory-bound;
-  an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers.
+  values when every group is full — the forward of N:M Linear layers at any row count (conv: <= 4
+  rows); an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers for few rows,
+  the lane-panel kernel walks several weight rows together for more.
 
 The dense-weight primitives (``linear_fwd`` ...) are the base class's: they gather the kept values
 from the dense weight and run the kept primitives, the one implementation.

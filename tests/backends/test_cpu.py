@@ -401,8 +401,8 @@ def test_nan_inf_like_masked_dense(cb):
 
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "1:8"])
 def test_nm_compact_kernels_direct(cb, isa, pattern):
-    """The compact N:M format on both kernel families (gather <= 16 rows, panels beyond), called
-    directly on the extension (the backend routes N:M to it only for few rows)."""
+    """The compact N:M format on both kernel families (gather <= 4 rows, the lane-panel kernel beyond,
+    several weight rows at a time with row-count tails), called directly on the extension."""
     p = parse_pattern(pattern)
     g = torch.Generator().manual_seed(21)
     N, K = 40, 96
@@ -411,7 +411,7 @@ def test_nm_compact_kernels_direct(cb, isa, pattern):
     mask[3] = False  # padding slots
     meta, valid = cb.ext.build_nm(mask, p.n, p.m)
     vals = cb.ext.gather_nm(w, meta, p.n, p.m, valid)
-    for M in (1, 3, 16, 37):
+    for M in (1, 3, 4, 5, 16, 37):
         x = torch.randn(M, K, generator=g)
         b = torch.randn(N, generator=g)
         y = cb.ext.spmm(x, N, K, None, None, meta, vals, p.n, p.m, b, None, False, None)
