@@ -85,57 +85,6 @@ def input_grad_follows() -> bool:
     return getattr(_HINT, "on", False)
 
 
-class Handoff:
-    """One operand per (values, mask) pair handed from a forward to the dX call of its backward: stored
-    with weak references and version counters, taken once. A take after the values or the mask changed
-    in place, or were freed, finds nothing (the caller rebuilds the operand); an entry whose backward
-    never comes is replaced by the layer's next forward or dropped when its values are freed, so at most
-    one operand per layer is held — what autograd holds for a dense layer (its weight, saved for dX)."""
-
-    def __init__(self) -> None:
-        self._d: dict[int, tuple] = {}
-        self._watched: dict[int, weakref.ref] = {}  # values with a finalizer registered (one per tensor)
-        self._lock = threading.Lock()
-
-    def put(self, values: torch.Tensor, mask: torch.Tensor, operand: Any) -> None:
-        key = id(values)
-        ref = weakref.ref(values)
-        entry = (ref, values._version, weakref.ref(mask), mask._version, operand)
-        with self._lock:
-            self._d[key] = entry
-            w = self._watched.get(key)
-            fresh = w is None or w() is not values  # (a take removes the entry, not the finalizer)
-            if fresh:
-                self._watched[key] = ref
-        if fresh:
-            weakref.finalize(values, self._forget, key)
-
-    def take(self, values: torch.Tensor, mask: torch.Tensor) -> Any:
-        with self._lock:
-            e = self._d.get(id(values))
-            if e is None or e[0]() is not values:
-                return None
-            del self._d[id(values)]
-        if e[1] != values._version or e[2]() is not mask or e[3] != mask._version:
-            return None
-        return e[4]
-
-    def _forget(self, key: int) -> None:
-        if self._lock.acquire(blocking=False):  # (a finalizer can run inside put/take: then leave it; a
-            try:                                # dead entry is never returned and the next put replaces it)
-                e = self._d.get(key)
-                if e is not None and e[0]() is None:
-                    del self._d[key]
-                w = self._watched.get(key)
-                if w is not None and w() is None:
-                    del self._watched[key]
-            finally:
-                self._lock.release()
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
 def masked(t: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``t`` where ``mask`` is True, exactly ``+0`` where it is False: unlike ``t * mask``, a NaN/Inf at a
     pruned position cannot leak through ``NaN * 0``. ``inplace`` overwrites ``t``.
@@ -257,6 +206,7 @@ class Backend:
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple] = {}
         self._dead: list[tuple] = []   # keys whose tensors died while the lock was held
+        self._watched: dict[tuple, tuple] = {}  # key -> weak refs of the tensors its finalizers watch
         self._lock = threading.Lock()
 
     # ---- availability -------------------------------------------------------------------------
@@ -314,6 +264,10 @@ class Backend:
         """:meth:`pack`, cached per live (weight, mask) tensor pair and their version counters."""
         return self.cached("pack", (weight, mask), lambda: self.pack(weight, mask, pattern), str(pattern))
 
+    @staticmethod
+    def _ver(tensors: tuple[torch.Tensor, ...], extra: Any = None) -> tuple:
+        return tuple((t._version, t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors), extra
+
     def cached(self, tag: str, tensors: tuple[torch.Tensor, ...], build, extra: Any = None) -> Any:
         """``build()``, cached while every tensor in ``tensors`` is alive and unmodified.
 
@@ -322,7 +276,7 @@ class Backend:
         optimizer step or ``set_mask`` invalidate it). Use it for mask-only structures too, e.g.
         ``self.cached("mask-index", (mask,), lambda: build_index(mask))``."""
         key = (tag, *map(id, tensors))
-        ver = tuple((t._version, t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors), extra
+        ver = self._ver(tensors, extra)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -330,16 +284,40 @@ class Backend:
                 if v == ver and all(r() is t for r, t in zip(refs, tensors)):
                     return p
         p = build()
+        self._store(key, tensors, ver, p)
+        return p
+
+    def stash(self, tag: str, tensors: tuple[torch.Tensor, ...], value: Any) -> None:
+        """Keep ``value`` for one :meth:`take` with the same tag and tensors, while they are alive and
+        unmodified (a forward handing what it built to the backward of the same step)."""
+        self._store((tag, *map(id, tensors)), tensors, self._ver(tensors), value)
+
+    def take(self, tag: str, tensors: tuple[torch.Tensor, ...]) -> Any:
+        """The value :meth:`stash` kept for these tensors, removed; ``None`` when there is none, or the
+        tensors changed in place or were freed since (the caller builds it again)."""
+        key = (tag, *map(id, tensors))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None or not all(r() is t for r, t in zip(hit[0], tensors)):
+                return None
+            del self._cache[key]
+        return hit[2] if hit[1] == self._ver(tensors) else None
+
+    def _store(self, key: tuple, tensors: tuple[torch.Tensor, ...], ver: tuple, p: Any) -> None:
+        refs = tuple(weakref.ref(t) for t in tensors)
         with self._lock:
             if len(self._cache) > 256 or self._dead:  # drop entries whose tensors are gone
                 self._dead.clear()
                 self._cache = {k: e for k, e in self._cache.items() if all(r() is not None for r in e[0])}
-            fresh = key not in self._cache
-            self._cache[key] = (tuple(weakref.ref(t) for t in tensors), ver, p)
+                self._watched = {k: w for k, w in self._watched.items() if all(r() is not None for r in w)}
+            self._cache[key] = (refs, ver, p)
+            w = self._watched.get(key)
+            fresh = w is None or not all(r() is t for r, t in zip(w, tensors))  # (a take keeps the finalizers)
+            if fresh:
+                self._watched[key] = refs
         if fresh:  # free the entry (a packed copy may be large) as soon as one of its tensors is freed
             for t in tensors:
                 weakref.finalize(t, self._drop_dead, key)
-        return p
 
     def _drop_dead(self, key: tuple) -> None:
         """Finalizer of a cached entry's tensor. It can run inside a locked section of this thread
@@ -352,6 +330,9 @@ class Backend:
                 hit = self._cache.get(k)
                 if hit is not None and any(r() is None for r in hit[0]):
                     del self._cache[k]
+                w = self._watched.get(k)
+                if w is not None and any(r() is None for r in w):
+                    del self._watched[k]
             self._dead.clear()
         finally:
             self._lock.release()

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import kept as _kept
-from .base import (Backend, ConvParams, Handoff, OpQuery, conv_dw_dense, conv_dx_dense, input_grad_follows,
-                   masked)
+from .base import Backend, ConvParams, OpQuery, conv_dw_dense, conv_dx_dense, input_grad_follows, masked
 
 
 class ReferenceBackend(Backend):
@@ -50,19 +49,17 @@ class ReferenceBackend(Backend):
     # kept values: one scatter into a dense weight per forward (exact zeros at pruned positions), handed
     # to the dX call of the same backward when the one autograd path says one follows (a dense layer's
     # autograd holds its weight for dX just the same); the weight gradient is the dense GEMM gathered at
-    # the kept positions (never stored dense-shaped)
-    def __init__(self) -> None:
-        super().__init__()
-        self._handoff = Handoff()
-
+    # the kept positions (never stored dense-shaped). The hand-off is a stash in the backend's cache: one
+    # entry per (values, mask), taken once; an entry whose backward never comes is replaced by the layer's
+    # next forward or dropped with its values, so at most one dense weight per layer is held
     def _dense_fwd(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = _kept.scatter(values, mask)
         if input_grad_follows():
-            self._handoff.put(values, mask, w)
+            self.stash("handoff", (values, mask), w)
         return w
 
     def _dense_dx(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = self._handoff.take(values, mask)
+        w = self.take("handoff", (values, mask))
         return _kept.scatter(values, mask) if w is None else w
 
     def kept_linear_fwd(self, x, values, mask, bias, pattern):

@@ -287,6 +287,7 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     dense weight goes to the dX of its backward), not twice; a layer whose input needs no gradient holds
     nothing after its forward; results equal the masked-dense twin; the hand-off is dropped with the values."""
     import gc
+    import weakref
     from sparsefast import backends
     from sparsefast.formats import kept as K
     torch.manual_seed(0)
@@ -296,27 +297,37 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     monkeypatch.setattr(K, "scatter", lambda *a, **k: calls.append(1) or real(*a, **k))
     a = sparsefast.nn.SparseLinear(16, 24, sparsity=0.5, backend="reference")
     b = sparsefast.nn.SparseConv2d(6, 4, 3, padding=1, sparsity=0.5, backend="reference")
+    def handoffs():  # the dense weights the reference backend holds for a dX to come
+        return sum(k[0] == "handoff" for k in ref._cache)
+
+    def watchers(values):  # finalizer registrations of hand-off entries on these values
+        return [w for k, w in ref._watched.items() if k[0] == "handoff" and w[0]() is values]
+
     x = torch.randn(5, 16)
     y = a(x)
-    assert len(ref._handoff) == 0  # x needs no gradient: no dX will come
+    assert handoffs() == 0  # x needs no gradient: no dX will come
     xr = torch.randn(2, 6, 5, 5, requires_grad=True)
     calls.clear()
     out = b(xr)
-    assert len(calls) == 1 and len(ref._handoff) == 1
+    assert len(calls) == 1 and handoffs() == 1
     out.square().sum().backward()
-    assert len(calls) == 1 and len(ref._handoff) == 0  # dX took the forward's weight
+    assert len(calls) == 1 and handoffs() == 0  # dX took the forward's weight
     xd = xr.detach().clone().requires_grad_(True)
     w = b.dense_weight().clone().requires_grad_(True)
     torch.nn.functional.conv2d(xd, w, b.bias, padding=1).square().sum().backward()
     torch.testing.assert_close(xr.grad, xd.grad)
     torch.testing.assert_close(b.dense_grad(), w.grad * b.mask)
+    def finalizers(t):  # live weakref.finalize registrations on t (CPython keeps them in a registry)
+        return sum(1 for f in list(weakref.finalize._registry) if f.peek() is not None and f.peek()[0] is t)
+
+    n_fin = finalizers(b.weight)
     for _ in range(20):  # every step hands off again: still one entry and one finalizer per values tensor
         b(xr).sum().backward()
-    assert len(ref._handoff) == 0 and sum(w() is b.weight for w in ref._handoff._watched.values()) == 1
+    assert handoffs() == 0 and len(watchers(b.weight)) == 1 and finalizers(b.weight) == n_fin
     # an entry whose backward never comes is dropped with its values
     x2 = torch.randn(5, 16, requires_grad=True)
     a(x2)
-    assert len(ref._handoff) == 1
+    assert handoffs() == 1
     del a, y  # (y's graph holds the values too)
     gc.collect()
-    assert len(ref._handoff) == 0 and all(w() is not None for w in ref._handoff._watched.values())
+    assert handoffs() == 0 and all(w[0]() is not None for k, w in ref._watched.items() if k[0] == "handoff")
