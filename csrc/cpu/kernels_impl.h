@@ -297,22 +297,40 @@ struct PanelR {  // accumulator registers R*U*(v16f parts) <= ~12 of the 16 (AVX
 
 // acc += sum over entries [j, e) of val_j * X[col_j]; entry t of an unrolled group of A goes to
 // accumulator set t (independent FMA chains)
-// (P: entry j's value is val[vp[j]])
-template <typename T, int U, int A, bool P = false>
+template <typename T, int U, int A>
 SF_INLINE void csr_segment(v16f (&acc)[A][U], const T* __restrict val, const uint16_t* __restrict ci, int64_t j,
-                           int64_t e, const float* __restrict X, int64_t ldx, const int32_t* __restrict vp = nullptr) {
+                           int64_t e, const float* __restrict X, int64_t ldx) {
   for (; j + A <= e; j += A) {
     SF_UNROLL for (int s = 0; s < A; ++s) {
-      const v16f w = splat(ld1(val + (P ? (int64_t)vp[j + s] : j + s)));
+      const v16f w = splat(ld1(val + j + s));
       const float* xp = X + (int64_t)ci[j + s] * ldx;
       SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] += w * vload(xp + 16 * u);
     }
   }
   for (; j < e; ++j) {
-    const v16f w = splat(ld1(val + (P ? (int64_t)vp[j] : j)));
+    const v16f w = splat(ld1(val + j));
     const float* xp = X + (int64_t)ci[j] * ldx;
     SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += w * vload(xp + 16 * u);
   }
+}
+
+// R output rows' accumulators at the start of a (column block of a) panel walk: the bias in the first
+// block, the partial sums stored by the previous block after it; and their store
+template <int R, int U>
+SF_INLINE void rows_start(v16f (&acc)[R][U], const PanelArgs& a, int64_t r, bool first) {
+  SF_UNROLL for (int q = 0; q < R; ++q) {
+    if (first) {
+      const float b = a.bias ? a.bias[r + q] : 0.f;
+      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = splat(b);
+    } else {
+      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = vload((const float*)a.y + (r + q) * a.ldy + 16 * u);
+    }
+  }
+}
+template <int R, int U>
+SF_INLINE void rows_store(const v16f (&acc)[R][U], const PanelArgs& a, int64_t r) {
+  SF_UNROLL for (int q = 0; q < R; ++q) SF_UNROLL for (int u = 0; u < U; ++u)
+    vstore((float*)a.y + (r + q) * a.ldy + 16 * u, acc[q][u]);
 }
 
 template <typename V, int U, bool CB, bool P = false>
@@ -359,7 +377,6 @@ SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int
   const int32_t* __restrict vp = a.a.vperm;
   const uint16_t* __restrict ci = a.a.col;
   const float* __restrict X = (const float*)a.x;
-  float* __restrict Y = (float*)a.y;
   const V* __restrict val = (const V*)a.a.val;
   const int64_t ldx = a.ldx;
   int64_t j[R], e[R];
@@ -370,14 +387,7 @@ SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int
     n = e[q] - j[q] < n ? e[q] - j[q] : n;
   }
   v16f acc[R][U];
-  SF_UNROLL for (int q = 0; q < R; ++q) {
-    if (first) {
-      const float b = a.bias ? a.bias[r + q] : 0.f;
-      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = splat(b);
-    } else {
-      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = vload(Y + (r + q) * a.ldy + 16 * u);
-    }
-  }
+  rows_start<R, U>(acc, a, r, first);
   for (int64_t t = 0; t < n; ++t) {
     SF_UNROLL for (int q = 0; q < R; ++q) {
       const v16f w = splat(ld1(val + (P ? (int64_t)vp[j[q] + t] : j[q] + t)));
@@ -391,41 +401,20 @@ SF_INLINE void blocked_rows(const PanelArgs& a, const int32_t* __restrict p, int
       const float* xp = X + (int64_t)ci[jj] * ldx;
       SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] += w * vload(xp + 16 * u);
     }
-    SF_UNROLL for (int u = 0; u < U; ++u) vstore(Y + (r + q) * a.ldy + 16 * u, acc[q][u]);
   }
+  rows_store<R, U>(acc, a, r);
 }
 
 template <typename V, int U, bool CB, bool P>
 static void spmm_blocked_panel_u(const PanelArgs& a) {
-  constexpr int A = Acc<U>::A;
   constexpr int R = PanelR<U>::R;
-  const uint16_t* __restrict ci = a.a.col;
-  const float* __restrict X = (const float*)a.x;
-  float* __restrict Y = (float*)a.y;
-  const float* bias = a.bias;
-  const int64_t ldx = a.ldx;
-  const V* __restrict val = (const V*)a.a.val;
   for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
     const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
     const bool first = blk == 0;
     int64_t r = a.r0;
-    if (R > 1) for (; r + R <= a.r1; r += R) blocked_rows<V, U, R, CB, P>(a, p, r, first);
-    for (; r < a.r1; ++r) {
-      const int64_t j = p[r], e = CB ? p[r + a.a.bp_ld] : p[r + 1];
-      if (!first && j == e) continue;
-      float* yp = Y + r * a.ldy;
-      v16f acc[A][U];
-      if (first) {
-        const float b = bias ? bias[r] : 0.f;
-        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = splat(b);
-      } else {
-        SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] = vload(yp + 16 * u);
-      }
-      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[s][u] = splat(0.f);
-      csr_segment<V, U, A, P>(acc, val, ci, j, e, X, ldx, a.a.vperm);
-      SF_UNROLL for (int s = 1; s < A; ++s) SF_UNROLL for (int u = 0; u < U; ++u) acc[0][u] += acc[s][u];
-      SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[0][u]);
-    }
+    for (; r + R <= a.r1; r += R) blocked_rows<V, U, R, CB, P>(a, p, r, first);
+    if (R > 2) for (; r + 2 <= a.r1; r += 2) blocked_rows<V, U, 2, CB, P>(a, p, r, first);
+    for (; r < a.r1; ++r) blocked_rows<V, U, 1, CB, P>(a, p, r, first);
   }
 }
 
@@ -482,22 +471,15 @@ static void spmm_t_panel(const PanelArgs& a) {
 template <typename T, int U, int NS, int R>
 SF_INLINE void nm_rows(const PanelArgs& a, int64_t r, int64_t s_lo, int64_t s_hi, bool first) {
   const float* __restrict X = (const float*)a.x;
-  float* __restrict Y = (float*)a.y;
   const int64_t ldx = a.ldx, S = a.a.S, m = a.a.m;
   const T* __restrict vr[R];
   const uint8_t* __restrict mr[R];
-  v16f acc[R][U];
   SF_UNROLL for (int q = 0; q < R; ++q) {
     vr[q] = (const T*)a.a.val + (r + q) * S;
     mr[q] = a.a.meta + (r + q) * a.a.meta_ld;
-    const float* yp = Y + (r + q) * a.ldy;
-    if (first) {
-      const float b = a.bias ? a.bias[r + q] : 0.f;
-      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = splat(b);
-    } else {
-      SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] = vload(yp + 16 * u);
-    }
   }
+  v16f acc[R][U];
+  rows_start<R, U>(acc, a, r, first);
   int64_t j = s_lo;  // even
   for (; j + 2 <= s_hi; j += 2) {  // two slots (one meta byte) of each row
     const float* xg0 = X + ((j >> NS) * m) * ldx;
@@ -518,10 +500,7 @@ SF_INLINE void nm_rows(const PanelArgs& a, int64_t r, int64_t s_lo, int64_t s_hi
       SF_UNROLL for (int u = 0; u < U; ++u) acc[q][u] += w * vload(xp + 16 * u);
     }
   }
-  SF_UNROLL for (int q = 0; q < R; ++q) {
-    float* yp = Y + (r + q) * a.ldy;
-    SF_UNROLL for (int u = 0; u < U; ++u) vstore(yp + 16 * u, acc[q][u]);
-  }
+  rows_store<R, U>(acc, a, r);
 }
 
 template <typename T, int U, int NS>
