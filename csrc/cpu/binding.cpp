@@ -1143,13 +1143,10 @@ int64_t pick_kb(const SpMat& A, int64_t PW) {
     if (A.cols * PW * 4 <= (int64_t(256) << 10)) return 0;
     bytes = int64_t(32) << 10;
   }
-  int64_t unit = 32;
-  {
-    const int64_t u2 = 2 * A.m;
-    int64_t a = unit, b = u2;
-    while (b) { const int64_t t = a % b; a = b; b = t; }
-    unit = unit / a * u2;  // lcm(32, 2m)
-  }
+  const int64_t u2 = 2 * A.m;
+  int64_t a = 32, b = u2;
+  while (b) { const int64_t t = a % b; a = b; b = t; }
+  const int64_t unit = 32 / a * u2;  // lcm(32, 2m)
   const int64_t kb = std::max(unit, bytes / (PW * 4) / unit * unit);
   return kb >= A.cols ? 0 : kb;
 }

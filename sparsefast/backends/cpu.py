@@ -15,8 +15,8 @@ structures (see ``csrc/cpu/kernels.h``) depend on the mask only and are cached p
   block starts in the kept values — forward, dX and (B = 16 / 32) dW run GEMM micro-kernels over the
   kept blocks, reading the values in place (conv block masks run the CSR kernels);
 * compact N:M (n in {1, 2, 4, 8}, m <= 16): 4-bit in-group offsets; the slot values are the kept
-  values when every group is full — the forward of N:M Linear layers at any row count (conv: <= 4
-  rows); an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers for few rows,
+  values when every group is full — the forward of N:M Linear layers at any row count (conv: the
+  CSR blocks); an AVX-512 kernel selects the x values with ``vpermt2ps`` instead of gathers for few rows,
   the lane-panel kernel walks several weight rows together for more.
 
 The dense-weight primitives (``linear_fwd`` ...) are the base class's: they gather the kept values
@@ -324,11 +324,6 @@ class CpuBackend(Backend):
                 return None
         return self.cached("nm", (mask,), build, str(pattern))
 
-    #: convolutions up to this many GEMM rows use the compact N:M kernels (Linear: at every row count;
-    #: the N:M panel kernel walks several weight rows together and beat the CSR-block walk 1.1-1.8x at
-    #: 64-256 rows on the AVX2 VM, docs/measurements.md)
-    NM_SMALL_MAX = 4
-
     def _bsr(self, mask: torch.Tensor, pattern: Pattern):
         """The BSR index of a ``block:B`` mask over the layer's kept values (``SpMat::bs`` in
         ``csrc/cpu/kernels.h``), for the forward (A = W) and for dX (A = Wᵀ): two tuples
@@ -433,9 +428,12 @@ class CpuBackend(Backend):
         out[pos] = values
         return meta, out
 
-    def _kept_fwd_fmt(self, values, mask, pattern, rows: int, conv: bool = False) -> tuple:
-        """(rowptr, col, meta, vals, n, m, bp, csr_blocks) for a forward with ``rows`` GEMM rows."""
-        if pattern.is_nm and (not conv or rows <= self.NM_SMALL_MAX):
+    def _kept_fwd_fmt(self, values, mask, pattern, rows: int, compact_nm: bool = True) -> tuple:
+        """(rowptr, col, meta, vals, n, m, bp, csr_blocks) for a forward with ``rows`` GEMM rows. N:M Linear
+        reads the compact N:M format at every row count (its panel kernel beat the CSR-block walk 1.1-1.8x
+        at 64-256 rows on the AVX2 VM, docs/measurements.md); convolutions (``compact_nm=False``) the CSR
+        blocks (the N:M conv path was not measured against them)."""
+        if pattern.is_nm and compact_nm:
             nm = self._nm_slots(values, mask, pattern)
             if nm is not None:
                 return None, None, nm[0], nm[1], pattern.n, pattern.m, None, False
@@ -549,7 +547,8 @@ class CpuBackend(Backend):
         if not self.ext.all_finite(x):
             return _DENSE.kept_conv_fwd(x, values, mask, bias, pattern, conv)
         o, cg, kh, kw = mask.shape
-        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, 1 << 30, conv=True)
+        rowptr, col, meta, vals, nn_, mm, bp, cb = self._kept_fwd_fmt(self._vc(values), mask, pattern, 1 << 30,
+                                                                      compact_nm=False)
         return self.ext.conv_fwd(x.contiguous(), o, cg * kh * kw, rowptr, col, meta, vals, nn_, mm, bias,
                                  *self._conv_args(mask.shape, conv), bp, cb)
 
