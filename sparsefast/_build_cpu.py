@@ -28,7 +28,7 @@ from pathlib import Path
 NAME = "sparsefast._C_cpu"
 JIT_NAME = "sparsefast_C_cpu"
 #: must equal ``kAbiVersion`` in csrc/cpu/binding.cpp
-ABI_VERSION = 11
+ABI_VERSION = 12
 SOURCES = ("csrc/cpu/binding.cpp", "csrc/cpu/kernels.cpp")
 HEADERS = ("csrc/cpu/kernels.h", "csrc/cpu/kernels_impl.h")
 _OPENMP = sys.platform.startswith("linux") and os.environ.get("SPARSEFAST_CPU_NO_OPENMP", "0") in ("", "0")

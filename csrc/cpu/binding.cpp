@@ -35,7 +35,7 @@ namespace {
 using at::Tensor;
 using sfcpu::SpMat;
 
-constexpr int kAbiVersion = 11;       // bump when the Python-visible signatures change
+constexpr int kAbiVersion = 12;       // bump when the Python-visible signatures change
 constexpr int64_t kColPad = 64;      // zero entries after each index array (safe over-reads)
 constexpr int64_t kSddmmLanes = 256; // SDDMM lane chunk: a dY row of 16 vectors stays in registers
 
@@ -620,11 +620,12 @@ Tensor gather_csr(const Tensor& w_in, const Tensor& rowptr, const Tensor& col, i
   return out;
 }
 
-// f(src, dst) on the raw words of `src` and of `dst` (same element size: 2, 4 or 8 bytes; the callers
+// f(src, dst) on the raw words of `src` and of `dst` (same element size: 1, 2, 4 or 8 bytes; the callers
 // check): the dtype-free data movers below (scatter_flat, gather_keep) copy bits, never convert
 template <typename F>
 void by_word(const Tensor& src, const Tensor& dst, F&& f) {
   switch (src.element_size()) {
+    case 1: f(reinterpret_cast<const uint8_t*>(src.data_ptr()), reinterpret_cast<uint8_t*>(dst.data_ptr())); break;
     case 2: f(reinterpret_cast<const uint16_t*>(src.data_ptr()), reinterpret_cast<uint16_t*>(dst.data_ptr())); break;
     case 4: f(reinterpret_cast<const uint32_t*>(src.data_ptr()), reinterpret_cast<uint32_t*>(dst.data_ptr())); break;
     default: f(reinterpret_cast<const uint64_t*>(src.data_ptr()), reinterpret_cast<uint64_t*>(dst.data_ptr())); break;
@@ -657,8 +658,9 @@ Tensor scatter_flat(const Tensor& vals_in, const Tensor& flat, int64_t numel, bo
                   vals_in.numel() == flat.numel(), "scatter_flat: int32 positions, one per value");
   const Tensor vals = vals_in.contiguous();
   const int64_t n = flat.numel();
-  TORCH_CHECK(vals.element_size() == 2 || vals.element_size() == 4 || vals.element_size() == 8,
-              "scatter_flat: 2-, 4- or 8-byte values");
+  TORCH_CHECK(vals.element_size() == 1 || vals.element_size() == 2 || vals.element_size() == 4 ||
+                  vals.element_size() == 8,
+              "scatter_flat: 1-, 2-, 4- or 8-byte values (bool masks too)");
   const int32_t* fp = flat.data_ptr<int32_t>();
   if (ascending) {
     TORCH_CHECK(n == 0 || (fp[0] >= 0 && fp[n - 1] < numel), "scatter_flat: position out of range");

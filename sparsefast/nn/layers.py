@@ -189,7 +189,9 @@ class SparseModule(nn.Module):
                              f"{self.weight_shape}")
         if reset is not None:
             reset = self._validated(reset, pattern=_masks.Unstructured(), where=f"{self._name()} set_mask(reset=...)")
-        self._commit_mask(m.clone(), pat, None if weight is None else _kept.gather(
+        if m.device.type == "meta" or m.untyped_storage().data_ptr() == self.mask.untyped_storage().data_ptr():
+            m = m.clone()  # the new mask is (a view of) the layer's own: the remap needs the old one intact
+        self._commit_mask(m, pat, None if weight is None else _kept.gather(
             weight.detach().to(self.weight.dtype), m).clone(), reset)
 
     def _commit_mask(self, m: torch.Tensor, pat, new_values: torch.Tensor | None,
@@ -213,6 +215,7 @@ class SparseModule(nn.Module):
             # commit (no more failures expected)
             self.mask.copy_(m)
             _kept.share_index(m, self.mask)  # the remap computed m's index: not again on the next forward
+            _kept.release(m)  # (the caller's tensor, not copied: its cached index goes with this call)
             if values.shape[0] == old_nnz:
                 p.copy_(values)
             else:

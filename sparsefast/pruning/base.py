@@ -627,23 +627,19 @@ class Pruner:
 
     def _apply(self, new: dict[str, torch.Tensor], *,
                weights: dict[str, torch.Tensor] | None = None,
-               reset: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               reset: dict[str, torch.Tensor] | None = None) -> None:
         """Set every layer's mask (target pattern). Newly kept positions start at 0 (value and optimizer
         state) unless ``weights`` gives a layer's dense weight: then every kept position takes its value
-        from it. Returns the grown positions per layer."""
-        grown = {}
+        from it."""
         for n, l in self._layers:
             if n not in new:
                 continue
             m = new[n].to(l.mask.device)
-            g = m & ~l.mask
             w = None if weights is None else weights.get(n)
             if w is not None:
                 w = w.to(l.mask.device)
             r = None if reset is None or n not in reset else reset[n].to(l.mask.device)
             self._set_layer_mask(l, m, self.pattern, w, r)
-            grown[n] = g
-        return grown
 
     def _densities(self, sparsity: float, scores: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         return _dist.compute_densities(self._infos, sparsity, self.distribution, scores)

@@ -135,9 +135,7 @@ class _DST(Pruner):
             # ranked among the kept values only (nnz entries, not the dense shape); a Linear's kept
             # values are in row-major order, so ties still go to the lower flat index
             sel = top_k_mask(-layer.weight.detach().abs().float(), k)
-            out = torch.zeros(layer.mask.numel(), dtype=torch.bool, device=layer.mask.device)
-            out[_kept.index(layer.mask)[sel].long()] = True
-            return out.view(layer.mask.shape)
+            return _kept.scatter(sel, layer.mask)  # one pass writing the dense mask (no nonzero of sel)
         w = layer.dense_weight().abs().float()
         s = (-w).masked_fill_(~layer.mask, -math.inf)
         return expand_units(top_k_mask(unit_scores(s, unit), k), unit, layer.weight_shape) & layer.mask
@@ -189,9 +187,9 @@ class _DST(Pruner):
             if d is None:
                 continue
             d, k = d if isinstance(d, tuple) else (d, int(torch.count_nonzero(d)) // units)
-            after = l.mask & ~d
+            after = torch.logical_not(d).logical_and_(l.mask)  # one dense temporary (each costs its page faults)
             g = grow(n, l, after, k)
-            new[n], grown[n], dropped[n] = after | g, g, d
+            new[n], grown[n], dropped[n] = after.logical_or_(g), g, d  # ``after`` is not needed past the grow
         self._commit(new, grown, dropped)
 
     def _drop_set(self, layer, frac: float, nnz: int) -> torch.Tensor | tuple[torch.Tensor, int] | None:

@@ -76,6 +76,28 @@ def test_set_mask_computes_the_new_index_once(path):
     assert torch.equal(first.long(), layer.mask.reshape(-1).nonzero().reshape(-1))
     x = torch.randn(5, 64)
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias)
+    # the caller's tensor is not copied, and keeps no cached index after the call (nnz int32s would live
+    # as long as the caller's mask)
+    assert kept.cached_index(new) is None and id(new) not in kept._CACHE
+
+
+def test_set_mask_with_the_layers_own_mask_or_a_view_of_it():
+    """set_mask does not copy the caller's mask, except when it is (a view of) the layer's own: the remap
+    needs the old mask intact while it reads the new one. The caller's tensor stays theirs: editing it
+    afterwards changes nothing in the layer."""
+    layer = sparsefast.nn.SparseLinear(16, 8, sparsity=0.5)
+    w = layer.dense_weight().clone()
+    m0 = layer.mask.clone()
+    layer.set_mask(layer.mask)
+    layer.set_mask(layer.mask[:, :])
+    layer.set_mask(layer.mask.t().t())
+    assert torch.equal(layer.dense_weight(), w) and torch.equal(layer.mask, m0)
+    new = m0.clone()
+    new[:, :8] = False
+    layer.set_mask(new)
+    new.fill_(True)
+    assert torch.equal(layer.mask, m0 & ~torch.arange(16).lt(8))
+    torch.testing.assert_close(layer.dense_weight(), w * layer.mask)
 
 
 def test_layer_on_cpu_kernels_lets_the_index_go():
@@ -125,17 +147,20 @@ def test_fill_where_and_remap_tensor(path, n):
 
 @pytest.mark.parametrize("shape", [(7, 13), (64, 48), (6, 4, 3, 3), (1, 1)])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float64, torch.bool])
 def test_scatter_gather(path, shape, density, dt):
     """scatter/gather (the dense-routed kept calls) on both paths: exact, +0 at pruned positions, and still
     differentiable where autograd records."""
     g = torch.Generator().manual_seed(len(shape) * 100 + int(density * 10))
     mask = torch.rand(shape, generator=g) < density
-    w = torch.randn(shape, generator=g).to(dt)
+    w = torch.randn(shape, generator=g)
+    w = w > 0 if dt == torch.bool else w.to(dt)  # bool: DST scatters its kept-space drop selection
     v = kept.gather(w, mask)
     assert v.dtype == dt and torch.equal(v, w[mask] if mask.dim() == 2 else w.permute(0, 2, 3, 1)[mask.permute(0, 2, 3, 1)])
     d = kept.scatter(v, mask)
     assert d.shape == mask.shape and torch.equal(d, torch.where(mask, w, torch.zeros((), dtype=dt)))
+    if dt == torch.bool:
+        return
     assert not torch.signbit(d[~mask]).any()
     vg = v.clone().requires_grad_(True)
     kept.scatter(vg, mask).sum().backward()
@@ -275,8 +300,9 @@ def test_scatter_flat_single_pass_matches_torch_and_checks_order():
             for d in (0.0, 0.001, 0.5, 1.0):
                 m = torch.rand(numel, generator=g) < d
                 flat = m.nonzero().reshape(-1).to(torch.int32)
-                for dt in (torch.float16, torch.float32, torch.float64):
-                    v = torch.randn(flat.numel(), generator=g).to(dt)
+                for dt in (torch.bool, torch.float16, torch.float32, torch.float64):
+                    v = torch.randn(flat.numel(), generator=g)
+                    v = v > 0 if dt == torch.bool else v.to(dt)
                     want = torch.zeros(numel, dtype=dt)
                     want[flat.long()] = v
                     for t in (1, 2):
