@@ -4,6 +4,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "sf_kernels.h"
 #include "sf_layout.h"
 #include "sf_ptx.cuh"
@@ -202,20 +205,22 @@ __global__ void __launch_bounds__(C::NT, 1) sf24_gemm_kernel(const Sf24GemmArgs 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
 
+  // K tiles [kt0, kt1) of this block's split (grid z; one split: all of them)
   const int KT = (int)((Cp + C::BK - 1) / C::BK);
+  const int kt0 = (int)((int64_t)KT * blockIdx.z / gridDim.z), kt1 = (int)((int64_t)KT * (blockIdx.z + 1) / gridDim.z);
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
-    if (s < KT) load_stage(s, s);
+    if (kt0 + s < kt1) load_stage(s, kt0 + s);
     cp_async_commit();
   }
-  for (int kt = 0; kt < KT; ++kt) {
+  for (int kt = kt0; kt < kt1; ++kt) {
     cp_async_wait<C::STAGES - 2>();
     __syncthreads();
     const int nk = kt + C::STAGES - 1;
-    if (nk < KT) load_stage(nk % C::STAGES, nk);
+    if (nk < kt1) load_stage((nk - kt0) % C::STAGES, nk);
     cp_async_commit();
 
-    const int stage = kt % C::STAGES;
+    const int stage = (kt - kt0) % C::STAGES;
     const T* tA = sA + stage * C::A_ELEMS;
     const T* tB = sB + stage * C::B_ELEMS;
     const uint32_t* tE = sE + stage * C::E_WORDS;
@@ -269,7 +274,7 @@ __global__ void __launch_bounds__(C::NT, 1) sf24_gemm_kernel(const Sf24GemmArgs 
   }
 
   OutT* out = static_cast<OutT*>(a.out);
-  const OutT* bias = static_cast<const OutT*>(a.bias);
+  const OutT* bias = blockIdx.z == 0 ? static_cast<const OutT*>(a.bias) : nullptr;  // once per element
   const bool pair_ok = epilogue_pairs_aligned(out, a.ldo);  // 16-bit out: packed pairs (sf_ptx.cuh)
 #pragma unroll
   for (int mi = 0; mi < C::MI; ++mi)
@@ -294,14 +299,17 @@ cudaError_t launch_cfg(const Sf24GemmArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
     if (dev >= 0 && dev < 64) attr_set[dev] = true;
   }
-  if (ceil_div(a.R, C::BM) > 65535) return cudaErrorInvalidConfiguration;
-  dim3 grid((unsigned)ceil_div(a.M, C::BN), (unsigned)ceil_div(a.R, C::BM));
+  if (ceil_div(a.R, C::BM) > 65535 || a.split < 1 || a.split > 64) return cudaErrorInvalidConfiguration;
+  // k-split partials are added atomically into an fp32 output (see Sf24GemmArgs::split)
+  if (a.split > 1 && (!std::is_same<OutT, float>::value || a.accumulate != 2)) return cudaErrorInvalidValue;
+  dim3 grid((unsigned)ceil_div(a.M, C::BN), (unsigned)ceil_div(a.R, C::BM), (unsigned)a.split);
   kern<<<grid, C::NT, C::SMEM, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T, typename OutT, bool CONV>
 cudaError_t gemm_dispatch(const Sf24GemmArgs& a, cudaStream_t stream) {
+  if (a.split > 1) return cudaErrorInvalidValue;  // split launches go through split_dispatch (fp32 out)
   // Pick the tile by the number of blocks it gives: the big tile only where it still fills the GPU.
   const int64_t big_blocks = ceil_div(a.R, CfgBig::BM) * ceil_div(a.M, CfgBig::BN);
   if (a.M > 32 && big_blocks >= a.num_sms) return launch_cfg<T, OutT, CfgBig, CONV>(a, stream);
@@ -312,6 +320,12 @@ cudaError_t gemm_dispatch(const Sf24GemmArgs& a, cudaStream_t stream) {
 template <typename T, typename OutT>
 cudaError_t gemm_dispatch2(const Sf24GemmArgs& a, cudaStream_t stream) {
   return a.is_conv ? gemm_dispatch<T, OutT, true>(a, stream) : gemm_dispatch<T, OutT, false>(a, stream);
+}
+
+// k-split launches: the mid tile, fp32 partials added atomically (the only tile sf24_split_k splits)
+template <typename T>
+cudaError_t split_dispatch(const Sf24GemmArgs& a, cudaStream_t stream) {
+  return a.is_conv ? launch_cfg<T, float, CfgMid, true>(a, stream) : launch_cfg<T, float, CfgMid, false>(a, stream);
 }
 
 }  // namespace
@@ -350,8 +364,24 @@ cudaError_t sf24_unpack(DType dt, const void* vals, const uint32_t* meta, int64_
   return cudaGetLastError();
 }
 
+int sf24_split_k(const Sf24GemmArgs& a) {
+  if (a.M <= 32 || a.num_sms <= 0) return 1;  // the small tile already splits K inside its blocks
+  const int64_t big_blocks = ceil_div(a.R, CfgBig::BM) * ceil_div(a.M, CfgBig::BN);
+  const int64_t mid_blocks = ceil_div(a.R, CfgMid::BM) * ceil_div(a.M, CfgMid::BN);
+  if (big_blocks >= a.num_sms || mid_blocks >= a.num_sms) return 1;
+  const int64_t k_tiles = ceil_div(a.Cp, CfgMid::BK);
+  const int64_t s = std::min<int64_t>({ceil_div(a.num_sms, mid_blocks), k_tiles / 4, 16});
+  return s >= 2 ? (int)s : 1;
+}
+
 cudaError_t sf24_gemm(DType in_dt, DType out_dt, const Sf24GemmArgs& a, cudaStream_t stream) {
   if (a.R == 0 || a.M == 0) return cudaSuccess;
+  if (a.split > 1) {
+    if (out_dt != kF32) return cudaErrorInvalidValue;
+    if (in_dt == kBF16) return split_dispatch<__nv_bfloat16>(a, stream);
+    if (in_dt == kF16) return split_dispatch<__half>(a, stream);
+    return cudaErrorInvalidValue;
+  }
   if (in_dt == kBF16 && out_dt == kBF16) return gemm_dispatch2<__nv_bfloat16, __nv_bfloat16>(a, stream);
   if (in_dt == kF16 && out_dt == kF16) return gemm_dispatch2<__half, __half>(a, stream);
   if (in_dt == kBF16 && out_dt == kF32) return gemm_dispatch2<__nv_bfloat16, float>(a, stream);

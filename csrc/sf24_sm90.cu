@@ -272,6 +272,7 @@ cudaError_t sm90_dispatch(const Sf24GemmArgs& a, cudaStream_t stream) {
 
 cudaError_t sf24_gemm_sm90(DType in_dt, DType out_dt, const Sf24GemmArgs& a, cudaStream_t stream) {
   if (a.R == 0 || a.M == 0) return cudaSuccess;
+  if (a.split != 1) return cudaErrorInvalidValue;  // no k-split here (sf24_split_k is for mma.sp)
   if (in_dt == kBF16 && out_dt == kBF16) return sm90_dispatch<__nv_bfloat16, __nv_bfloat16>(a, stream);
   if (in_dt == kF16 && out_dt == kF16) return sm90_dispatch<__half, __half>(a, stream);
   if (in_dt == kBF16 && out_dt == kF32) return sm90_dispatch<__nv_bfloat16, float>(a, stream);

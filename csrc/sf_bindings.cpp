@@ -10,6 +10,7 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "sf_kernels.h"
@@ -114,12 +115,25 @@ void run_gemm(sf::Sf24GemmArgs a, const at::Tensor& x, const at::Tensor& vals, c
   auto gemm = path == 1 ? &sf::sf24_gemm_sm90 : &sf::sf24_gemm;
   a.out = out.data_ptr();
   a.num_sms = num_sms();
+  // mid-size M whose tiles leave SMs idle: K split over more blocks, fp32 partials added atomically
+  const int split = path == 1 ? 1 : sf::sf24_split_k(a);
   if (x.scalar_type() != at::kFloat) {
     TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "sparsefast._C: packed dtype ", vals.scalar_type(),
                 " != input dtype ", x.scalar_type());
     a.x = x.data_ptr();
     a.vals = vals.data_ptr();
     a.bias = bias ? bias->data_ptr() : nullptr;
+    if (split > 1) {
+      // fp32 partial sums in a zeroed buffer of the output's layout (conv: channels_last), then one cast
+      const auto acc = at::zeros_like(out, out.options().dtype(at::kFloat));
+      TORCH_CHECK(acc.strides() == out.strides(), "sparsefast._C: internal k-split buffer layout mismatch");
+      a.out = acc.data_ptr();
+      a.accumulate = 2;
+      a.split = split;
+      check(gemm(to_dt(x), sf::kF32, a, stream), "sf24_gemm (k-split)");
+      out.copy_(acc);
+      return;
+    }
     check(gemm(to_dt(x), to_dt(x), a, stream), "sf24_gemm");
     return;
   }
@@ -134,11 +148,15 @@ void run_gemm(sf::Sf24GemmArgs a, const at::Tensor& x, const at::Tensor& vals, c
   }
   const at::Tensor* xs[3] = {&x_hi, &x_lo, &x_hi};
   const at::Tensor* ws[3] = {&vals, &vals, &vals_lo.value()};
+  if (split > 1) {  // all three products add their k-split partials atomically into the zeroed output
+    out.zero_();
+    a.split = split;
+  }
   for (int i = 0; i < 3; ++i) {
     a.x = xs[i]->data_ptr();
     a.vals = ws[i]->data_ptr();
     a.bias = (i == 0 && bias) ? bias->data_ptr() : nullptr;
-    a.accumulate = i > 0;
+    a.accumulate = split > 1 ? 2 : i > 0;
     check(gemm(sf::kBF16, sf::kF32, a, stream), "sf24_gemm (fp32 split)");
   }
 }

@@ -37,9 +37,16 @@ struct Sf24GemmArgs {
   void* out = nullptr;
   int64_t ldo = 0;
   const void* bias = nullptr;
-  int accumulate = 0;  // out += result (only with an fp32 output)
+  int accumulate = 0;  // 1: out += result; 2: atomicAdd(out, result) (k-split partials); fp32 output only
   int num_sms = 132;
+  // k-splits (grid z): each block of a split sums a contiguous range of K tiles into an fp32 output it
+  // adds to atomically (accumulate = 2, output zeroed first); bias goes in with split 0. mma.sp only.
+  int split = 1;
 };
+// The k-splits sf24_gemm uses for `a` (1: none): mid-size M (> 32 rows) whose tile grid leaves SMs idle
+// is split along K (>= 4 K tiles of 64 per split, at most 16 splits) -- the caller then passes an fp32
+// output zeroed beforehand, accumulate = 2 and split = this.
+int sf24_split_k(const Sf24GemmArgs& a);
 // in_dt: bf16/f16 (both operands); out_dt: the same, or f32 (bf16 input only: the fp32 split path)
 cudaError_t sf24_gemm(DType in_dt, DType out_dt, const Sf24GemmArgs& args, cudaStream_t stream);
 // Hopper path (sf24_sm90.cu): wgmma.mma_async.sp, same arguments and semantics. Only for compute

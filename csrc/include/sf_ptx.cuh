@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace sf {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -145,6 +147,12 @@ __device__ __forceinline__ void store_c_frag(OutT* out, const OutT* bias, int64_
         float v = i == 0 ? c0 : i == 1 ? c1 : i == 2 ? c2 : c3;
         if (bias != nullptr) v += to_f32<OutT>(bias[f]);
         OutT* dst = out + p * ldo + f;
+        if constexpr (std::is_same<OutT, float>::value) {
+          if (accumulate == 2) {  // k-split partial: other blocks add to the same element
+            atomicAdd(dst, v);
+            continue;
+          }
+        }
         if (accumulate) v += to_f32<OutT>(*dst);
         *dst = from_f32<OutT>(v);
       }

@@ -46,15 +46,17 @@ as three bf16 products of a hi/lo split (``x_hi w_hi + x_lo w_hi + x_hi w_lo``, 
 relative error about 1e-5 (tests use rtol 1e-4); unstructured float32 runs in plain fp32.
 
 Kernels per GPU: sm_80+ run ``mma.sp.m16n8k32`` (cp.async multistage pipeline, three tile shapes chosen by
-M, a k-split shape for M <= 32). sm_90 (H100/H200) additionally has a ``wgmma.mma_async.sp.m64n128k32``
-kernel (sm_90a build; A from registers, B through 128-byte-swizzled shared-memory descriptors) used for
+M, a k-split shape for M <= 32; for mid-size M whose tiles leave SMs idle -- few output features, K of at
+least 512 -- the mid tile also splits K over up to 16 blocks, adding fp32 partials atomically into a
+zeroed fp32 buffer that is cast once: ``sf24_split_k`` in csrc/sf24.cu). sm_90 (H100/H200) additionally
+has a ``wgmma.mma_async.sp.m64n128k32`` kernel (sm_90a build; A from registers, B through 128-byte-swizzled shared-memory descriptors) used for
 GEMMs with more than 64 rows on each dtype whose ``2:4 wgmma.sp`` self-check family passed
 (``SPARSEFAST_CUDA_WGMMA=0/1`` forces it off/on without a check; ``CudaBackend.wgmma_status`` says what
 happened); with the self-checks skipped it stays off unless forced on.
 
 Self-checks (:mod:`sparsefast.backends.selfcheck`, :func:`_families`): before first use per device and
-dtype, each kernel family -- ``mma.sp`` small / mid / big tiles, ``wgmma.sp``, the fp32 hi/lo split, 2:4
-conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a failed one is disabled
+dtype, each kernel family -- ``mma.sp`` small / mid / big tiles, the mid tile's K split, ``wgmma.sp``, the
+fp32 hi/lo split, 2:4 conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a failed one is disabled
 (``auto`` falls back, an explicit request raises). ``SPARSEFAST_SELF_CHECK=0`` skips them all,
 ``SPARSEFAST_CUDA_SELFCHECK=0`` (the older name) this backend's.
 
@@ -633,7 +635,8 @@ class CudaBackend(Backend):
 
 # ------------------------------------------------------------------------------------------------
 # self-check families (sparsefast.backends.selfcheck). A 2:4 GEMM's tile is chosen in csrc/sf24.cu by
-# its M (rows <= 32: small; else big where that gives >= one block per SM, else mid): Linear calls select
+# its M (rows <= 32: small; else big where that gives >= one block per SM, else mid, with K split over
+# blocks where even the mid tiles leave SMs idle and K is deep enough: sf24_split_k): Linear calls select
 # the classes their M may take (all when unknown), convs all of them (dgrad's M is the input's pixels).
 # f16/bf16 run the tile families, float32 the hi/lo split family (the same tiles, two packed operands).
 # ------------------------------------------------------------------------------------------------
@@ -682,11 +685,17 @@ def _families():
     W4 = (16, 16, 3, 3)
     lin_small = (Problem("fwd", (64, 128), 16, mask="transposable"), Problem("dx", (64, 128), 16, mask="transposable"))
     lin_mid = (Problem("fwd", (64, 128), 64, mask="transposable"), Problem("dx", (64, 128), 64, mask="transposable"))
+    # mid-size M on a few output features and a long reduction: csrc/sf24.cu splits K over blocks (fp32
+    # partials added atomically) -- 64 features, 1024-deep: 4 splits on any GPU with more than 4 SMs
+    lin_split = (Problem("fwd", (64, 1024), 48, mask="transposable"),
+                 Problem("dx", (1024, 64), 48, mask="transposable"))
+    conv_split = (Problem("fwd", (64, 128, 3, 3), 2, conv=conv, hw=(6, 6)),)
     _FAMILIES.extend([
         Family("2:4 mma.sp small tile", small, lin_small, dtypes=half, context=mma),
         Family("2:4 mma.sp mid tile", wide, lin_mid, dtypes=half, context=mma),
         Family("2:4 mma.sp big tile", wide, _big_problem, dtypes=half, context=mma),
-        Family("2:4 fp32 split (bf16 hi/lo)", nm, lin_small + lin_mid + (Problem("fwd", W4, 2, conv=conv),),
+        Family("2:4 mma.sp mid tile, K split", wide, lin_split + conv_split, dtypes=half, context=mma),
+        Family("2:4 fp32 split (bf16 hi/lo)", nm, lin_small + lin_mid + lin_split + (Problem("fwd", W4, 2, conv=conv),),
                dtypes=fp32, context=mma),
         Family("2:4 wgmma.sp", lambda q: nm(q) and (q.op == "conv" or q.m_rows is None or q.m_rows > 64),
                (Problem("fwd", (200, 320), 300), Problem("dx", (64, 128), 96, mask="transposable"),

@@ -769,8 +769,10 @@ def test_gpu_pack_bit_exact():
             assert torch.equal(b._C.sf24_unpack(v, meta, R, C).cpu(), sm_meta.unpack(v_py, meta_py, R, C))
 
 
+# (M, K, N); csrc/sf24.cu splits K over blocks (sf24_split_k) for 100x1000x300, 300x512x1024, 64x4096x1024
+# and 48x1024x64 on a 132-SM H100 (mid-size M, few output tiles, deep K)
 LIN_SHAPES = [(1, 64, 64), (7, 96, 40), (16, 4096, 1024), (33, 256, 192), (100, 1000, 300), (300, 512, 1024),
-              (1024, 2048, 512), (2048, 1024, 1024)]
+              (1024, 2048, 512), (2048, 1024, 1024), (64, 4096, 1024), (48, 1024, 64)]
 
 
 @pytest.mark.gpu

@@ -246,11 +246,12 @@ def test_cuda_and_triton_family_declarations():
 
     cf = {f.name: f for f in cuda._families()}
     assert set(cf) == {"2:4 mma.sp small tile", "2:4 mma.sp mid tile", "2:4 mma.sp big tile", "2:4 wgmma.sp",
-                       "2:4 fp32 split (bf16 hi/lo)", "2:4 conv", "CSR SpMM", "CSR SDDMM"}
+                       "2:4 mma.sp mid tile, K split", "2:4 fp32 split (bf16 hi/lo)", "2:4 conv", "CSR SpMM",
+                       "CSR SDDMM"}
     sel = lambda fams, q: {n for n, f in fams.items() if f.selects(q)}  # noqa: E731
     assert sel(cf, _q("linear", "2:4", m_rows=16)) == {"2:4 mma.sp small tile", "2:4 fp32 split (bf16 hi/lo)"}
     assert sel(cf, _q("linear", "2:4", m_rows=48)) == {"2:4 mma.sp mid tile", "2:4 mma.sp big tile",
-                                                       "2:4 fp32 split (bf16 hi/lo)"}
+                                                       "2:4 mma.sp mid tile, K split", "2:4 fp32 split (bf16 hi/lo)"}
     assert "2:4 wgmma.sp" in sel(cf, _q("linear", "2:4", m_rows=65)) and "2:4 conv" in sel(cf, _q("conv", "2:4"))
     assert sel(cf, _q("linear", "unstructured")) == {"CSR SpMM", "CSR SDDMM"}
     assert cf["2:4 fp32 split (bf16 hi/lo)"].dtypes == (torch.float32,)
