@@ -47,7 +47,8 @@ struct Sf24GemmArgs {
 // is split along K (>= 4 K tiles of 64 per split, at most 16 splits) -- the caller then passes an fp32
 // output zeroed beforehand, accumulate = 2 and split = this.
 int sf24_split_k(const Sf24GemmArgs& a);
-// in_dt: bf16/f16 (both operands); out_dt: the same, or f32 (bf16 input only: the fp32 split path)
+// in_dt: bf16/f16 (both operands); out_dt: the same, or f32 (bf16 input: the fp32 hi/lo path; either
+// input with split > 1)
 cudaError_t sf24_gemm(DType in_dt, DType out_dt, const Sf24GemmArgs& args, cudaStream_t stream);
 // Hopper path (sf24_sm90.cu): wgmma.mma_async.sp, same arguments and semantics. Only for compute
 // capability 9.0 devices running the sm_90a build (the kernel body is empty in other targets).

@@ -49,15 +49,16 @@ Kernels per GPU: sm_80+ run ``mma.sp.m16n8k32`` (cp.async multistage pipeline, t
 M, a k-split shape for M <= 32; for mid-size M whose tiles leave SMs idle -- few output features, K of at
 least 512 -- the mid tile also splits K over up to 16 blocks, adding fp32 partials atomically into a
 zeroed fp32 buffer that is cast once: ``sf24_split_k`` in csrc/sf24.cu). sm_90 (H100/H200) additionally
-has a ``wgmma.mma_async.sp.m64n128k32`` kernel (sm_90a build; A from registers, B through 128-byte-swizzled shared-memory descriptors) used for
-GEMMs with more than 64 rows on each dtype whose ``2:4 wgmma.sp`` self-check family passed
+has a ``wgmma.mma_async.sp.m64n128k32`` kernel (sm_90a build; A from registers, B through
+128-byte-swizzled shared-memory descriptors) used for GEMMs with more than 64 rows on each dtype whose
+``2:4 wgmma.sp`` self-check family passed
 (``SPARSEFAST_CUDA_WGMMA=0/1`` forces it off/on without a check; ``CudaBackend.wgmma_status`` says what
 happened); with the self-checks skipped it stays off unless forced on.
 
 Self-checks (:mod:`sparsefast.backends.selfcheck`, :func:`_families`): before first use per device and
 dtype, each kernel family -- ``mma.sp`` small / mid / big tiles, the mid tile's K split, ``wgmma.sp``, the
-fp32 hi/lo split, 2:4 conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a failed one is disabled
-(``auto`` falls back, an explicit request raises). ``SPARSEFAST_SELF_CHECK=0`` skips them all,
+fp32 hi/lo split, 2:4 conv, CSR SpMM, CSR SDDMM -- runs a small problem against the reference; a failed
+one is disabled (``auto`` falls back, an explicit request raises). ``SPARSEFAST_SELF_CHECK=0`` skips them all,
 ``SPARSEFAST_CUDA_SELFCHECK=0`` (the older name) this backend's.
 
 Limits: every call is CUDA-graph safe (no host syncs, all memory from torch's allocator) once its families are

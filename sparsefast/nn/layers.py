@@ -200,6 +200,7 @@ class SparseModule(nn.Module):
         that can fail (shapes, allocations) is computed before the first change."""
         p = self.weight
         old_nnz = p.shape[0]
+        had_index = _kept.cached_index(m) is not None  # (another layer's mask, say: it keeps its index)
         src, keep = _kept.remap(self.mask, m, reset)
         with torch.no_grad():
             values = _kept.remap_tensor(p.detach(), src, keep) if new_values is None else new_values
@@ -215,7 +216,8 @@ class SparseModule(nn.Module):
             # commit (no more failures expected)
             self.mask.copy_(m)
             _kept.share_index(m, self.mask)  # the remap computed m's index: not again on the next forward
-            _kept.release(m)  # (the caller's tensor, not copied: its cached index goes with this call)
+            if not had_index:  # the caller's tensor is not copied: the index the remap cached on it goes
+                _kept.release(m)
             if values.shape[0] == old_nnz:
                 p.copy_(values)
             else:
