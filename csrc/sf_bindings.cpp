@@ -124,9 +124,12 @@ void run_gemm(sf::Sf24GemmArgs a, const at::Tensor& x, const at::Tensor& vals, c
     a.vals = vals.data_ptr();
     a.bias = bias ? bias->data_ptr() : nullptr;
     if (split > 1) {
-      // fp32 partial sums in a zeroed buffer of the output's layout (conv: channels_last), then one cast
+      // fp32 partial sums in a zeroed buffer of the output's layout (conv: channels_last), then one cast;
+      // the kernel's output type is fp32 there, so it reads the bias as fp32 too
       const auto acc = at::zeros_like(out, out.options().dtype(at::kFloat));
       TORCH_CHECK(acc.strides() == out.strides(), "sparsefast._C: internal k-split buffer layout mismatch");
+      const auto bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+      a.bias = bias ? bias32.data_ptr() : nullptr;
       a.out = acc.data_ptr();
       a.accumulate = 2;
       a.split = split;

@@ -33,7 +33,7 @@ struct Sf24GemmArgs {
   int64_t M = 0, K = 0;
   int is_conv = 0;
   ConvShape conv{};
-  // out[p * ldo + f] (= y (M x R) row-major for linear, NHWC y for conv); bias[f] or null
+  // out[p * ldo + f] (= y (M x R) row-major for linear, NHWC y for conv); bias[f] (of the output type) or null
   void* out = nullptr;
   int64_t ldo = 0;
   const void* bias = nullptr;
