@@ -122,22 +122,22 @@ void run_gemm(sf::Sf24GemmArgs a, const at::Tensor& x, const at::Tensor& vals, c
                 " != input dtype ", x.scalar_type());
     a.x = x.data_ptr();
     a.vals = vals.data_ptr();
-    a.bias = bias ? bias->data_ptr() : nullptr;
-    if (split > 1) {
-      // fp32 partial sums in a zeroed buffer of the output's layout (conv: channels_last), then one cast;
-      // the kernel's output type is fp32 there, so it reads the bias as fp32 too
-      const auto acc = at::zeros_like(out, out.options().dtype(at::kFloat));
-      TORCH_CHECK(acc.strides() == out.strides(), "sparsefast._C: internal k-split buffer layout mismatch");
-      const auto bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-      a.bias = bias ? bias32.data_ptr() : nullptr;
-      a.out = acc.data_ptr();
-      a.accumulate = 2;
-      a.split = split;
-      check(gemm(to_dt(x), sf::kF32, a, stream), "sf24_gemm (k-split)");
-      out.copy_(acc);
+    if (split == 1) {
+      a.bias = bias ? bias->data_ptr() : nullptr;
+      check(gemm(to_dt(x), to_dt(x), a, stream), "sf24_gemm");
       return;
     }
-    check(gemm(to_dt(x), to_dt(x), a, stream), "sf24_gemm");
+    // fp32 partial sums in a zeroed buffer of the output's layout (conv: channels_last), then one cast;
+    // the kernel's output type is fp32 there, so it reads the bias as fp32 too
+    const auto acc = at::zeros_like(out, out.options().dtype(at::kFloat));
+    TORCH_CHECK(acc.strides() == out.strides(), "sparsefast._C: internal k-split buffer layout mismatch");
+    const auto bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    a.bias = bias ? bias32.data_ptr() : nullptr;
+    a.out = acc.data_ptr();
+    a.accumulate = 2;
+    a.split = split;
+    check(gemm(to_dt(x), sf::kF32, a, stream), "sf24_gemm (k-split)");
+    out.copy_(acc);
     return;
   }
   TORCH_CHECK(vals_lo.has_value() && vals.scalar_type() == at::kBFloat16 && vals_lo->scalar_type() == at::kBFloat16,

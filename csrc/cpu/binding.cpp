@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <numeric>
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -1145,10 +1146,7 @@ int64_t pick_kb(const SpMat& A, int64_t PW) {
     if (A.cols * PW * 4 <= (int64_t(256) << 10)) return 0;
     bytes = int64_t(32) << 10;
   }
-  const int64_t u2 = 2 * A.m;
-  int64_t a = 32, b = u2;
-  while (b) { const int64_t t = a % b; a = b; b = t; }
-  const int64_t unit = 32 / a * u2;  // lcm(32, 2m)
+  const int64_t unit = std::lcm<int64_t>(32, 2 * A.m);
   const int64_t kb = std::max(unit, bytes / (PW * 4) / unit * unit);
   return kb >= A.cols ? 0 : kb;
 }

@@ -98,7 +98,7 @@ def test_set_mask_with_the_layers_own_mask_or_a_view_of_it():
     new.fill_(True)
     assert torch.equal(layer.mask, m0 & ~torch.arange(16).lt(8))
     torch.testing.assert_close(layer.dense_weight(), w * layer.mask)
-    # another layer's mask as the new mask: copied, and that layer keeps its cached index
+    # another layer's mask as the new mask: copied into this layer's own, and that layer keeps its cached index
     other = sparsefast.nn.SparseLinear(16, 8, sparsity=0.25)
     idx = kept.index(other.mask)
     layer.set_mask(other.mask)
