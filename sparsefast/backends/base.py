@@ -43,13 +43,13 @@ faster, so ``auto`` routes to the reference instead (never slower than dense).
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
 
 from .. import _build_cpu
+from .._tensor_cache import TensorCache
 from ..formats import kept as _kept
 from ..masks import NM, Block, Pattern, Unstructured
 
@@ -204,10 +204,8 @@ class Backend:
     uses_kept_index: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, tuple] = {}
-        self._dead: list[tuple] = []   # keys whose tensors died while the lock was held
-        self._watched: dict[tuple, tuple] = {}  # key -> weak refs of the tensors its finalizers watch
-        self._lock = threading.Lock()
+        #: this backend's formats, mask-derived structures and hand-offs (:mod:`sparsefast._tensor_cache`)
+        self._tc = TensorCache()
 
     # ---- availability -------------------------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -264,82 +262,25 @@ class Backend:
         """:meth:`pack`, cached per live (weight, mask) tensor pair and their version counters."""
         return self.cached("pack", (weight, mask), lambda: self.pack(weight, mask, pattern), str(pattern))
 
-    @staticmethod
-    def _ver(tensors: tuple[torch.Tensor, ...], extra: Any = None) -> tuple:
-        return tuple((t._version, t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors), extra
-
     def cached(self, tag: str, tensors: tuple[torch.Tensor, ...], build, extra: Any = None) -> Any:
-        """``build()``, cached while every tensor in ``tensors`` is alive and unmodified.
-
-        The key holds weak references to the tensors (so a freed tensor whose memory is reused can
-        never produce a stale hit) plus their version counters (so in-place updates such as an
-        optimizer step or ``set_mask`` invalidate it). Use it for mask-only structures too, e.g.
+        """``build()``, cached while every tensor in ``tensors`` is alive and unmodified (weak references
+        and version counters: :class:`sparsefast._tensor_cache.TensorCache`; an optimizer step or
+        ``set_mask`` invalidates it). Use it for mask-only structures too, e.g.
         ``self.cached("mask-index", (mask,), lambda: build_index(mask))``."""
-        key = (tag, *map(id, tensors))
-        ver = self._ver(tensors, extra)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                refs, v, p = hit
-                if v == ver and all(r() is t for r, t in zip(refs, tensors)):
-                    return p
-        p = build()
-        self._store(key, tensors, ver, p)
-        return p
+        return self._tc.cached(tag, tensors, build, extra)
 
     def stash(self, tag: str, tensors: tuple[torch.Tensor, ...], value: Any) -> None:
         """Keep ``value`` for one :meth:`take` with the same tag and tensors, while they are alive and
         unmodified (a forward handing what it built to the backward of the same step)."""
-        self._store((tag, *map(id, tensors)), tensors, self._ver(tensors), value)
+        self._tc.put(tag, tensors, value)
 
     def take(self, tag: str, tensors: tuple[torch.Tensor, ...]) -> Any:
         """The value :meth:`stash` kept for these tensors, removed; ``None`` when there is none, or the
         tensors changed in place or were freed since (the caller builds it again)."""
-        key = (tag, *map(id, tensors))
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is None or not all(r() is t for r, t in zip(hit[0], tensors)):
-                return None
-            del self._cache[key]
-        return hit[2] if hit[1] == self._ver(tensors) else None
-
-    def _store(self, key: tuple, tensors: tuple[torch.Tensor, ...], ver: tuple, p: Any) -> None:
-        refs = tuple(weakref.ref(t) for t in tensors)
-        with self._lock:
-            if len(self._cache) > 256 or self._dead:  # drop entries whose tensors are gone
-                self._dead.clear()
-                self._cache = {k: e for k, e in self._cache.items() if all(r() is not None for r in e[0])}
-                self._watched = {k: w for k, w in self._watched.items() if all(r() is not None for r in w)}
-            self._cache[key] = (refs, ver, p)
-            w = self._watched.get(key)
-            fresh = w is None or not all(r() is t for r, t in zip(w, tensors))  # (a take keeps the finalizers)
-            if fresh:
-                self._watched[key] = refs
-        if fresh:  # free the entry (a packed copy may be large) as soon as one of its tensors is freed
-            for t in tensors:
-                weakref.finalize(t, self._drop_dead, key)
-
-    def _drop_dead(self, key: tuple) -> None:
-        """Finalizer of a cached entry's tensor. It can run inside a locked section of this thread
-        (a tensor freed there), so it never waits for the lock: then the key is dropped later."""
-        if not self._lock.acquire(blocking=False):
-            self._dead.append(key)
-            return
-        try:
-            for k in (key, *self._dead):
-                hit = self._cache.get(k)
-                if hit is not None and any(r() is None for r in hit[0]):
-                    del self._cache[k]
-                w = self._watched.get(k)
-                if w is not None and any(r() is None for r in w):
-                    del self._watched[k]
-            self._dead.clear()
-        finally:
-            self._lock.release()
+        return self._tc.take(tag, tensors)
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._tc.clear()
 
     # ---- dense-weight primitives ----------------------------------------------------------------
     # A backend implements either these (the ``kept_*`` defaults below adapt them) or, with

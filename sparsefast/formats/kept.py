@@ -19,15 +19,14 @@ Everything here depends on the mask only and is cached per mask version (a mask 
 """
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
+
+from .._tensor_cache import TensorCache
 
 __all__ = ["index", "nnz", "cached_index", "cached_nnz", "gather", "scatter", "remap", "remap_tensor", "share_index", "release"]
 
-_LOCK = threading.Lock()
-_CACHE: dict[int, tuple] = {}
+#: each live mask's index (tag "index"), valid while the mask is alive and unmodified
+_INDEX = TensorCache()
 
 
 def _ext():
@@ -61,68 +60,36 @@ def _canonical_flat(mask: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"kept values need a 2-D (linear) or 4-D (conv) mask, got shape {tuple(mask.shape)}")
 
 
-def _ver(mask: torch.Tensor) -> tuple:
-    """What a cached index is valid for: the mask's contents (version counter) at its storage and shape."""
-    return (mask._version, mask.data_ptr(), tuple(mask.shape), mask.device)
-
-
 def index(mask: torch.Tensor) -> torch.Tensor:
     """``flat`` positions (``(nnz,)``; int32 when the mask has fewer than 2^31 entries, else int64 — the
     cached copy lives as long as the mask, so half the bytes matter) of ``mask``'s kept entries in
     canonical order; cached while ``mask`` is alive and unmodified (its version counter)."""
     if mask.device.type == "meta":
         raise RuntimeError("kept-values index of a mask on the meta device: the mask's contents are unknown")
-    key = id(mask)
-    ver = _ver(mask)
-    with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None and hit[0]() is mask and hit[1] == ver:
-            return hit[2]
-    flat = _canonical_flat(mask)
-    if mask.numel() < 2**31:
-        flat = flat.to(torch.int32)
-    with _LOCK:
-        fresh = key not in _CACHE or _CACHE[key][0]() is not mask
-        _CACHE[key] = (weakref.ref(mask), ver, flat)
-    if fresh:
-        weakref.finalize(mask, _drop, key)
+
+    key = (mask,)
+    flat = _INDEX.get("index", key)
+    if flat is None:
+        flat = _canonical_flat(mask)
+        if mask.numel() < 2**31:
+            flat = flat.to(torch.int32)
+        _INDEX.put("index", key, flat)
     return flat
 
 
 def share_index(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Let ``dst`` use ``src``'s cached index: call right after ``dst.copy_(src)`` (equal contents), so a
     mask change computes its index once — for the remap — and not again on the next forward."""
-    with _LOCK:
-        hit = _CACHE.get(id(src))
-    if hit is None or hit[0]() is not src or hit[1] != _ver(src):
+    flat = _INDEX.get("index", (src,))
+    if flat is None or tuple(dst.shape) != tuple(src.shape) or dst.device != src.device:
         return
-    if tuple(dst.shape) != tuple(src.shape) or dst.device != src.device:
-        return
-    key = id(dst)
-    with _LOCK:
-        fresh = key not in _CACHE or _CACHE[key][0]() is not dst
-        _CACHE[key] = (weakref.ref(dst), _ver(dst), hit[2])
-    if fresh:
-        weakref.finalize(dst, _drop, key)
+    _INDEX.put("index", (dst,), flat)
 
 
 def release(mask: torch.Tensor) -> None:
     """Forget ``mask``'s cached index (it is rebuilt on the next :func:`index` call): for callers whose
     hot path does not need it, so nnz int32s do not sit in memory beside their own formats."""
-    with _LOCK:
-        hit = _CACHE.get(id(mask))
-        if hit is not None and hit[0]() is mask:
-            del _CACHE[id(mask)]
-
-
-def _drop(key: int) -> None:
-    if _LOCK.acquire(blocking=False):
-        try:
-            hit = _CACHE.get(key)
-            if hit is not None and hit[0]() is None:
-                del _CACHE[key]
-        finally:
-            _LOCK.release()
+    _INDEX.drop("index", (mask,))
 
 
 def nnz(mask: torch.Tensor) -> int:
@@ -131,11 +98,7 @@ def nnz(mask: torch.Tensor) -> int:
 
 def cached_index(mask: torch.Tensor) -> torch.Tensor | None:
     """``mask``'s :func:`index` when it is cached (current version), else ``None`` (no work)."""
-    with _LOCK:
-        hit = _CACHE.get(id(mask))
-    if hit is None or hit[0]() is not mask or hit[1] != _ver(mask):
-        return None
-    return hit[2]
+    return _INDEX.get("index", (mask,))
 
 
 def cached_nnz(mask: torch.Tensor) -> int | None:

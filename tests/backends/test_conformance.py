@@ -212,14 +212,14 @@ def test_cache_entry_freed_with_its_tensor():
     b = backends.get("reference")
     w = torch.randn(8, 8)
     mask = torch.rand(8, 8) < 0.5
-    before = len(b._cache)
+    before = len(b._tc)
     assert b.cached("test-pack", (w, mask), lambda: torch.zeros(3)) is b.cached("test-pack", (w, mask), lambda: 1)
-    assert len(b._cache) == before + 1
+    assert len(b._tc) == before + 1
     w.add_(1)  # a new version replaces the entry; it does not add one
     b.cached("test-pack", (w, mask), lambda: torch.ones(3))
-    assert len(b._cache) == before + 1
+    assert len(b._tc) == before + 1
     del w  # no gc.collect(): the finalizer runs when the last reference goes
-    assert len(b._cache) == before
+    assert len(b._tc) == before
 
 
 @pytest.mark.parametrize("name", BACKENDS)

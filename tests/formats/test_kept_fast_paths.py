@@ -78,7 +78,7 @@ def test_set_mask_computes_the_new_index_once(path):
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias)
     # the caller's tensor is not copied, and keeps no cached index after the call (nnz int32s would live
     # as long as the caller's mask)
-    assert kept.cached_index(new) is None and id(new) not in kept._CACHE
+    assert kept.cached_index(new) is None and not kept._INDEX.holds("index", (new,))
 
 
 def test_set_mask_with_the_layers_own_mask_or_a_view_of_it():
@@ -116,7 +116,7 @@ def test_layer_on_cpu_kernels_lets_the_index_go():
     x = torch.randn(40, 64)
     y = layer(x)
     assert layer.backend == "cpu"
-    assert id(layer.mask) not in kept._CACHE
+    assert not kept._INDEX.holds("index", (layer.mask,))
     torch.testing.assert_close(y, x @ ref.t() + layer.bias)
     y.square().sum().backward()
     g = layer.dense_grad()

@@ -298,10 +298,10 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     a = sparsefast.nn.SparseLinear(16, 24, sparsity=0.5, backend="reference")
     b = sparsefast.nn.SparseConv2d(6, 4, 3, padding=1, sparsity=0.5, backend="reference")
     def handoffs():  # the dense weights the reference backend holds for a dX to come
-        return sum(k[0] == "handoff" for k in ref._cache)
+        return ref._tc.tags().count("handoff")
 
     def watchers(values):  # finalizer registrations of hand-off entries on these values
-        return [w for k, w in ref._watched.items() if k[0] == "handoff" and w[0]() is values]
+        return [w for w in ref._tc.watched("handoff") if w[0]() is values]
 
     x = torch.randn(5, 16)
     y = a(x)
@@ -330,4 +330,4 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     assert handoffs() == 1
     del a, y  # (y's graph holds the values too)
     gc.collect()
-    assert handoffs() == 0 and all(w[0]() is not None for k, w in ref._watched.items() if k[0] == "handoff")
+    assert handoffs() == 0 and all(w[0]() is not None for w in ref._tc.watched("handoff"))
