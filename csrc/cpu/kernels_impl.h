@@ -12,6 +12,7 @@
 // always fp32; bf16 is widened on load (<< 16) and rounded to nearest even on store.
 
 #define SF_INLINE inline __attribute__((always_inline))
+#define SF_LAMBDA_INLINE __attribute__((always_inline))
 #define SF_UNROLL _Pragma("GCC unroll 16")
 
 // A v16f is 16 fp32 lanes. With AVX-512 it is GCC's 64-byte vector type (one zmm). Below AVX-512
@@ -295,6 +296,15 @@ struct PanelR {  // accumulator registers R*U*(v16f parts) <= ~12 of the 16 (AVX
 #endif
 };
 
+// rows [r, hi) in groups of R (the register-blocked walk of a panel kernel), then of 2 when R > 2, then
+// single rows: f.template operator()<Q>(row) for each group of Q rows
+template <int R, typename F>
+SF_INLINE void walk_rows(int64_t r, int64_t hi, F&& f) {
+  for (; r + R <= hi; r += R) f.template operator()<R>(r);
+  if constexpr (R > 2) for (; r + 2 <= hi; r += 2) f.template operator()<2>(r);
+  for (; r < hi; ++r) f.template operator()<1>(r);
+}
+
 // acc += sum over entries [j, e) of val_j * X[col_j]; entry t of an unrolled group of A goes to
 // accumulator set t (independent FMA chains)
 template <typename T, int U, int A>
@@ -411,10 +421,7 @@ static void spmm_blocked_panel_u(const PanelArgs& a) {
   for (int64_t blk = 0; blk < a.a.nblk; ++blk) {
     const int32_t* __restrict p = a.a.bp + blk * a.a.bp_ld;
     const bool first = blk == 0;
-    int64_t r = a.r0;
-    for (; r + R <= a.r1; r += R) blocked_rows<V, U, R, CB, P>(a, p, r, first);
-    if (R > 2) for (; r + 2 <= a.r1; r += 2) blocked_rows<V, U, 2, CB, P>(a, p, r, first);
-    for (; r < a.r1; ++r) blocked_rows<V, U, 1, CB, P>(a, p, r, first);
+    walk_rows<R>(a.r0, a.r1, [&]<int Q>(int64_t r) SF_LAMBDA_INLINE { blocked_rows<V, U, Q, CB, P>(a, p, r, first); });
   }
 }
 
@@ -513,10 +520,7 @@ static void spmm_nm_panel_u(const PanelArgs& a) {
     const int64_t s_lo = blocked ? (k0 / m) << NS : 0;
     const int64_t s_hi = blocked ? ((k0 + kb < cols ? k0 + kb : cols) / m) << NS : S;
     const bool first = k0 == 0;
-    int64_t r = a.r0;
-    for (; r + R <= a.r1; r += R) nm_rows<T, U, NS, R>(a, r, s_lo, s_hi, first);
-    if (R > 2) for (; r + 2 <= a.r1; r += 2) nm_rows<T, U, NS, 2>(a, r, s_lo, s_hi, first);
-    for (; r < a.r1; ++r) nm_rows<T, U, NS, 1>(a, r, s_lo, s_hi, first);
+    walk_rows<R>(a.r0, a.r1, [&]<int Q>(int64_t r) SF_LAMBDA_INLINE { nm_rows<T, U, NS, Q>(a, r, s_lo, s_hi, first); });
     if (!blocked) break;
   }
 }
@@ -581,10 +585,7 @@ static void spmm_bsr_panel_bs(const PanelArgs& a) {
   for (int64_t br = a.r0 / BS; br * BS < a.r1; ++br) {  // rows [r0, r1) may cut block rows
     const int64_t lo = a.r0 > br * BS ? a.r0 - br * BS : 0;
     const int64_t hi = a.r1 < (br + 1) * BS ? a.r1 - br * BS : BS;
-    int64_t r = lo;
-    for (; r + R <= hi; r += R) bsr_rows<T, U, R, BS, TR>(a, br, r);
-    if (R > 2) for (; r + 2 <= hi; r += 2) bsr_rows<T, U, 2, BS, TR>(a, br, r);
-    for (; r < hi; ++r) bsr_rows<T, U, 1, BS, TR>(a, br, r);
+    walk_rows<R>(lo, hi, [&]<int Q>(int64_t r) SF_LAMBDA_INLINE { bsr_rows<T, U, Q, BS, TR>(a, br, r); });
   }
 }
 
@@ -1472,10 +1473,7 @@ static void sddmm_bsr_u(const SddmmArgs& a) {
   const int64_t bs = a.a.bs;
   for (int64_t br = a.r0; br < a.r1; ++br) {
     for (int64_t e = a.a.bptr[br]; e < a.a.bptr[br + 1]; ++e) {
-      int64_t o = 0;
-      for (; o + R <= bs; o += R) bsr_dw_rows<T, UK, R>(a, br, e, o);
-      if (R > 2) for (; o + 2 <= bs; o += 2) bsr_dw_rows<T, UK, 2>(a, br, e, o);
-      for (; o < bs; ++o) bsr_dw_rows<T, UK, 1>(a, br, e, o);
+      walk_rows<R>(0, bs, [&]<int Q>(int64_t o) SF_LAMBDA_INLINE { bsr_dw_rows<T, UK, Q>(a, br, e, o); });
     }
   }
 }
