@@ -121,6 +121,11 @@ class TensorCache:
         with self._lock:
             return [k[0] for k in self._cache]
 
+    def entries(self, tag: str) -> list[tuple]:
+        """The weak references of the tensors of each entry held with ``tag`` (tests: what is kept)."""
+        with self._lock:
+            return [e[0] for k, e in self._cache.items() if k[0] == tag]
+
     def watched(self, tag: str) -> list[tuple]:
         """The weak references of the tensors watched for entries with ``tag`` (tests: finalizers)."""
         with self._lock:

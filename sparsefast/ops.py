@@ -372,6 +372,14 @@ def sparse_linear_kept(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[T
             backend, "linear", x.device.type, str(x.dtype), tuple(mask.shape), pattern, None)
     else:
         name = _bk.resolve(backend, _bk.make_query("linear", x, mask, pattern, density=density))
+    return _run_linear(x, values, mask, bias, name, pattern)
+
+
+def _run_linear(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[Tensor], name: str, pattern: str) -> Tensor:
+    """A checked, resolved linear call (after autocast; ``pattern`` canonical): the one place that runs
+    it, for :func:`sparse_linear_kept` and for layers that checked their input themselves."""
+    if x.dim() == 2:
+        return _calls(x, values, bias).linear(x, values, mask, bias, name, pattern)
     lead = x.shape[:-1]
     y = _calls(x, values, bias).linear(x.reshape(-1, x.shape[-1]), values, mask, bias, name, pattern)
     return y.reshape(*lead, mask.shape[0])

@@ -40,7 +40,7 @@ from torch.nn.modules.utils import _pair
 from .. import backends as _bk
 from .. import masks as _masks
 from ..formats import kept as _kept
-from ..ops import sparse_conv2d_kept, sparse_linear_kept
+from ..ops import _autocast, _run_linear, sparse_conv2d_kept, sparse_linear_kept
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseModule", "param_groups"]
 
@@ -368,10 +368,18 @@ class SparseModule(nn.Module):
         want = 3 if self._op == "conv" else 1
         if x.dim() < want:
             raise ValueError(f"{self._name()}: input must have at least {want} dimension(s), got shape {tuple(x.shape)}")
-        if (x.dtype != self.weight.dtype and x.is_floating_point()
-                and not _bk._autocast_on(x.device.type)):
+        if not x.is_floating_point():
+            raise TypeError(f"{self._name()}: input must be floating point, got {x.dtype}")
+        if (x.dtype != self.weight.dtype and not _bk._autocast_on(x.device.type)):
             raise TypeError(f"{self._name()}: input dtype {x.dtype} does not match the layer's dtype "
                             f"{self.weight.dtype}; convert one (x.to({self.weight.dtype}) or layer.to({x.dtype}))")
+        if x.device != self.weight.device:
+            raise ValueError(f"{self._name()}: input is on {x.device} but the layer is on {self.weight.device}; "
+                             f"move one (x.to({str(self.weight.device)!r}) or layer.to({str(x.device)!r}))")
+        self._check_shape(x)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        """Op-specific input and parameter shape rules (subclasses)."""
 
     def _resolve(self, x: torch.Tensor) -> str:
         if not torch.compiler.is_compiling():
@@ -468,10 +476,24 @@ class SparseLinear(SparseModule):
         layer.train(linear.training)
         return layer
 
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._name()}: input of shape {tuple(x.shape)} has {x.shape[-1]} features in its last "
+                             f"dimension; the layer takes in_features={self.in_features}")
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
+            raise ValueError(f"{self._name()}: bias of shape {tuple(self.bias.shape)}; the layer needs "
+                             f"({self.out_features},)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self._resolve(x)
-        return self._ran(name, sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=name,
-                                                  pattern=self.pattern, density=self._density_arg()))
+        if torch.compiler.is_compiling():
+            return sparse_linear_kept(x, self.weight, self.mask, self.bias, backend=name, pattern=self.pattern,
+                                      density=None)
+        # eager: _resolve checked x against this layer (naming it) and chose the backend for the call as
+        # it will run (autocast included); the layer's own tensors are consistent by construction, so
+        # the call runs without sparse_linear_kept's second round of checks and resolution (~30 us)
+        x, values, bias = _autocast(x, self.weight, self.bias, device_type=x.device.type)
+        return self._ran(name, _run_linear(x, values, self.mask, bias, name, self.pattern))
 
     def to_dense(self) -> nn.Module:
         """A plain ``nn.Linear`` holding the masked weights (a ``Conv1D`` for a layer made from one)."""

@@ -297,8 +297,10 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     monkeypatch.setattr(K, "scatter", lambda *a, **k: calls.append(1) or real(*a, **k))
     a = sparsefast.nn.SparseLinear(16, 24, sparsity=0.5, backend="reference")
     b = sparsefast.nn.SparseConv2d(6, 4, 3, padding=1, sparsity=0.5, backend="reference")
-    def handoffs():  # the dense weights the reference backend holds for a dX to come
-        return ref._tc.tags().count("handoff")
+    wa, wb = weakref.ref(a.weight), weakref.ref(b.weight)
+    def handoffs():  # the dense weights the reference backend holds for a dX to come, for this test's layers
+        mine = [t for t in (wa(), wb()) if t is not None]
+        return sum(any(e[0]() is t for t in mine) for e in ref._tc.entries("handoff"))
 
     def watchers(values):  # finalizer registrations of hand-off entries on these values
         return [w for w in ref._tc.watched("handoff") if w[0]() is values]
@@ -330,4 +332,5 @@ def test_reference_hands_the_forward_weight_to_dx(monkeypatch):
     assert handoffs() == 1
     del a, y  # (y's graph holds the values too)
     gc.collect()
-    assert handoffs() == 0 and all(w[0]() is not None for w in ref._tc.watched("handoff"))
+    assert wa() is None and handoffs() == 0
+    assert not any(e[0]() is None for e in ref._tc.entries("handoff"))  # a dead tensor's entry is gone
