@@ -222,6 +222,15 @@ def test_bad_inputs_fail_clearly_in_forward(backend):
         lin(torch.tensor(1.0))
     with pytest.raises(TypeError, match="float64 does not match the layer's dtype torch.float32"):
         lin(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"SparseLinear.*shape \(2, 3, 7\) has 7 features.*in_features=8"):
+        lin(torch.randn(2, 3, 7))
+    with pytest.raises(TypeError, match="SparseLinear.*floating point, got torch.int64"):
+        lin(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="SparseLinear.*on meta but the layer is on cpu"):
+        lin(torch.randn(2, 8, device="meta"))
+    lin.bias = torch.nn.Parameter(torch.zeros(5))  # a user's wrong bias: an error, never an out-of-range read
+    with pytest.raises(ValueError, match=r"SparseLinear.*bias of shape \(5,\).*\(4,\)"):
+        lin(torch.randn(2, 8))
     conv = SparseConv2d(4, 4, 5, sparsity=0.5, backend=backend)
     with pytest.raises(ValueError, match="smaller than the kernel"):
         conv(torch.randn(1, 4, 3, 3))
