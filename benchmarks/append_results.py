@@ -48,9 +48,15 @@ def render(data: dict, results: list, note: str | None = None) -> str:
              f"- command: `{env['command']}`"]
     if note:
         lines.append(f"- note: {note}")
-    timed = sum(r.status == "ok" for r in results)
-    lines.append(f"- {len({r.case.id for r in results})} cases, {timed} timed, "
-                 f"{sum(r.status == 'checked' for r in results)} checked only, {sum(r.status == 'skip' for r in results)} skipped")
+    train = data.get("train_step") or []
+    if results or not train:
+        timed = sum(r.status == "ok" for r in results)
+        lines.append(f"- {len({r.case.id for r in results})} per-op cases, {timed} timed, "
+                     f"{sum(r.status == 'checked' for r in results)} checked only, {sum(r.status == 'skip' for r in results)} skipped")
+    if train:
+        lines.append(f"- training-step suite: {len(train)} rows, {sum(r.get('status') == 'ok' for r in train)} timed, "
+                     f"{sum(r.get('status') == 'checked' for r in train)} checked only, "
+                     f"{sum(r.get('status') not in ('ok', 'checked') for r in train)} not run")
     if results:
         lines += ["", H.markdown_table(results, env.get("hardware_bound"))]
     elif not data.get("train_step") and not data.get("e2e"):
@@ -58,7 +64,6 @@ def render(data: dict, results: list, note: str | None = None) -> str:
     e2e = _e2e_md(data.get("e2e", []))
     if e2e:
         lines += ["", "End-to-end training step (fwd + bwd + SGD step):", "", e2e]
-    train = data.get("train_step") or []
     if train:
         from benchmarks.train_table import format_text
         lines += ["", format_text(train, markdown=True)]
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if new:
             f.write(HEADER)
         f.write("\n" + section)
-    print(f"appended {len(results)} results to {a.results}")
+    print(f"appended {len(results)} per-op results and {len(data.get('train_step') or [])} training-step rows "
+          f"to {a.results}")
     return 0
 
 
