@@ -491,7 +491,7 @@ class SparseLinear(SparseModule):
                                       density=None)
         # eager: _resolve checked x against this layer (naming it) and chose the backend for the call as
         # it will run (autocast included); the layer's own tensors are consistent by construction, so
-        # the call runs without sparse_linear_kept's second round of checks and resolution (~30 us)
+        # the call runs without sparse_linear_kept's second round of checks and resolution (~10-20 us)
         x, values, bias = _autocast(x, self.weight, self.bias, device_type=x.device.type)
         return self._ran(name, _run_linear(x, values, self.mask, bias, name, self.pattern))
 
