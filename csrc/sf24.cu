@@ -307,12 +307,20 @@ cudaError_t launch_cfg(const Sf24GemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// output tiles of config C for a's GEMM (the blocks of one K split)
+template <class C>
+int64_t tile_blocks(const Sf24GemmArgs& a) {
+  return ceil_div(a.R, C::BM) * ceil_div(a.M, C::BN);
+}
+
+// The tile is picked by the number of blocks it gives: past the small tile's 32 rows, the big tile only
+// where it still gives every SM a block, else the mid tile (which sf24_split_k may split along K).
+bool big_tile_fills(const Sf24GemmArgs& a) { return a.M > 32 && tile_blocks<CfgBig>(a) >= a.num_sms; }
+
 template <typename T, typename OutT, bool CONV>
 cudaError_t gemm_dispatch(const Sf24GemmArgs& a, cudaStream_t stream) {
   if (a.split > 1) return cudaErrorInvalidValue;  // split launches go through split_dispatch (fp32 out)
-  // Pick the tile by the number of blocks it gives: the big tile only where it still fills the GPU.
-  const int64_t big_blocks = ceil_div(a.R, CfgBig::BM) * ceil_div(a.M, CfgBig::BN);
-  if (a.M > 32 && big_blocks >= a.num_sms) return launch_cfg<T, OutT, CfgBig, CONV>(a, stream);
+  if (big_tile_fills(a)) return launch_cfg<T, OutT, CfgBig, CONV>(a, stream);
   if (a.M > 32) return launch_cfg<T, OutT, CfgMid, CONV>(a, stream);
   return launch_cfg<T, OutT, CfgSmall, CONV>(a, stream);
 }
@@ -366,9 +374,8 @@ cudaError_t sf24_unpack(DType dt, const void* vals, const uint32_t* meta, int64_
 
 int sf24_split_k(const Sf24GemmArgs& a) {
   if (a.M <= 32 || a.num_sms <= 0) return 1;  // the small tile already splits K inside its blocks
-  const int64_t big_blocks = ceil_div(a.R, CfgBig::BM) * ceil_div(a.M, CfgBig::BN);
-  const int64_t mid_blocks = ceil_div(a.R, CfgMid::BM) * ceil_div(a.M, CfgMid::BN);
-  if (big_blocks >= a.num_sms || mid_blocks >= a.num_sms) return 1;
+  const int64_t mid_blocks = tile_blocks<CfgMid>(a);
+  if (big_tile_fills(a) || mid_blocks >= a.num_sms) return 1;  // (the big tile is never split)
   const int64_t k_tiles = ceil_div(a.Cp, CfgMid::BK);
   const int64_t s = std::min<int64_t>({ceil_div(a.num_sms, mid_blocks), k_tiles / 4, 16});
   return s >= 2 ? (int)s : 1;
