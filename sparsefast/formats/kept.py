@@ -66,7 +66,7 @@ def index(mask: torch.Tensor) -> torch.Tensor:
     canonical order; cached while ``mask`` is alive and unmodified (its version counter)."""
     if mask.device.type == "meta":
         raise RuntimeError("kept-values index of a mask on the meta device: the mask's contents are unknown")
-    key = (mask,)
+    key = (mask,)  # (TensorCache.cached spelled out: asked on every kernel call, no closure per call)
     flat = _INDEX.get("index", key)
     if flat is None:
         flat = _canonical_flat(mask)
